@@ -1,0 +1,134 @@
+"""The `spamgate` command: run the proxy, check a configuration.
+
+User mistakes (a missing file, a bad value, a port in use) print one clear line per
+problem and exit with status 1; a traceback means a bug in spamgate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from . import __version__
+from .config import load
+from .settings import ConfigError
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiosmtpd logs every connection on "mail.log"; our own lines say it better.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .server import Server, StartupError
+
+    _setup_logging(args.log_level)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"spamgate: {problem}", file=sys.stderr)
+        return 1
+
+    async def main() -> int:
+        try:
+            server = Server(config)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(f"spamgate: {problem}", file=sys.stderr)
+            return 1
+        try:
+            await server.serve_forever(args.config)
+        except StartupError as exc:
+            print(f"spamgate: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .runtime import Policy
+    from .services import Services
+
+    try:
+        config = load(args.config)
+        Policy.build(config, Services.build(config))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return 1
+    print(f"{args.config}: ok")
+    return 0
+
+
+def reference_markdown() -> str:
+    """The configuration reference as Markdown tables, one per section."""
+    from .config import all_sections
+    from .settings import describe
+
+    out: list[str] = []
+    for name, cls in all_sections().items():
+        out += [f"### [{name}]", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        for key, default, doc in describe(cls, name):
+            short = key.split("] ", 1)[1]
+            meaning = doc.replace("|", "\\|")
+            out.append(f"| `{short}` | `{default}` | {meaning} |")
+        out.append("")
+    return "\n".join(out)
+
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    text = reference_markdown()
+    if args.update:
+        with open(args.update, encoding="utf-8") as fh:
+            doc = fh.read()
+        head, _, rest = doc.partition(START)
+        _, _, tail = rest.partition(END)
+        with open(args.update, "w", encoding="utf-8") as fh:
+            fh.write(f"{head}{START}\n{text}\n{END}{tail}")
+        return 0
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spamgate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"spamgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("-c", "--config", help="configuration file (default: embedded defaults)")
+    run.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a configuration and its rule tables")
+    check.add_argument("-c", "--config", required=True, help="configuration file")
+    check.set_defaults(func=cmd_check)
+
+    ref = sub.add_parser("config-reference", help="print every setting with its default")
+    ref.add_argument("--update", metavar="FILE", help="rewrite the reference block in FILE")
+    ref.set_defaults(func=cmd_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
