@@ -1,0 +1,62 @@
+"""The check interface: a name, the stages it runs at, one async decision.
+
+A check is built once per configuration (`from_config`), so parsing and validation
+never happen on the hot path. It reads the session through a `CheckContext` and
+returns a `Verdict`; the pipeline runner applies timeouts, error policy, monitor mode
+and metrics, so a check contains only its own logic.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from ..model import Recipient, Session, Stage, Transaction
+from ..verdict import Verdict
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..message import Message
+    from ..services import Services
+
+OnError = Literal["continue", "tempfail"]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckContext:
+    """What a check may read. Treat every object here as read-only."""
+
+    stage: Stage
+    session: Session
+    transaction: Transaction | None = None
+    recipient: Recipient | None = None  # the RCPT being decided, at Stage.RCPT
+    message: Message | None = None  # at Stage.EOD
+
+
+class Check(abc.ABC):
+    """Base class of every check. Subclasses set `name` and `stages`."""
+
+    name: ClassVar[str]
+    stages: ClassVar[frozenset[Stage]]
+    # Per-instance policy, settable from each check's config section.
+    timeout: float = 10.0
+    on_error: OnError = "continue"
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config: Config, services: Services) -> list[Check]:
+        """The instances this check contributes for a configuration (may be none).
+
+        Raise `settings.ConfigError` with `file:line: message` texts for problems
+        found in files the check reads (rule tables), so a reload can refuse them.
+        """
+
+    @abc.abstractmethod
+    async def check(self, ctx: CheckContext) -> Verdict:
+        """Decide for `ctx.stage`; must not modify `ctx`."""
+
+    @property
+    def label(self) -> str:
+        """The name used in logs and metric labels (closed set: from config)."""
+        return self.name

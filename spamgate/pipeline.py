@@ -1,0 +1,99 @@
+"""Runs the checks of one stage and turns their verdicts into one outcome.
+
+The runner is the only place that applies a check's timeout and error policy,
+monitor mode, metrics and structured results, so every check behaves the same way
+under failure: an exception or a timeout is logged and counted, and the check's
+`on_error` decides between "no opinion" and a temporary failure. The first final
+verdict of a stage wins; symbols and headers from every check that ran accumulate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from . import metrics
+from .checks.base import Check, CheckContext
+from .model import Stage
+from .reply import Reply
+from .verdict import Action, Outcome, Verdict
+
+log = logging.getLogger("spamgate.pipeline")
+
+CHECK_TEMPFAIL = Reply(451, "4.3.0", ("Temporary failure in a message check, try again later",))
+
+
+class Pipeline:
+    """The checks of one configuration, grouped by stage, in registration order."""
+
+    def __init__(self, checks: Sequence[Check], *, monitor: bool = False) -> None:
+        self.checks = list(checks)
+        self.monitor = monitor
+        self._by_stage: dict[Stage, list[Check]] = {
+            stage: [c for c in self.checks if stage in c.stages] for stage in Stage
+        }
+
+    def for_stage(self, stage: Stage) -> list[Check]:
+        return self._by_stage[stage]
+
+    async def run(self, ctx: CheckContext, logger: logging.LoggerAdapter | None = None) -> Outcome:
+        outcome = Outcome()
+        lg = logger or log
+        stage = ctx.stage.value
+        for check in self._by_stage[ctx.stage]:
+            verdict = await self._run_one(check, ctx, lg)
+            outcome.symbols.extend(verdict.symbols)
+            outcome.headers.extend(verdict.headers)
+            if verdict.result is not None:
+                target = ctx.session.results if ctx.transaction is None else ctx.transaction.results
+                target.put(verdict.result)
+            if verdict.warn:
+                lg.info("warn: %s: %s%s", check.label, verdict.warn, _rule(verdict))
+            if not verdict.is_final:
+                continue
+            if verdict.action.refuses and (self.monitor or verdict.monitor):
+                outcome.would.append(verdict)
+                metrics.WOULD_VERDICTS.labels(stage, check.label, verdict.action.value).inc()
+                lg.info(
+                    "monitor: %s would %s at %s: %s%s",
+                    check.label,
+                    verdict.action.value,
+                    stage,
+                    verdict.reply or "",
+                    _rule(verdict),
+                )
+                continue
+            metrics.VERDICTS.labels(stage, check.label, verdict.action.value).inc()
+            outcome.final = verdict
+            break
+        return outcome
+
+    async def _run_one(self, check: Check, ctx: CheckContext, lg: logging.LoggerAdapter) -> Verdict:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(check.timeout):
+                verdict = await check.check(ctx)
+        except TimeoutError:
+            return self._failed(check, "timeout", f"timed out after {check.timeout:g}s", lg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            lg.exception("check %s failed", check.label)
+            return self._failed(check, "exception", f"{type(exc).__name__}: {exc}", lg)
+        finally:
+            metrics.CHECK_DURATION.labels(check.label).observe(time.perf_counter() - started)
+        return verdict
+
+    @staticmethod
+    def _failed(check: Check, kind: str, detail: str, lg: logging.LoggerAdapter) -> Verdict:
+        metrics.CHECK_ERRORS.labels(check.label, kind).inc()
+        lg.warning("check %s %s; on_error=%s", check.label, detail, check.on_error)
+        if check.on_error == "tempfail":
+            return Verdict(Action.DEFER, CHECK_TEMPFAIL, rule=f"{check.label}:error")
+        return Verdict()
+
+
+def _rule(verdict: Verdict) -> str:
+    return f" (rule {verdict.rule})" if verdict.rule else ""

@@ -1,0 +1,117 @@
+"""What a check decides, as an immutable value.
+
+A check never writes to the socket, the session or the metrics: it returns a
+`Verdict`, and the pipeline runner applies it. The vocabulary is Postfix's access(5)
+one (OK, DUNNO, REJECT, DEFER, DISCARD, HOLD, PREPEND, WARN) plus SCORE, so that an
+admin reading a rule file or a log line sees words they already know.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .reply import Reply, default_enhanced
+
+
+class Action(enum.Enum):
+    """Final actions end the evaluation of a stage; the others only annotate."""
+
+    DUNNO = "dunno"  # no opinion
+    OK = "ok"  # accept: skip the remaining checks of this stage
+    REJECT = "reject"  # 5xx
+    DEFER = "defer"  # 4xx
+    DISCONNECT = "disconnect"  # 421/521: reply, then close the session
+    DISCARD = "discard"  # say 250, drop the message
+    HOLD = "hold"  # say 250, put the message in quarantine
+
+    @property
+    def is_final(self) -> bool:
+        return self is not Action.DUNNO
+
+    @property
+    def refuses(self) -> bool:
+        """Actions that monitor mode turns into a log line."""
+        return self in (
+            Action.REJECT,
+            Action.DEFER,
+            Action.DISCONNECT,
+            Action.DISCARD,
+            Action.HOLD,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Symbol:
+    """A named finding with the score its source suggests; config may override it."""
+
+    name: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One check's answer for one stage.
+
+    `rule` names what fired (`table:line`, `dnsbl:zone`, ...) for the log, the reply
+    and the metrics. `result` is a structured finding (an SPF result, DKIM results)
+    that the runner records for later stages, keyed by its type.
+    """
+
+    action: Action = Action.DUNNO
+    reply: Reply | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    symbols: tuple[Symbol, ...] = ()
+    warn: str | None = None
+    rule: str | None = None
+    result: object | None = None
+    # WARN in a rule file: the action is logged and counted as "would", not done.
+    monitor: bool = False
+
+    @property
+    def is_final(self) -> bool:
+        return self.action.is_final
+
+
+DUNNO = Verdict()
+
+
+def reject(text: str = "Access denied", code: int = 554, *, rule: str | None = None) -> Verdict:
+    reply = Reply.make(code, text)
+    if reply.enhanced is None:
+        reply = Reply(code, default_enhanced(code), reply.lines)
+    return Verdict(Action.REJECT, reply, rule=rule)
+
+
+def defer(text: str = "Try again later", code: int = 450, *, rule: str | None = None) -> Verdict:
+    reply = Reply.make(code, text)
+    if reply.enhanced is None:
+        reply = Reply(code, default_enhanced(code), reply.lines)
+    return Verdict(Action.DEFER, reply, rule=rule)
+
+
+def from_reply(reply: Reply, *, rule: str | None = None) -> Verdict:
+    """A verdict for an explicit `4NN`/`5NN text` rule action."""
+    if reply.enhanced is None:
+        reply = Reply(reply.code, default_enhanced(reply.code), reply.lines)
+    if reply.code in (421, 521):
+        return Verdict(Action.DISCONNECT, reply, rule=rule)
+    if reply.code >= 500:
+        return Verdict(Action.REJECT, reply, rule=rule)
+    if reply.code >= 400:
+        return Verdict(Action.DEFER, reply, rule=rule)
+    return Verdict(Action.OK, rule=rule)
+
+
+@dataclass
+class Outcome:
+    """What the runner made of all verdicts of one stage (mutable while it runs)."""
+
+    final: Verdict | None = None
+    symbols: list[Symbol] = field(default_factory=list)
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    would: list[Verdict] = field(default_factory=list)  # monitor-mode actions not taken
+
+    @property
+    def refused(self) -> bool:
+        return self.final is not None and self.final.action.refuses
