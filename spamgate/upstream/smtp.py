@@ -1,0 +1,226 @@
+"""The SMTP upstream: aiosmtplib, with XCLIENT so Postfix sees the real client.
+
+aiosmtplib does the framing, reply parsing, timeouts and dot-stuffing; this module
+only decides what to send and turns the library's exceptions into the two things
+the core cares about: an upstream reply to relay, or an `UpstreamError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import aiosmtplib
+from aiosmtplib import SMTPResponse
+
+from .. import metrics
+from ..config import UpstreamSettings
+from ..model import Client
+from ..reply import Reply
+from ..settings import parse_hostport
+from ..smtp import xtext
+from .base import Upstream, UpstreamError, UpstreamSession
+
+log = logging.getLogger("spamgate.upstream")
+
+# XCLIENT attributes we can fill, in the order sent (ADDR last but LOGIN: Postfix
+# re-checks authorization as it applies each one, smtpd.c xclient_cmd).
+_XCLIENT_ORDER = ("NAME", "HELO", "PROTO", "PORT", "LOGIN", "ADDR")
+_XCLIENT_MAX_LINE = 512
+
+
+def xclient_args(client: Client, offered: set[str]) -> list[bytes]:
+    """The XCLIENT attributes for `client`, limited to those the upstream offers."""
+    if client.address.version == 6:
+        addr = f"IPV6:{client.address.compressed}"
+    else:
+        addr = client.address.compressed
+    values = {
+        "NAME": client.name if client.name.startswith("[") else xtext.encode(client.name),
+        "HELO": xtext.encode(client.helo) if client.helo else "[UNAVAILABLE]",
+        "PROTO": client.proto,
+        "PORT": str(client.port),
+        "LOGIN": xtext.encode(client.login) if client.login else None,
+        "ADDR": addr,
+    }
+    args = [
+        f"{key}={values[key]}".encode("ascii")
+        for key in _XCLIENT_ORDER
+        if key in offered and values[key] is not None
+    ]
+    if len(b"XCLIENT " + b" ".join(args)) + 2 > _XCLIENT_MAX_LINE:
+        args = [a for a in args if not a.startswith(b"HELO=")] + [b"HELO=[UNAVAILABLE]"]
+    return args
+
+
+def _reply(resp: SMTPResponse) -> Reply:
+    return Reply.from_upstream(resp.code, resp.message)
+
+
+class SmtpUpstream(Upstream):
+    name = "smtp"
+
+    def __init__(self, settings: UpstreamSettings, hostname: str) -> None:
+        self.settings = settings
+        self.host, self.port = parse_hostport(settings.address)
+        self.helo_name = settings.helo_name or hostname
+
+    async def open(self, client: Client) -> SmtpSession:
+        s = self.settings
+        smtp = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            timeout=s.command_timeout,
+            start_tls=False,
+            local_hostname=self.helo_name,
+        )
+        started = time.perf_counter()
+        try:
+            await smtp.connect(timeout=s.connect_timeout)
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            metrics.UPSTREAM_ERRORS.labels("refused").inc()
+            raise UpstreamError("refused", f"upstream greeting {exc.code} {exc.message}") from None
+        except aiosmtplib.SMTPException as exc:
+            kind = "timeout" if isinstance(exc, aiosmtplib.SMTPTimeoutError) else "connect"
+            metrics.UPSTREAM_ERRORS.labels(kind).inc()
+            raise UpstreamError(kind, str(exc)) from None
+        except OSError as exc:
+            metrics.UPSTREAM_ERRORS.labels("connect").inc()
+            raise UpstreamError("connect", str(exc)) from None
+        metrics.UPSTREAM_LATENCY.labels("connect").observe(time.perf_counter() - started)
+        session = SmtpSession(smtp, s)
+        try:
+            await session.introduce(client, self.helo_name, xclient=s.xclient)
+        except BaseException:
+            await session.close()
+            raise
+        return session
+
+    async def probe(self) -> bool:
+        smtp = aiosmtplib.SMTP(hostname=self.host, port=self.port, timeout=5, start_tls=False)
+        try:
+            await smtp.connect(timeout=5)
+            await smtp.quit(timeout=5)
+            return True
+        except (aiosmtplib.SMTPException, OSError):
+            smtp.close()
+            return False
+
+
+class SmtpSession(UpstreamSession):
+    def __init__(self, smtp: aiosmtplib.SMTP, settings: UpstreamSettings) -> None:
+        self.smtp = smtp
+        self.settings = settings
+        self.in_transaction = False
+
+    @property
+    def usable(self) -> bool:
+        return self.smtp.is_connected
+
+    async def _command(self, name: str, *args: bytes, timeout: float | None = None) -> Reply:
+        started = time.perf_counter()
+        try:
+            resp = await self.smtp.execute_command(
+                *args, timeout=timeout or self.settings.command_timeout
+            )
+        except aiosmtplib.SMTPTimeoutError as exc:
+            metrics.UPSTREAM_ERRORS.labels("timeout").inc()
+            raise UpstreamError("timeout", f"{name}: {exc}") from None
+        except aiosmtplib.SMTPResponseException as exc:
+            metrics.UPSTREAM_ERRORS.labels("protocol").inc()
+            raise UpstreamError("protocol", f"{name}: {exc.message}") from None
+        except (aiosmtplib.SMTPException, ConnectionError, OSError) as exc:
+            metrics.UPSTREAM_ERRORS.labels("disconnect").inc()
+            raise UpstreamError("disconnect", f"{name}: {exc}") from None
+        metrics.UPSTREAM_LATENCY.labels(name).observe(time.perf_counter() - started)
+        if resp.code == 421:
+            # The upstream is closing; relay its words, then the core ends the session.
+            self.smtp.close()
+        return _reply(resp)
+
+    async def _hello(self, name: str, esmtp: bool) -> None:
+        verb = b"EHLO" if esmtp else b"HELO"
+        reply = await self._command(verb.decode().lower(), verb, name.encode("ascii"))
+        if reply.code != 250:
+            raise UpstreamError(
+                "protocol", f"upstream refused {verb.decode()} {name}: {reply}", reply
+            )
+        if esmtp:
+            self.smtp.last_ehlo_response = SMTPResponse(reply.code, reply.text)
+        else:
+            self.smtp.last_helo_response = SMTPResponse(reply.code, reply.text)
+
+    async def introduce(self, client: Client, our_name: str, *, xclient: bool) -> None:
+        """EHLO, then XCLIENT with the real client and its own HELO/EHLO again."""
+        await self._hello(our_name, True)
+        if not xclient:
+            return
+        offered = self.smtp.esmtp_extensions.get("xclient")
+        if offered is None:
+            metrics.UPSTREAM_ERRORS.labels("xclient").inc()
+            raise UpstreamError(
+                "xclient",
+                "upstream does not offer XCLIENT: authorise us with "
+                "smtpd_authorized_xclient_hosts, or set [upstream] xclient = false",
+            )
+        attrs = {a.upper() for a in offered.split()}
+        reply = await self._command("xclient", b"XCLIENT", *xclient_args(client, attrs))
+        if reply.code == 220:
+            await self._hello(client.helo or our_name, client.esmtp or not client.helo)
+            return
+        if reply.code in (550, 501, 503):
+            metrics.UPSTREAM_ERRORS.labels("xclient").inc()
+            raise UpstreamError("xclient", f"upstream refused XCLIENT: {reply}")
+        # Any other answer is about the real client (e.g. 421, 554): relay it.
+        raise UpstreamError("refused", f"upstream refused the client at XCLIENT: {reply}", reply)
+
+    async def mail(self, sender: str, params: tuple[str, ...], smtputf8: bool) -> Reply:
+        enc = "utf-8" if smtputf8 else "ascii"
+        arg = b"FROM:<" + sender.encode(enc, "surrogateescape") + b">"
+        reply = await self._command("mail", b"MAIL", arg, *(p.encode(enc) for p in params))
+        self.in_transaction = reply.code == 250
+        return reply
+
+    async def rcpt(self, recipient: str, params: tuple[str, ...], smtputf8: bool) -> Reply:
+        enc = "utf-8" if smtputf8 else "ascii"
+        arg = b"TO:<" + recipient.encode(enc, "surrogateescape") + b">"
+        return await self._command("rcpt", b"RCPT", arg, *(p.encode(enc) for p in params))
+
+    async def data(self, content: bytes) -> Reply:
+        started = time.perf_counter()
+        self.in_transaction = False
+        try:
+            resp = await self.smtp.data(content, timeout=self.settings.data_timeout)
+        except aiosmtplib.SMTPDataError as exc:
+            if exc.code >= 400:
+                return Reply.from_upstream(exc.code, exc.message)
+            metrics.UPSTREAM_ERRORS.labels("protocol").inc()
+            raise UpstreamError("protocol", f"unexpected reply to DATA: {exc.code}") from None
+        except aiosmtplib.SMTPTimeoutError as exc:
+            metrics.UPSTREAM_ERRORS.labels("timeout").inc()
+            self.smtp.close()
+            raise UpstreamError("timeout", f"data: {exc}") from None
+        except (aiosmtplib.SMTPException, ConnectionError, OSError) as exc:
+            metrics.UPSTREAM_ERRORS.labels("disconnect").inc()
+            self.smtp.close()
+            raise UpstreamError("disconnect", f"data: {exc}") from None
+        metrics.UPSTREAM_LATENCY.labels("data").observe(time.perf_counter() - started)
+        return _reply(resp)
+
+    async def rset(self) -> None:
+        if not self.in_transaction:
+            return
+        reply = await self._command("rset", b"RSET")
+        if reply.code != 250:
+            raise UpstreamError("protocol", f"upstream RSET: {reply}")
+        self.in_transaction = False
+
+    async def close(self) -> None:
+        if not self.smtp.is_connected:
+            return
+        try:
+            await self.smtp.quit(timeout=5)
+        except (aiosmtplib.SMTPException, OSError, ConnectionError):
+            pass
+        finally:
+            self.smtp.close()
