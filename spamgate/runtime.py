@@ -1,0 +1,106 @@
+"""Process-wide state: the current policy snapshot, shared services, session counts.
+
+A `Policy` is an immutable snapshot of one configuration: its checks, built and
+validated. A reload builds a new one and swaps the reference; sessions keep the
+snapshot they started with, so they finish on the rules they began with.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+from . import metrics
+from .checks import CHECK_TYPES
+from .checks.base import Check
+from .config import Config
+from .model import IPAddress
+from .pipeline import Pipeline
+from .relay import RelayPolicy
+from .services import Services
+
+log = logging.getLogger("spamgate")
+
+
+@dataclass(frozen=True)
+class Policy:
+    config: Config
+    pipeline: Pipeline
+    relay: RelayPolicy
+    digest: str
+
+    @classmethod
+    def build(cls, config: Config, services: Services) -> Policy:
+        """Build every check; raises settings.ConfigError on a bad rule file."""
+        checks: list[Check] = []
+        for kind in CHECK_TYPES:
+            checks.extend(kind.from_config(config, services))
+        return cls(
+            config=config,
+            pipeline=Pipeline(checks, monitor=config.server.mode == "monitor"),
+            relay=RelayPolicy(config.server.relay_domains, config.server.mynetworks),
+            digest=config_digest(config),
+        )
+
+
+def config_digest(config: Config) -> str:
+    h = hashlib.sha256()
+    if config.path:
+        try:
+            with open(config.path, "rb") as fh:
+                h.update(fh.read())
+        except OSError:
+            pass
+    return h.hexdigest()[:16]
+
+
+class Runtime:
+    """What all sessions of this process share."""
+
+    def __init__(self, policy: Policy, services: Services) -> None:
+        self.policy = policy
+        self.services = services
+        self.active = 0
+        self.per_client: collections.Counter[IPAddress] = collections.Counter()
+        self.closing = False
+        self.loaded_at = time.time()
+        # Open SMTP sessions (smtp.protocol.SMTPSession), for shutdown.
+        self.sessions: set = set()
+        self._note_policy(policy)
+
+    @property
+    def config(self) -> Config:
+        return self.policy.config
+
+    def _note_policy(self, policy: Policy) -> None:
+        metrics.CONFIG_INFO.info({"hash": policy.digest})
+        metrics.RELOAD_TIMESTAMP.set(time.time())
+
+    def swap(self, policy: Policy) -> None:
+        self.policy = policy
+        self.loaded_at = time.time()
+        self._note_policy(policy)
+
+    def admit(self, address: IPAddress) -> str | None:
+        """Count a new session; the refusal reason if a limit is reached."""
+        limits = self.policy.config.limits
+        if self.closing:
+            return "shutdown"
+        if self.active >= limits.max_sessions:
+            return "max_sessions"
+        if self.per_client[address] >= limits.sessions_per_client:
+            return "per_client"
+        self.active += 1
+        self.per_client[address] += 1
+        metrics.SESSIONS_ACTIVE.inc()
+        return None
+
+    def release(self, address: IPAddress) -> None:
+        self.active -= 1
+        metrics.SESSIONS_ACTIVE.dec()
+        self.per_client[address] -= 1
+        if self.per_client[address] <= 0:
+            del self.per_client[address]

@@ -1,0 +1,1 @@
+"""The inbound SMTP side: protocol handling on top of aiosmtpd."""

@@ -1,0 +1,149 @@
+"""Reading DATA: find the one true end of data, measure it, and refuse what is unsafe.
+
+The end of data is CRLF "." CRLF and nothing else (RFC 5321 §4.1.1.4). A bare LF or
+bare CR anywhere in the content is how SMTP smuggling works (CVE-2023-51764,
+CVE-2024-27305): an upstream that reads line ends more loosely than we do could see
+a second message. By default such content is refused with 550 5.5.2; with
+`bare_newline = "normalize"` a bare LF becomes a line end and a bare CR a space, as
+Postfix does, and the upstream re-stuffs the result so "." lines stay content.
+
+The reader scans with `StreamReader.readuntil(b".\\r\\n")`, so the search runs in C and
+the Python loop turns once per line that ends in a dot (or once per buffer-full),
+not once per line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_TERMINATOR = b"\r\n.\r\n"
+
+
+class DataProblem(Enum):
+    TOO_BIG = "message_too_big"
+    LINE_TOO_LONG = "line_too_long"
+    BARE_LF = "bare_newline"
+    BARE_CR = "bare_cr"
+
+
+@dataclass
+class DataResult:
+    content: bytes  # canonical CRLF, dot-unstuffed; empty when a problem was found
+    size: int  # bytes received, as on the wire (before unstuffing)
+    problem: DataProblem | None = None
+
+
+class DataTimeout(Exception):
+    """No data arrived within the per-read timeout."""
+
+
+class _Scanner:
+    """Tracks line lengths and bare CR/LF across the pieces of one message."""
+
+    def __init__(self, max_line: int, reject_bare: bool) -> None:
+        self.max_line = max_line
+        self.reject_bare = reject_bare
+        self._long = re.compile(rb"[^\n]{%d}" % (max_line + 1))
+        self.line_len = 0  # length of the unfinished line so far
+        self.last = b"\n"  # previous byte
+        self.problem: DataProblem | None = None
+
+    def feed(self, piece: bytes) -> None:
+        if not piece or self.problem is not None:
+            return
+        first_lf = piece.find(b"\n")
+        if first_lf < 0:
+            self.line_len += len(piece)
+        else:
+            if self.line_len + first_lf > self.max_line:
+                self.problem = DataProblem.LINE_TOO_LONG
+                return
+            self.line_len = len(piece) - piece.rfind(b"\n") - 1
+        if self.line_len > self.max_line or self._long.search(piece):
+            self.problem = DataProblem.LINE_TOO_LONG
+            return
+        if not self.reject_bare:
+            self.last = piece[-1:]
+            return
+        start = 1 if piece[:1] == b"\n" and self.last == b"\r" else 0
+        if self.last == b"\r" and piece[:1] != b"\n":
+            self.problem = DataProblem.BARE_CR
+            return
+        if _BARE_LF.search(piece, start):
+            self.problem = DataProblem.BARE_LF
+            return
+        match = _BARE_CR.search(piece)
+        if match and match.start() != len(piece) - 1:
+            self.problem = DataProblem.BARE_CR
+            return
+        self.last = piece[-1:]
+
+
+async def read_data(
+    reader: asyncio.StreamReader,
+    *,
+    max_size: int,
+    max_line: int,
+    bare_newline: str,
+    timeout: float,
+) -> DataResult:
+    """Read up to and including the end-of-data line; never stop early.
+
+    Even when the message is refused (too big, bad line ends) the rest is read and
+    thrown away, so the next command is read from the right place (RFC 5321
+    §4.2.5: the reply to DATA content comes after the final dot).
+    Raises `asyncio.IncompleteReadError` if the client goes away, `DataTimeout` if
+    it stalls.
+    """
+    scanner = _Scanner(max_line, reject_bare=bare_newline == "reject")
+    parts: list[bytes] = []
+    size = 0
+    tail = b"\r\n"  # the CRLF that ended the DATA command line
+    problem: DataProblem | None = None
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await reader.readuntil(b".\r\n")
+            ended = (tail + chunk[-5:]).endswith(_TERMINATOR)
+        except asyncio.LimitOverrunError as exc:
+            async with asyncio.timeout(timeout):
+                chunk = await reader.read(max(exc.consumed, 1))
+            ended = False
+        except TimeoutError:
+            raise DataTimeout() from None
+        piece = chunk[:-3] if ended else chunk
+        size += len(piece)
+        if problem is None:
+            if size > max_size:
+                problem = DataProblem.TOO_BIG
+                parts.clear()
+            else:
+                scanner.feed(piece)
+                if scanner.problem is not None:
+                    problem = scanner.problem
+                    parts.clear()
+                else:
+                    parts.append(piece)
+        if ended:
+            break
+        tail = (tail + chunk[-2:])[-2:]
+    if problem is not None:
+        return DataResult(b"", size, problem)
+    raw = b"".join(parts)
+    return DataResult(canonical(raw, normalize=bare_newline == "normalize"), size)
+
+
+def canonical(raw: bytes, *, normalize: bool) -> bytes:
+    """Undo dot-stuffing on real (CRLF) lines; optionally fix bare line ends."""
+    if raw.startswith(b"."):
+        raw = raw[1:]
+    raw = raw.replace(b"\r\n.", b"\r\n")
+    if normalize:
+        raw = _BARE_LF.sub(b"\r\n", raw)
+        raw = _BARE_CR.sub(b" ", raw)
+    return raw

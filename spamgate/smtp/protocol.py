@@ -1,0 +1,490 @@
+"""The inbound SMTP protocol: aiosmtpd's connection machinery, spamgate's own rules.
+
+aiosmtpd gives us the asyncio protocol, STARTTLS (with the CVE-2024-34083 buffer
+flush) and PROXY-protocol parsing. Its command loop is replaced because a proxy in
+front of Postfix needs things it does not do: commands must end in CRLF, MAIL/RCPT
+parameters are passed upstream verbatim, every reply carries an enhanced status
+code, errors are counted per session, pipelining is checked, and DATA is read by
+`dataread`, which only ever ends on CRLF.CRLF. Everything this class decides is
+about the wire; what a command means for the mail is decided by `SessionFlow`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable
+
+from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
+
+from .. import metrics
+from ..flow import SessionFlow
+from ..model import Client, Session, TLSInfo
+from ..reply import Reply
+from ..runtime import Runtime
+from . import commands
+from .dataread import DataProblem, DataTimeout, read_data
+
+log = logging.getLogger("spamgate.smtp")
+
+NOT_IMPLEMENTED = Reply(502, "5.5.1", ("Error: command not implemented",))
+UNKNOWN = Reply(502, "5.5.2", ("Error: command not recognized",))
+BARE_LF_COMMAND = Reply(500, "5.5.2", ("Error: bare <LF> received",))
+LINE_TOO_LONG = Reply(500, "5.5.2", ("Error: command line too long",))
+BAD_UTF8 = Reply(500, "5.5.2", ("Error: invalid UTF-8 in command",))
+SYNC = Reply(554, "5.5.0", ("Error: SMTP protocol synchronization",))
+TIMEOUT = "Error: timeout exceeded"
+SHUTTING_DOWN = "Error: service shutting down"
+CONTENT_REPLIES = {
+    DataProblem.TOO_BIG: Reply(552, "5.3.4", ("Error: message file too big",)),
+    DataProblem.LINE_TOO_LONG: Reply(500, "5.5.2", ("Error: message line too long",)),
+    DataProblem.BARE_LF: Reply(550, "5.5.2", ("Error: bare <LF> received",)),
+    DataProblem.BARE_CR: Reply(550, "5.5.2", ("Error: bare <CR> received",)),
+}
+_NON_SMTP = {"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "USER"}
+
+
+class _NullHandle:
+    """Stands in for aiosmtpd's idle timer: timeouts here wrap each read instead."""
+
+    def cancel(self) -> None:
+        pass
+
+
+class _NoHooks:
+    """aiosmtpd requires a handler object; every decision is made in SessionFlow."""
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(5).upper()
+
+
+class SMTPSession(_AiosmtpdSMTP):
+    # The StreamReader buffer size; spamgate's own line limits apply per line.
+    line_length_limit = 65536
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        proxy_protocol_timeout: float | None = None,
+    ) -> None:
+        cfg = runtime.config
+        super().__init__(
+            _NoHooks(),
+            hostname=cfg.hostname,
+            data_size_limit=cfg.limits.message_size,
+            enable_SMTPUTF8=cfg.smtp.smtputf8,
+            tls_context=tls_context,
+            timeout=cfg.limits.idle_timeout,
+            proxy_protocol_timeout=proxy_protocol_timeout,
+            loop=asyncio.get_running_loop(),
+        )
+        self.runtime = runtime
+        self.cfg = cfg
+        self.model: Session | None = None
+        self.flow: SessionFlow | None = None
+        self._busy = False
+        self._closing = False
+        self._quit_seen = False
+        self._no_service = False  # after a 554 greeting: 503 to all but QUIT
+        self._message_task: asyncio.Task[Reply] | None = None
+        self._commands: dict[str, Callable[[str | None], Awaitable[None]]] = {
+            "HELO": self._helo,
+            "EHLO": self._ehlo,
+            "MAIL": self._mail,
+            "RCPT": self._rcpt,
+            "DATA": self._data,
+            "RSET": self._rset,
+            "NOOP": self._noop,
+            "QUIT": self._quit,
+            "STARTTLS": self._starttls,
+            "VRFY": self._vrfy,
+        }
+
+    # -- aiosmtpd integration --------------------------------------------------------
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        self._timeout_handle = _NullHandle()  # type: ignore[assignment]
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session on EOF; instead let the reader report EOF
+        # after the commands already buffered (a pipelined QUIT) are answered.
+        reader = self._stream_reader
+        if reader is not None:
+            reader.feed_eof()
+        return self.session is None or self.session.ssl is None
+
+    # -- writing -------------------------------------------------------------------
+
+    async def _send(self, reply: Reply) -> None:
+        """Write a reply; count errors; close after 421/521 or too many errors."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        model = self.model
+        self._writer.write(reply.render())
+        if reply.closes:
+            self._close()
+        elif reply.code >= 400 and model is not None:
+            model.errors += 1
+            if model.errors >= self.cfg.limits.errors:
+                metrics.PROTOCOL_ERRORS.labels("too_many_errors").inc()
+                self._writer.write(
+                    Reply(421, "4.7.0", (f"{self.hostname} Error: too many errors",)).render()
+                )
+                self._close()
+        if self.transport is not None and not self.transport.is_closing():
+            await self._writer.drain()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _pending_input(self) -> bool:
+        return bool(self._reader._buffer)  # type: ignore[attr-defined]
+
+    # -- the session -------------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        sock = self.transport.get_extra_info("sockname") if self.transport else None
+        if not peer:
+            self._close()
+            return
+        if self._proxy_timeout is not None:
+            proxied = await self._read_proxy_header()
+            if proxied is None:
+                self._close()
+                return
+            peer = proxied
+        address = ipaddress.ip_address(peer[0])
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        client = Client(address=address, port=int(peer[1]))
+        if sock:
+            client.local_address = ipaddress.ip_address(sock[0])
+            client.local_port = int(sock[1])
+        refused = self.runtime.admit(address)
+        if refused is not None:
+            metrics.SESSIONS_REFUSED.labels(refused).inc()
+            log.info("refused connection from [%s]:%d: %s", address, client.port, refused)
+            text = {
+                "shutdown": "Error: service shutting down",
+                "per_client": f"Error: too many connections from {address}",
+            }.get(refused, "Error: too many connections")
+            self._writer.write(Reply(421, "4.7.0", (f"{self.hostname} {text}",)).render())
+            self._close()
+            return
+        metrics.SESSIONS.inc()
+        self.model = Session(id=new_session_id(), client=client)
+        self.flow = SessionFlow(self.runtime, self.model)
+        self.runtime.sessions.add(self)
+        reason = "disconnected"
+        try:
+            reason = await self._converse()
+        except asyncio.CancelledError:
+            reason = "shutdown" if self._closing else "connection lost"
+            raise
+        except (ConnectionError, OSError):
+            reason = "connection lost"
+        finally:
+            await self._finish(reason, address)
+
+    async def _finish(
+        self, reason: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> None:
+        # A message already handed to the upstream is seen through: its outcome is
+        # logged even if the client went away after the final dot.
+        if self._message_task is not None and not self._message_task.done():
+            with contextlib.suppress(Exception):  # the flow logged it
+                await asyncio.shield(self._message_task)
+        try:
+            if self.flow is not None:
+                await asyncio.shield(self.flow.close(reason))
+        finally:
+            self.runtime.sessions.discard(self)
+            self.runtime.release(address)
+            self._close()
+
+    async def _read_proxy_header(self) -> tuple[str, int] | None:
+        """Issue 7 fills this in (PROXY v1/v2); without support, refuse."""
+        return None
+
+    async def _converse(self) -> str:
+        assert self.flow is not None and self.model is not None
+        refusal = await self.flow.connect()
+        smtp = self.cfg.smtp
+        if smtp.pregreet_wait > 0:
+            await asyncio.sleep(smtp.pregreet_wait)
+        if self._pending_input():
+            refusal = self.flow.pregreet(smtp.pregreet_action) or refusal
+        if refusal is not None:
+            await self._send(refusal)
+            if refusal.closes:
+                return f"refused: {refusal.code}"
+            self._no_service = True  # 554 greeting: answer 503 until QUIT (RFC 5321 §3.1)
+        else:
+            await self._send(Reply(220, None, (f"{self.hostname} {self.cfg.server.greeting}",)))
+        return await self._command_loop()
+
+    async def _command_loop(self) -> str:
+        limits = self.cfg.limits
+        while not self._closing and self.transport is not None:
+            try:
+                async with asyncio.timeout(limits.idle_timeout):
+                    line = await self._reader.readuntil(b"\n")
+            except TimeoutError:
+                metrics.PROTOCOL_ERRORS.labels("timeout").inc()
+                await self._send(Reply(421, "4.4.2", (f"{self.hostname} {TIMEOUT}",)))
+                return "timeout"
+            except asyncio.LimitOverrunError:
+                await self._skip_long_line()
+                metrics.PROTOCOL_ERRORS.labels("line_too_long").inc()
+                await self._send(LINE_TOO_LONG)
+                continue
+            except asyncio.IncompleteReadError:
+                return "disconnected"
+            self._busy = True
+            try:
+                await self._dispatch(line)
+            finally:
+                self._busy = False
+            if self.runtime.closing and (self.model is None or self.model.transaction is None):
+                await self._send(Reply(421, "4.3.2", (f"{self.hostname} {SHUTTING_DOWN}",)))
+                return "shutdown"
+        return "quit" if self._quit_seen else "closed"
+
+    async def _skip_long_line(self) -> None:
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.read(exc.consumed)
+
+    async def _dispatch(self, line: bytes) -> None:
+        if not line.endswith(b"\r\n"):
+            metrics.PROTOCOL_ERRORS.labels("bare_newline").inc()
+            await self._send(BARE_LF_COMMAND)
+            return
+        if len(line) > self.cfg.limits.command_line_length:
+            metrics.PROTOCOL_ERRORS.labels("line_too_long").inc()
+            await self._send(LINE_TOO_LONG)
+            return
+        try:
+            text = line[:-2].decode("utf-8")
+        except UnicodeDecodeError:
+            metrics.PROTOCOL_ERRORS.labels("syntax").inc()
+            await self._send(BAD_UTF8)
+            return
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        arg_or_none = arg.strip() or None
+        if self._no_service and verb != "QUIT":
+            await self._send(Reply(503, "5.5.1", ("Error: no SMTP service here",)))
+            return
+        handler = self._commands.get(verb)
+        if handler is None:
+            if verb in _NON_SMTP or verb.endswith(":"):
+                metrics.PROTOCOL_ERRORS.labels("non_smtp").inc()
+                await self._send(Reply(521, "5.5.1", ("Protocol error",)))
+                return
+            metrics.PROTOCOL_ERRORS.labels("unknown_command").inc()
+            known = verb in ("EXPN", "HELP", "ETRN", "TURN", "BDAT", "AUTH", "XCLIENT", "XFORWARD")
+            await self._send(NOT_IMPLEMENTED if known else UNKNOWN)
+            return
+        await handler(arg_or_none)
+
+    def _out_of_sync(self) -> bool:
+        return self.cfg.smtp.forbid_unauth_pipelining and self._pending_input()
+
+    # -- commands -----------------------------------------------------------------
+
+    async def _hello(self, arg: str | None, verb: str) -> None:
+        assert self.flow is not None
+        name = commands.parse_helo(arg, verb)
+        if isinstance(name, Reply):
+            await self._send(name)
+            return
+        refusal = await self.flow.helo(name, esmtp=verb == "EHLO")
+        if self._out_of_sync():
+            metrics.PROTOCOL_ERRORS.labels("pipelining").inc()
+            await self._send(SYNC)
+            self._close()
+            return
+        if refusal is not None:
+            await self._send(refusal)
+            return
+        if verb == "HELO":
+            await self._send(Reply(250, None, (self.hostname,)))
+            return
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.cfg.limits.message_size}", "8BITMIME"]
+        if self.cfg.smtp.smtputf8:
+            lines.append("SMTPUTF8")
+        if self.tls_context is not None and self._tls_protocol is None:
+            lines.append("STARTTLS")
+        lines += ["ENHANCEDSTATUSCODES", "DSN"]
+        await self._send(Reply(250, None, tuple(lines)))
+
+    async def _helo(self, arg: str | None) -> None:
+        await self._hello(arg, "HELO")
+
+    async def _ehlo(self, arg: str | None) -> None:
+        await self._hello(arg, "EHLO")
+
+    async def _mail(self, arg: str | None) -> None:
+        assert self.flow is not None and self.model is not None
+        client = self.model.client
+        if client.helo is None:
+            await self._send(Reply(503, "5.5.1", ("Error: send HELO/EHLO first",)))
+            return
+        if self.model.transaction is not None:
+            await self._send(Reply(503, "5.5.1", ("Error: nested MAIL command",)))
+            return
+        allowed = set(commands.MAIL_PARAMS)
+        if not self.cfg.smtp.smtputf8:
+            allowed.discard("SMTPUTF8")
+        parsed = commands.parse_path(arg, "FROM", allowed=allowed, esmtp=client.esmtp)
+        if isinstance(parsed, Reply):
+            metrics.PROTOCOL_ERRORS.labels("syntax").inc()
+            await self._send(parsed)
+            return
+        size = parsed.keywords.get("SIZE")
+        if size is not None and int(size) > self.cfg.limits.message_size:
+            metrics.PROTOCOL_ERRORS.labels("message_too_big").inc()
+            await self._send(Reply(552, "5.3.4", ("Message size exceeds fixed limit",)))
+            return
+        await self._send(await self.flow.mail(parsed))
+
+    async def _rcpt(self, arg: str | None) -> None:
+        assert self.flow is not None and self.model is not None
+        txn = self.model.transaction
+        if txn is None:
+            await self._send(Reply(503, "5.5.1", ("Error: need MAIL command",)))
+            return
+        parsed = commands.parse_path(
+            arg,
+            "TO",
+            allowed=commands.RCPT_PARAMS,
+            esmtp=self.model.client.esmtp,
+            utf8_declared=txn.smtputf8,
+        )
+        if isinstance(parsed, Reply):
+            metrics.PROTOCOL_ERRORS.labels("syntax").inc()
+            await self._send(parsed)
+            return
+        if len(txn.accepted_recipients) >= self.cfg.limits.recipients:
+            metrics.PROTOCOL_ERRORS.labels("too_many_recipients").inc()
+            await self._send(Reply(452, "4.5.3", ("Error: too many recipients",)))
+            return
+        await self._send(await self.flow.rcpt(parsed))
+
+    async def _data(self, arg: str | None) -> None:
+        assert self.flow is not None and self.model is not None
+        txn = self.model.transaction
+        if self._out_of_sync():
+            metrics.PROTOCOL_ERRORS.labels("pipelining").inc()
+            await self._send(SYNC)
+            self._close()
+            return
+        if arg is not None:
+            await self._send(Reply(501, "5.5.4", ("Syntax: DATA",)))
+            return
+        if txn is None:
+            await self._send(Reply(503, "5.5.1", ("Error: need RCPT command",)))
+            return
+        if not txn.accepted_recipients:
+            await self._send(Reply(554, "5.5.1", ("Error: no valid recipients",)))
+            return
+        refusal = await self.flow.data()
+        if refusal is not None:
+            await self._send(refusal)
+            return
+        await self._send(Reply(354, None, ("End data with <CR><LF>.<CR><LF>",)))
+        limits = self.cfg.limits
+        try:
+            result = await read_data(
+                self._reader,
+                max_size=limits.message_size,
+                max_line=limits.text_line_length,
+                bare_newline=self.cfg.smtp.bare_newline,
+                timeout=limits.data_timeout,
+            )
+        except DataTimeout:
+            metrics.PROTOCOL_ERRORS.labels("timeout").inc()
+            await self.flow.rset(reason="data timeout")
+            await self._send(Reply(421, "4.4.2", (f"{self.hostname} {TIMEOUT}",)))
+            return
+        except asyncio.IncompleteReadError:
+            await self.flow.rset(reason="disconnected in data")
+            self._close()
+            return
+        if result.problem is not None:
+            reply = CONTENT_REPLIES[result.problem]
+            await self._send(await self.flow.refuse_content(reply, result.problem.value))
+            return
+        self._message_task = asyncio.ensure_future(self.flow.message(result.content))
+        reply = await asyncio.shield(self._message_task)
+        self._message_task = None
+        await self._send(reply)
+
+    async def _rset(self, arg: str | None) -> None:
+        assert self.flow is not None
+        if arg is not None:
+            await self._send(Reply(501, "5.5.4", ("Syntax: RSET",)))
+            return
+        await self._send(await self.flow.rset())
+
+    async def _noop(self, arg: str | None) -> None:
+        await self._send(Reply(250, "2.0.0", ("Ok",)))
+
+    async def _vrfy(self, arg: str | None) -> None:
+        await self._send(Reply(502, "5.5.1", ("VRFY command is disabled",)))
+
+    async def _quit(self, arg: str | None) -> None:
+        self._quit_seen = True
+        await self._send(Reply(221, "2.0.0", ("Bye",)))
+        self._close()
+
+    async def _starttls(self, arg: str | None) -> None:
+        assert self.model is not None and self.flow is not None
+        if self.tls_context is None or self._tls_protocol is not None:
+            await self._send(NOT_IMPLEMENTED)
+            return
+        if arg is not None:
+            await self._send(Reply(501, "5.5.4", ("Syntax: STARTTLS",)))
+            return
+        # aiosmtpd sends 220, upgrades, and flushes plaintext pipelined after the
+        # command (CVE-2011-0411 / CVE-2024-34083); we forget HELO and the
+        # transaction, as RFC 3207 §4.2 requires.
+        await self.flow.rset(reason="starttls")
+        await self.smtp_STARTTLS("")
+        client = self.model.client
+        client.helo, client.esmtp = None, False
+        obj = self.transport.get_extra_info("ssl_object") if self.transport else None
+        if obj is not None:
+            cipher = obj.cipher()
+            client.tls = TLSInfo(
+                obj.version() or "", cipher[0] if cipher else "", cipher[2] if cipher else None
+            )
+
+    # -- shutdown --------------------------------------------------------------------
+
+    def shutdown(self, *, force: bool) -> None:
+        """Say 421 and close if idle between transactions (or at once with force)."""
+        if self._closing:
+            return
+        idle = not self._busy and (self.model is None or self.model.transaction is None)
+        if not (idle or force):
+            return  # the command loop says 421 once the transaction is over
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(Reply(421, "4.3.2", (f"{self.hostname} {SHUTTING_DOWN}",)).render())
+        self._close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
