@@ -1,0 +1,101 @@
+"""Shared fixtures: a recording upstream sink and spamgate running on loopback."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from spamgate.config import loads
+from spamgate.server import Server
+
+from .sink import Sink
+from .smtpclient import RawClient
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need_binary(path: str, what: str) -> None:
+    """Skip locally when a system binary is missing; fail in CI, which installs it."""
+    if os.path.exists(path):
+        return
+    if IN_CI:
+        pytest.fail(f"{what} ({path}) is missing in CI: .ci/run must install it")
+    pytest.skip(f"{what} not installed ({path})")
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    s = Sink()
+    await s.start()
+    yield s
+    await s.stop()
+
+
+class Gate:
+    """A running spamgate and ways to talk to it."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.host, self.port = server.addresses[0]
+
+    async def client(self, source: str | None = None) -> tuple[RawClient, object]:
+        return await RawClient.connect(self.port, self.host, source=source)
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=0.5)
+
+
+GateFactory = Callable[..., Awaitable[Gate]]
+
+
+def config_text(
+    sink: Sink | None, extra: str = "", server: dict | None = None, up: dict | None = None
+) -> str:
+    """A test config; `server`/`up` map keys to TOML literals, `extra` adds sections."""
+    srv = {
+        "listen": '["127.0.0.1:0"]',
+        "hostname": '"gate.test"',
+        "relay_domains": '["example.test"]',
+        "mynetworks": '["127.0.0.1/32"]',
+    }
+    srv.update(server or {})
+    ups = {"address": f'"{sink.address}"' if sink else '"maildir:maildir"'}
+    ups.update(up or {})
+    text = "[server]\n" + "".join(f"{k} = {v}\n" for k, v in srv.items())
+    text += "\n[upstream]\n" + "".join(f"{k} = {v}\n" for k, v in ups.items())
+    return text + "\n" + textwrap.dedent(extra)
+
+
+@pytest.fixture
+async def gate_factory(sink: Sink, tmp_path) -> AsyncIterator[GateFactory]:
+    """Start spamgate with extra TOML appended to a default test config."""
+    gates: list[Gate] = []
+
+    async def start(
+        extra: str = "",
+        *,
+        upstream: Sink | str | None = "sink",
+        server: dict | None = None,
+        up: dict | None = None,
+    ) -> Gate:
+        target = sink if upstream == "sink" else upstream
+        text = config_text(target if isinstance(target, Sink) else None, extra, server, up)
+        path = tmp_path / f"spamgate-{len(gates)}.toml"
+        path.write_text(text)
+        srv = Server(loads(text, str(path)))
+        await srv.start()
+        g = Gate(srv)
+        gates.append(g)
+        return g
+
+    yield start
+    for g in gates:
+        await g.stop()
+
+
+@pytest.fixture
+async def gate(gate_factory: GateFactory) -> Gate:
+    return await gate_factory()

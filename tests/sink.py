@@ -1,0 +1,197 @@
+"""An in-process upstream MTA for tests, built on aiosmtpd, that records what it got.
+
+It speaks real SMTP on a loopback port, offers XCLIENT like Postfix, accepts the DSN
+parameters verbatim, and can be told to fail: a given reply at MAIL, RCPT, DATA or
+the final dot, a delay before a reply, or a dropped connection in the middle of DATA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from aiosmtpd.smtp import SMTP
+
+
+@dataclass
+class Received:
+    """One message as the sink got it."""
+
+    mail_from: str
+    mail_params: list[str]
+    rcpt_tos: list[str]
+    rcpt_params: list[list[str]]
+    content: bytes
+    xclient: list[str]  # XCLIENT argument lines in force for this session
+    helo: str | None
+
+
+@dataclass
+class SinkBehaviour:
+    # Command name ("MAIL", "RCPT", "DATA", "DOT", "XCLIENT", "EHLO") -> reply line.
+    replies: dict[str, str] = field(default_factory=dict)
+    # Command name -> seconds to wait before answering.
+    delays: dict[str, float] = field(default_factory=dict)
+    # Close the connection after reading this many bytes of message content.
+    drop_in_data_after: int | None = None
+    offer_xclient: bool = True
+    # Refuse RCPT for addresses starting with this local part.
+    refuse_local: str | None = None
+
+
+class SinkSMTP(SMTP):
+    def __init__(self, sink: Sink) -> None:
+        super().__init__(sink, hostname="sink.test", enable_SMTPUTF8=True, data_size_limit=None)
+        self.sink = sink
+        self.xclient: list[str] = []
+        self.rcpt_params: list[list[str]] = []
+
+    async def _answer(self, name: str, default: str) -> None:
+        b = self.sink.behaviour
+        if name in b.delays:
+            await asyncio.sleep(b.delays[name])
+        await self.push(b.replies.get(name, default))
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self.sink.commands.append(f"EHLO {hostname}")
+        if "EHLO" in self.sink.behaviour.replies:
+            await self.push(self.sink.behaviour.replies["EHLO"])
+            return
+        self.session.host_name = hostname
+        self.session.extended_smtp = True
+        lines = [
+            "250-sink.test",
+            "250-PIPELINING",
+            "250-SIZE 100000000",
+            "250-8BITMIME",
+            "250-SMTPUTF8",
+            "250-ENHANCEDSTATUSCODES",
+            "250-DSN",
+            "250-CHUNKING",
+            "250-ETRN",
+            "250-VRFY",
+            "250-AUTH PLAIN LOGIN",
+            "250-XFORWARD NAME ADDR",
+        ]
+        if self.sink.behaviour.offer_xclient:
+            lines.append("250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN")
+        lines.append("250 HELP")
+        for line in lines:
+            await self.push(line)
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self.sink.commands.append(f"HELO {hostname}")
+        self.session.host_name = hostname
+        await self.push("250 sink.test")
+
+    async def smtp_XCLIENT(self, arg: str) -> None:
+        self.sink.commands.append(f"XCLIENT {arg}")
+        reply = self.sink.behaviour.replies.get("XCLIENT", "220 sink.test ESMTP")
+        if reply.startswith("220"):
+            self.xclient.append(arg)
+            self.session.host_name = None
+            self._set_rset_state()
+        await self.push(reply)
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        self.sink.commands.append(f"MAIL {arg}")
+        if "MAIL" in self.sink.behaviour.replies:
+            await self._answer("MAIL", "")
+            return
+        addr, _, params = arg[5:].partition(">")
+        self.envelope.mail_from = addr.lstrip("<")
+        self.envelope.mail_options = params.split()
+        self.rcpt_params = []
+        await self._answer("MAIL", "250 2.1.0 Ok")
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        self.sink.commands.append(f"RCPT {arg}")
+        addr, _, params = arg[3:].partition(">")
+        addr = addr.lstrip("<")
+        b = self.sink.behaviour
+        if b.refuse_local and addr.startswith(b.refuse_local + "@"):
+            await self.push(f"550 5.1.1 <{addr}>: Recipient address rejected: User unknown")
+            return
+        if "RCPT" in b.replies:
+            await self._answer("RCPT", "")
+            return
+        self.envelope.rcpt_tos.append(addr)
+        self.rcpt_params.append(params.split())
+        await self._answer("RCPT", "250 2.1.5 Ok")
+
+    async def smtp_RSET(self, arg: str) -> None:
+        self.sink.commands.append("RSET")
+        await super().smtp_RSET(arg)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        self.sink.commands.append("QUIT")
+        await super().smtp_QUIT(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self.sink.commands.append("DATA")
+        b = self.sink.behaviour
+        if "DATA" in b.replies:
+            await self._answer("DATA", "")
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        data = bytearray()
+        while True:
+            line = await self._reader.readuntil(b"\r\n")
+            if line == b".\r\n":
+                break
+            if line.startswith(b"."):
+                line = line[1:]
+            data += line
+            if b.drop_in_data_after is not None and len(data) >= b.drop_in_data_after:
+                self.transport.close()
+                return
+        reply = b.replies.get("DOT", "250 2.0.0 Ok: queued as SINK")
+        if "DOT" in b.delays:
+            await asyncio.sleep(b.delays["DOT"])
+        if reply.startswith("250"):
+            self.sink.messages.append(
+                Received(
+                    mail_from=self.envelope.mail_from or "",
+                    mail_params=list(self.envelope.mail_options),
+                    rcpt_tos=list(self.envelope.rcpt_tos),
+                    rcpt_params=list(self.rcpt_params),
+                    content=bytes(data),
+                    xclient=list(self.xclient),
+                    helo=self.session.host_name,
+                )
+            )
+        self._set_post_data_state()
+        await self.push(reply)
+
+
+class Sink:
+    """The recording upstream. `messages` are the ones it said 250 for."""
+
+    def __init__(self) -> None:
+        self.behaviour = SinkBehaviour()
+        self.messages: list[Received] = []
+        self.commands: list[str] = []
+        self.connections = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    def _factory(self) -> SinkSMTP:
+        self.connections += 1
+        return SinkSMTP(self)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._factory, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
