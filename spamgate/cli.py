@@ -74,12 +74,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def reference_markdown() -> str:
     """The configuration reference as Markdown tables, one per section."""
-    from .config import all_sections
+    from .config import ARRAY_SECTIONS, all_sections
     from .settings import describe
 
     out: list[str] = []
     for name, cls in all_sections().items():
-        out += [f"### [{name}]", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        title = f"[[{name}]]" if name in ARRAY_SECTIONS else f"[{name}]"
+        out += [f"### {title}", "", "| key | default | meaning |", "| --- | --- | --- |"]
         for key, default, doc in describe(cls, name):
             short = key.split("] ", 1)[1]
             meaning = doc.replace("|", "\\|")

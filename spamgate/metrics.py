@@ -141,17 +141,32 @@ AUTH_RESULTS = Counter(
     registry=REGISTRY,
 )
 
+# -- TLS and AUTH passthrough -------------------------------------------------------
+STARTTLS = Counter(
+    "spamgate_starttls_total",
+    "Inbound STARTTLS handshakes by result (the TLS version, or failure).",
+    ["result"],  # TLSv1.2, TLSv1.3, failure
+    registry=REGISTRY,
+)
+AUTH_PASSTHROUGH = Counter(
+    "spamgate_auth_passthrough_total",
+    "AUTH exchanges relayed to the upstream, by result (success, failure, aborted, error).",
+    ["result"],
+    registry=REGISTRY,
+)
+
 # -- upstream ----------------------------------------------------------------------
 UPSTREAM_LATENCY = Histogram(
     "spamgate_upstream_duration_seconds",
-    "Upstream reply latency by command (connect, xclient, ehlo, mail, rcpt, data, rset).",
+    "Upstream reply latency by command (connect, starttls, xclient, ehlo, auth, mail, rcpt, "
+    "data, rset).",
     ["command"],
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 UPSTREAM_ERRORS = Counter(
     "spamgate_upstream_errors_total",
-    "Upstream failures by kind (connect, timeout, disconnect, protocol, xclient).",
+    "Upstream failures by kind (connect, timeout, disconnect, protocol, xclient, tls, auth).",
     ["kind"],
     registry=REGISTRY,
 )

@@ -38,11 +38,19 @@ class Pipeline:
     def for_stage(self, stage: Stage) -> list[Check]:
         return self._by_stage[stage]
 
-    async def run(self, ctx: CheckContext, logger: logging.LoggerAdapter | None = None) -> Outcome:
+    async def run(
+        self,
+        ctx: CheckContext,
+        logger: logging.LoggerAdapter | None = None,
+        skip: frozenset[str] = frozenset(),
+    ) -> Outcome:
+        """Run the stage's checks; those labelled in `skip` ("all": every one) do not run."""
         outcome = Outcome()
         lg = logger or log
         stage = ctx.stage.value
         for check in self._by_stage[ctx.stage]:
+            if skip and ("all" in skip or check.label in skip):
+                continue
             verdict = await self._run_one(check, ctx, lg)
             outcome.symbols.extend(verdict.symbols)
             outcome.headers.extend(verdict.headers)

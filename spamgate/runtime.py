@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from .model import IPAddress
 from .pipeline import Pipeline
 from .relay import RelayPolicy
 from .services import Services
+from .settings import ConfigError
+from .tls import server_context
 
 log = logging.getLogger("spamgate")
 
@@ -31,6 +34,10 @@ class Policy:
     pipeline: Pipeline
     relay: RelayPolicy
     digest: str
+    # The STARTTLS certificate, loaded with this snapshot (a reload renews it).
+    tls: ssl.SSLContext | None = None
+    # Check labels authenticated (AUTH passthrough) clients skip; "all" skips every one.
+    auth_skip: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, config: Config, services: Services) -> Policy:
@@ -38,11 +45,20 @@ class Policy:
         checks: list[Check] = []
         for kind in CHECK_TYPES:
             checks.extend(kind.from_config(config, services))
+        known = {kind.name for kind in CHECK_TYPES} | {c.label for c in checks} | {"all"}
+        unknown = [name for name in config.auth.skip_checks if name not in known]
+        if unknown:
+            names = ", ".join(f'"{n}"' for n in unknown)
+            raise ConfigError(
+                [config.where().at("auth", "skip_checks", f"[auth] skip_checks: unknown {names}")]
+            )
         return cls(
             config=config,
             pipeline=Pipeline(checks, monitor=config.server.mode == "monitor"),
             relay=RelayPolicy(config.server.relay_domains, config.server.mynetworks),
             digest=config_digest(config),
+            tls=server_context(config),
+            auth_skip=frozenset(config.auth.skip_checks),
         )
 
 
@@ -51,6 +67,12 @@ def config_digest(config: Config) -> str:
     if config.path:
         try:
             with open(config.path, "rb") as fh:
+                h.update(fh.read())
+        except OSError:
+            pass
+    if config.tls.cert_file:  # a renewed certificate is a new configuration
+        try:
+            with open(config.resolve_path(config.tls.cert_file), "rb") as fh:
                 h.update(fh.read())
         except OSError:
             pass

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from . import metrics
-from .config import Config, load
+from .config import Config, Listener, load
 from .runtime import Policy, Runtime
 from .services import Services
 from .settings import ConfigError, parse_hostport
@@ -36,20 +36,25 @@ class Server:
         self.services = Services.build(config)
         self.runtime = Runtime(Policy.build(config, self.services), self.services)
         self.servers: list[asyncio.base_events.Server] = []
+        self.listeners: list[Listener] = []
         self.addresses: list[tuple[str, int]] = []
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
 
-    def _factory(self) -> SMTPSession:
-        return SMTPSession(self.runtime)
+    def _factory(self, index: int) -> Callable[[], SMTPSession]:
+        # The listener's options are looked up per connection, so a reload can
+        # change them for an address that is already bound.
+        return lambda: SMTPSession(self.runtime, self.listeners[index])
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for item in self.config.server.listen:
+        self.listeners = list(self.config.listeners)
+        for index, listener in enumerate(self.listeners):
+            item = listener.address
             host, port = parse_hostport(item)
             try:
                 server = await loop.create_server(
-                    self._factory, host, port, reuse_address=True, backlog=1024
+                    self._factory(index), host, port, reuse_address=True, backlog=1024
                 )
             except OSError as exc:
                 await self.close_listeners()
@@ -86,11 +91,25 @@ class Server:
                     log.error("reload refused: %s", problem)
                 log.error("reload refused; still running the previous configuration")
                 return False
+            self._update_listeners(config)
             self.runtime.swap(policy)
             metrics.RELOADS.labels("success").inc()
             metrics.RELOAD_OK.set(1)
             log.info("reloaded configuration %s (hash %s)", path or "(defaults)", policy.digest)
             return True
+
+    def _update_listeners(self, config: Config) -> None:
+        """Take new options for bound addresses; adding or removing one needs a restart."""
+        unmatched = list(config.listeners)
+        for index, old in enumerate(self.listeners):
+            match = next((lst for lst in unmatched if lst.address == old.address), None)
+            if match is None:
+                log.warning("reload: still listening on %s until restart", old.address)
+                continue
+            unmatched.remove(match)
+            self.listeners[index] = match
+        for lst in unmatched:
+            log.warning("reload: not listening on %s: listeners change on restart", lst.address)
 
     async def close_listeners(self) -> None:
         # Not wait_closed(): from Python 3.12 it waits for every session to end,
