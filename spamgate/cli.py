@@ -17,13 +17,18 @@ from .settings import ConfigError
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiosmtpd logs every connection on "mail.log"; our own lines say it better.
+    from .daemon import JournalFormatter, on_journal
+
+    handler = logging.StreamHandler(sys.stderr)
+    if on_journal():  # under systemd: the journal stamps the time and keeps the level
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    # aiosmtpd logs every connection on "mail.log" and PROXY errors on "mail.debug";
+    # our own lines say it better, with the session id.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("mail.debug").setLevel(logging.ERROR)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
 
-from . import metrics
+from . import daemon, metrics
 from .config import Config, Listener, load
+from .daemon import PrivilegeError, drop_privileges
 from .runtime import Policy, Runtime
 from .services import Services
 from .settings import ConfigError, parse_hostport
@@ -149,9 +151,25 @@ class Server:
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload(path)))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._sighup(path)))
         await self.start()
+        try:
+            # Bound to port 25 (as root, or with CAP_NET_BIND_SERVICE): root is no
+            # longer needed, and sessions must never run with it.
+            drop_privileges(self.config.server.user)
+        except PrivilegeError as exc:
+            await self.close_listeners()
+            raise StartupError(str(exc)) from None
+        daemon.notify(f"READY=1\nMAINPID={os.getpid()}")
         if on_ready is not None:
             on_ready(self)
         await stop.wait()
+        daemon.notify("STOPPING=1")
         await self.stop()
+
+    async def _sighup(self, path: str | None) -> None:
+        daemon.notify("RELOADING=1")
+        try:
+            await self.reload(path)
+        finally:
+            daemon.notify("READY=1")
