@@ -235,10 +235,9 @@ def check_upstream(sink: Sink, accepted_before: int, transcript: Transcript) -> 
         if len(ids) != 1:
             raise Violation(f"upstream message without exactly one fuzz id: {m.content[:200]!r}")
         got.add(int(ids[0]))
-    if got - transcript.accepted_ids:
-        raise Violation(
-            f"upstream got messages the client was not told 2xx for: {got - transcript.accepted_ids}"
-        )
+    extra = got - transcript.accepted_ids
+    if extra:
+        raise Violation(f"upstream got messages the client was not told 2xx for: {extra}")
     if transcript.accepted_ids - got:
         raise Violation(f"client told 2xx but upstream lacks: {transcript.accepted_ids - got}")
 
