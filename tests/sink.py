@@ -109,8 +109,9 @@ class SinkSMTP(SMTP):
             await self.push(line)
 
     def _login(self) -> str | None:
-        if self.session.authenticated and self.session.login_data:
-            return self.session.login_data.decode()
+        auth = self.session.auth_data
+        if self.session.authenticated and isinstance(auth, LoginPassword):
+            return auth.login.decode()
         for line in reversed(self.xclient):
             for attr in line.split():
                 if attr.startswith("LOGIN="):
