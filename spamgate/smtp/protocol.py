@@ -575,8 +575,7 @@ class SMTPSession(_AiosmtpdSMTP):
         if mechanism not in {m.upper() for m in self.cfg.auth.mechanisms}:
             await self._send(Reply(504, "5.5.4", ("Unsupported authentication mechanism",)))
             return
-        if initial == "=":  # RFC 4954: an empty initial response
-            initial = ""
+        # An initial response (RFC 4954, "=" when empty) goes upstream as it came.
         await self._send(await self.flow.auth(mechanism, initial or None, self._auth_answer))
 
     async def _auth_answer(self, challenge: Reply) -> bytes | None:
