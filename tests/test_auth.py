@@ -134,6 +134,8 @@ async def test_unknown_mechanism_and_sequence_errors(auth_gate, tls_files) -> No
     r = await c.cmd("AUTH CRAM-MD5")
     assert (r.code, r.enhanced) == (504, "5.5.4")
     assert (await c.cmd("AUTH")).code == 501
+    r = await c.cmd("AUTH PLAIN dünn")  # not base64 (and not ASCII)
+    assert (r.code, r.enhanced) == (501, "5.5.2")
     await c.cmd("MAIL FROM:<a@example.org>")
     assert (await c.cmd(f"AUTH PLAIN {PLAIN}")).code == 503  # inside a transaction
 

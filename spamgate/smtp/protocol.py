@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,7 @@ MUST_STARTTLS = Reply(530, "5.7.0", ("Must issue a STARTTLS command first",))
 TLS_ACTIVE = Reply(554, "5.5.1", ("Error: TLS already active",))
 # RFC 4954 §4: servers accept AUTH lines of at least 12288 octets.
 AUTH_LINE_MAX = 12288
+_BASE64 = re.compile(r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$|^=$")
 
 Address = tuple[str, int]
 
@@ -574,6 +576,9 @@ class SMTPSession(_AiosmtpdSMTP):
             return
         if mechanism not in {m.upper() for m in self.cfg.auth.mechanisms}:
             await self._send(Reply(504, "5.5.4", ("Unsupported authentication mechanism",)))
+            return
+        if initial and not _BASE64.match(initial):
+            await self._send(Reply(501, "5.5.2", ("Invalid base64 data in initial response",)))
             return
         # An initial response (RFC 4954, "=" when empty) goes upstream as it came.
         await self._send(await self.flow.auth(mechanism, initial or None, self._auth_answer))
