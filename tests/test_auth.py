@@ -128,6 +128,18 @@ async def test_client_cancels(auth_gate, sink: Sink, tls_files) -> None:
     assert await relay_attempt(c) == 554
 
 
+async def test_answer_that_is_not_base64_ends_the_exchange(
+    auth_gate, sink: Sink, tls_files
+) -> None:
+    gate = await auth_gate()
+    c, _ = await tls_client(gate, tls_files)
+    assert (await c.cmd("AUTH LOGIN")).code == 334
+    r = await c.cmd("MAIL FROM:<evil@example.org>")
+    assert (r.code, r.enhanced) == (501, "5.7.0")
+    assert not any(cmd.startswith("MAIL") for cmd in sink.commands)
+    assert (await c.cmd("NOOP")).code == 250  # the session goes on
+
+
 async def test_unknown_mechanism_and_sequence_errors(auth_gate, tls_files) -> None:
     gate = await auth_gate()
     c, _ = await tls_client(gate, tls_files)

@@ -603,9 +603,13 @@ class SMTPSession(_AiosmtpdSMTP):
         except asyncio.IncompleteReadError:
             self._close()
             return None
+        answer = line[:-2]
         if not line.endswith(b"\r\n") or len(line) > AUTH_LINE_MAX:
             return None
-        return line[:-2]
+        # Only base64 or "*" (cancel) goes upstream: nothing that could read as a command.
+        if answer != b"*" and not _BASE64.match(answer.decode("latin-1")):
+            return None
+        return answer
 
     # -- shutdown --------------------------------------------------------------------
 
