@@ -98,13 +98,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     _setup_logging("warning")
     message = None
-    try:
-        config = load(args.config)
-        if args.eml:
+    if args.eml:
+        try:
             with open(args.eml, "rb") as fh:
                 raw = fh.read()
-            # .eml files usually have LF line ends; SMTP carries CRLF.
-            message = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        except OSError as exc:
+            print(f"spamgate: {args.eml}: {exc.strerror}", file=sys.stderr)
+            return 2
+        # .eml files usually have LF line ends; SMTP carries CRLF.
+        message = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    try:
+        config = load(args.config)
         return asyncio.run(
             explain(
                 config,
@@ -121,9 +125,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
-        return 2
-    except OSError as exc:
-        print(f"spamgate: {args.eml}: {exc.strerror}", file=sys.stderr)
         return 2
 
 

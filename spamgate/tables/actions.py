@@ -59,9 +59,6 @@ class RuleAction:
     symbol: str = ""
     source: str = ""  # the action as written, for `spamgate query`
 
-    def with_text(self, text: str) -> RuleAction:
-        return replace(self, text=text)
-
 
 def parse_action(text: str) -> RuleAction:
     """Parse the action part of a rule; ValueError with a readable reason."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import regex
@@ -95,7 +95,11 @@ class RegexpTable(Table):
                 continue
             action = entry.action
             if entry.refs and m is not None:
-                action = action.with_text(_substitute(action.text, m))
+                action = replace(
+                    action,
+                    text=_substitute(action.text, m),
+                    source=_substitute(action.source, m),
+                )
             yield Match(self.name, entry.line, action, text)
 
 
