@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..settings import ConfigError
-from . import MYHOSTNAME, Entry, Match, Query, Table, TableLimits, parse_entries, split_rule
+from . import MYHOSTNAME, Entry, Match, Query, Table, TableLimits, split_rule
 from .actions import parse_action
 from .keys import domain_keys, email_keys, ip_keys
 from .source import LogicalLine
@@ -35,17 +35,19 @@ class HashTable(Table):
         hostname: str,
         limits: TableLimits,
     ) -> HashTable:
-        items = parse_entries(path, lines, lambda line: _parse_line(line, hostname))
         entries: dict[str, Entry] = {}
         problems = []
-        for key, entry in items:
-            first = entries.get(key)
-            if first is not None:
+        for line in lines:
+            try:
+                key, entry = _parse_line(line, hostname)
+            except ValueError as exc:
+                problems.append(f"{path}:{line.number}: {exc}")
+                continue
+            first = entries.setdefault(key, entry)
+            if first is not entry:
                 problems.append(
                     f"{path}:{entry.line}: duplicate key '{key}' (first given on line {first.line})"
                 )
-                continue
-            entries[key] = entry
         if problems:
             raise ConfigError(problems)
         return cls(name, path, entries)
