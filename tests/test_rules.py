@@ -356,10 +356,8 @@ async def test_body_rule_matches_decoded_text(
     else:  # a soft line break inside a word, and an encoded letter
         payload = b"Hello,\r\nDear w=\r\ninner, claim your =70rize\r\nBye\r\n"
     assert b"winner" not in payload  # the words exist only once decoded
-    body = mime(
-        f"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: {encoding}\r\n".encode(),
-        payload,
-    )
+    part = f"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: {encoding}\r\n"
+    body = mime(part.encode(), payload)
     _, replies = await transaction(gate, body=body)
     assert replies[-1].code == 250
     assert sink.messages == []  # discarded
