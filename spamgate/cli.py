@@ -161,6 +161,15 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ip(text: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spamgate", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"spamgate {__version__}")
@@ -191,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "explain", help="run one synthetic session through every check and explain the outcome"
     )
     exp.add_argument("-c", "--config", required=True, help="configuration file")
-    exp.add_argument("--client", default="192.0.2.1", help="client IP address")
+    exp.add_argument("--client", default="192.0.2.1", type=_ip, help="client IP address")
     exp.add_argument("--name", help="client's verified host name (default: looked up)")
     exp.add_argument("--helo", default="client.example.net", help="HELO/EHLO name")
     exp.add_argument("--sender", default="sender@example.net", help="MAIL FROM address")

@@ -67,7 +67,7 @@ class DryUpstream(Upstream, UpstreamSession):
 
 
 def _verdict_text(verdict: Verdict) -> str:
-    if verdict == Verdict():
+    if dataclasses.replace(verdict, result=None) == Verdict():
         return "no match"
     parts = []
     if verdict.action is not Action.DUNNO or not (
@@ -86,6 +86,8 @@ def _verdict_text(verdict: Verdict) -> str:
         parts.append(f"warn: {verdict.warn}")
     if verdict.rule:
         parts.append(f"[{verdict.rule}]")
+    elif verdict.hits:
+        parts.append("[" + ", ".join(f"{t}:{n}" for t, n in verdict.hits) + "]")
     for would in verdict.would:
         parts.append(f"(monitor: would {would.action.value} [{would.rule}])")
     return "  ".join(parts)
