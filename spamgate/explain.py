@@ -147,6 +147,7 @@ async def explain(
         decision = await _converse(flow, dry, hold, helo, sender, recipients, message, out)
     finally:
         await flow.close("explain")
+        await services.aclose()
         for lg in loggers:
             lg.removeHandler(handler)
             lg.propagate = True
