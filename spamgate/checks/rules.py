@@ -12,6 +12,7 @@ Within a table the first match wins, except that a monitor-only rule
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -202,7 +203,7 @@ class TableCheck(Check):
         if asked is None:
             return DUNNO
         query, reply = asked
-        return decide(self.table.matches(query), reply)
+        return decide(self.table.matches(query, time.monotonic() + self.timeout), reply)
 
     def query(self, ctx: CheckContext) -> tuple[Query, ReplyContext] | None:
         raise NotImplementedError
