@@ -404,3 +404,34 @@ async def test_runaway_regexp_applies_on_error(
     assert metric("spamgate_check_errors_total", check="body.regexp", kind="timeout") == before + 1
     assert "body.regexp:1: regexp ran longer than" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+async def test_content_rules_have_every_action(
+    gate_factory: GateFactory, sink: Sink, write, caplog
+) -> None:
+    caplog.set_level(logging.INFO)
+    write(
+        "body.regexp",
+        "/^unsubscribe (here)$/ PREPEND X-List-Hint: $1\n"
+        "/^act now$/ WARN REJECT trying a new rule\n"
+        "/^act/ SCORE 2 ACT_NOW\n"
+        "/^hold me$/ HOLD\n",
+    )
+    gate = await gate_factory('[rules]\nbody = ["regexp:body.regexp"]\n')
+    before = metric(
+        "spamgate_monitor_verdicts_total", stage="eod", check="body.regexp", action="reject"
+    )
+    _, replies = await transaction(
+        gate, body=b"Subject: x\r\n\r\nact now\r\nunsubscribe here\r\nunsubscribe here\r\n"
+    )
+    assert replies[-1].code == 250
+    head = sink.messages[0].content.split(b"\r\n\r\n")[0]
+    assert head.count(b"X-List-Hint: here\r\n") == 1  # one header, however many lines
+    assert (
+        metric("spamgate_monitor_verdicts_total", stage="eod", check="body.regexp", action="reject")
+        == before + 1
+    )
+    assert "monitor: body.regexp would reject at eod" in caplog.text
+    assert "score=2.0" in caplog.text  # the WARN rule let the lookup go on to ACT_NOW
+    _, replies = await transaction(gate, body=b"Subject: x\r\n\r\nhold me\r\n")
+    assert replies[-1].code == 250 and len(sink.messages) == 1  # quarantined

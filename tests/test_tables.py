@@ -310,3 +310,35 @@ def test_hash_client_name_then_address(tmp_path) -> None:
     assert [(m.line, m.key) for m in t.matches(both)] == [(2, ".example.test"), (1, "192.0.2")]
     assert t.first(Query("client", ip=ip("2001:db8::7"))).key == "2001:db8"
     assert t.first(Query("client", ip=ip("198.51.100.1"))) is None
+
+
+def test_regexp_prefilter_finds_what_each_pattern_finds(tmp_path) -> None:
+    patterns = [
+        r"/\bword(\d)\b.*\1/ SCORE 1 A",  # a back-reference: own group numbers
+        r"/^Subject: (a|b)\1/i SCORE 1 B",  # case-sensitive
+        r"/(?x) c \s d/ SCORE 1 C",  # a global inline flag: kept out of the merge
+        r"/c d/ SCORE 1 D",
+        r"/foo(?P<n>x)(?P=n)/ SCORE 1 E",  # named group: kept out
+        r"/^x$/m SCORE 1 F",
+        r"!/zzz/ SCORE 1 G",
+        r"/a.b/s SCORE 1 H",
+    ]
+    t = table(tmp_path, "regexp", "\n".join(patterns) + "\n")
+    assert t._prefilter is not None
+    assert [e.mergeable for e in t.entries] == [True, True, False, True, False, True, False, True]
+    texts = [
+        "word3 x 3",
+        "WORD3 x 4",
+        "Subject: aa",
+        "subject: aa",
+        "c d",
+        "cd",
+        "fooxx",
+        "q\nx\nr",
+        "a\nb",
+        "zzz",
+        "nothing at all",
+    ]
+    for text in texts:
+        naive = [e.line for e in t.entries if (e.pattern.search(text) is None) == e.negate]
+        assert [m.line for m in t.matches(Query("text", text))] == naive, text

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..services import Services
 
-INLINE_LIMIT = 65536  # bytes; larger messages are scanned in a worker thread
+# Larger messages are scanned in a worker thread (see bench/rules_lookup.py).
+INLINE_LIMIT = 16384
 MAX_WARNINGS = 10
 
 CONTENT_REPLY = ReplyContext(

@@ -27,11 +27,25 @@ class CidrEntry(Entry):
 
 
 class CidrTable(Table):
+    """Entries are indexed by prefix length, so a lookup costs one dict probe per
+    distinct prefix length in the table rather than one comparison per entry."""
+
     kind = "cidr"
 
     def __init__(self, name: str, path: str, entries: list[CidrEntry]) -> None:
         super().__init__(name, path)
         self.entries = entries
+        # (version, prefix length) -> {network as int: [entry positions]}
+        self._index: dict[tuple[int, int], dict[int, list[int]]] = {}
+        self._negated: list[int] = []
+        for pos, e in enumerate(entries):
+            if e.negate:
+                self._negated.append(pos)
+                continue
+            key = (e.network.version, e.network.prefixlen)
+            self._index.setdefault(key, {}).setdefault(int(e.network.network_address), []).append(
+                pos
+            )
 
     @classmethod
     def parse(
@@ -49,14 +63,18 @@ class CidrTable(Table):
         address = self._address(query)
         if address is None:
             return
-        for entry in self.entries:
-            if address.version != entry.network.version:
-                if not entry.negate:
-                    continue
-                yield self._match(entry, str(address))
-                continue
-            if (address in entry.network) != entry.negate:
-                yield self._match(entry, str(address))
+        value, bits = int(address), address.max_prefixlen
+        found: list[int] = []
+        for (version, prefix), networks in self._index.items():
+            if version == address.version:
+                mask = ((1 << prefix) - 1) << (bits - prefix)
+                found += networks.get(value & mask, ())
+        for pos in self._negated:
+            network = self.entries[pos].network
+            if network.version != address.version or address not in network:
+                found.append(pos)
+        for pos in sorted(found):
+            yield self._match(self.entries[pos], str(address))
 
     @staticmethod
     def _address(query: Query) -> IPAddress | None:

@@ -6,6 +6,13 @@ on multi-line, dot-all and verbose mode. `!/pattern/ action` matches when the
 pattern does not. `$1`, `${1}` and `$$` in the action text are replaced with the
 groups of the match.
 
+Matching every line of a message against every pattern costs lines x patterns
+searches, so a table also compiles its plain patterns into one alternation (a
+branch-reset group, so each pattern keeps its own group numbers) and asks it first:
+a line none of them matches costs one search. Patterns whose meaning could change
+inside an alternation (global inline flags, named groups, recursion) are left out
+of it and always tried on their own.
+
 Patterns come from admins and inputs from strangers, so a lookup is bounded twice:
 the input is cut at `match_length` characters, and each match runs with a time
 limit (the `regex` module, which speaks Python's `re` syntax, can stop a match that
@@ -37,6 +44,14 @@ from .source import LogicalLine
 
 _FLAGS = {"i": 0, "m": regex.MULTILINE, "s": regex.DOTALL, "x": regex.VERBOSE}
 _REF = regex.compile(r"\$(?:(\d)|\{(\d+)\}|\((\d+)\)|(\$))")
+_FLAG_LETTERS = (
+    (regex.IGNORECASE, "i"),
+    (regex.MULTILINE, "m"),
+    (regex.DOTALL, "s"),
+    (regex.VERBOSE, "x"),
+)
+# Constructs that make a pattern unsafe to merge into one alternation.
+_UNMERGEABLE = regex.compile(r"\(\?[a-zA-Z^]+\)|\(\?P?[<=&]|\\g<|\(\?R|\(\?\(|\(\?\d")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +59,7 @@ class RegexpEntry(Entry):
     pattern: Any  # a compiled regex.Pattern
     negate: bool
     refs: bool  # the action text has $n references
+    mergeable: bool = False  # may join the table's prefilter alternation
 
 
 class RegexpTable(Table):
@@ -55,6 +71,9 @@ class RegexpTable(Table):
         super().__init__(name, path)
         self.entries = entries
         self.limits = limits
+        self._prefilter = _prefilter(entries)
+        # Entries the prefilter stands for: skipped when it finds nothing.
+        self._merged = {id(e) for e in entries if e.mergeable} if self._prefilter else set()
 
     @classmethod
     def parse(
@@ -78,7 +97,15 @@ class RegexpTable(Table):
             yield from self._search(text[: self.limits.match_length], deadline)
 
     def _search(self, text: str, deadline: float | None) -> Iterator[Match]:
+        maybe = True
+        if self._prefilter is not None:
+            try:
+                maybe = self._prefilter.search(text, timeout=self._budget(deadline)) is not None
+            except TimeoutError:
+                maybe = True  # try the patterns one by one: the culprit gets named
         for entry in self.entries:
+            if not maybe and id(entry) in self._merged:
+                continue
             budget = self.limits.regexp_timeout
             if deadline is not None:
                 budget = min(budget, deadline - time.monotonic())
@@ -101,6 +128,32 @@ class RegexpTable(Table):
                     source=_substitute(action.source, m),
                 )
             yield Match(self.name, entry.line, action, text)
+
+    def _budget(self, deadline: float | None) -> float:
+        budget = self.limits.regexp_timeout
+        if deadline is not None:
+            budget = min(budget, deadline - time.monotonic())
+            if budget <= 0:
+                raise RuleTimeout(f"{self.name}: out of time")
+        return budget
+
+
+def _scoped(entry: RegexpEntry) -> str:
+    flags = entry.pattern.flags
+    on = "".join(c for f, c in _FLAG_LETTERS if flags & f)
+    off = "".join(c for f, c in _FLAG_LETTERS if not flags & f)
+    return f"(?{on}-{off}:{entry.pattern.pattern})"
+
+
+def _prefilter(entries: list[RegexpEntry]) -> Any | None:
+    """One alternation of the mergeable patterns, or None if there are too few."""
+    merged = [e for e in entries if e.mergeable]
+    if len(merged) < 2:
+        return None
+    try:
+        return regex.compile("(?|" + "|".join(_scoped(e) for e in merged) + ")", regex.VERSION0)
+    except regex.error:
+        return None
 
 
 def _substitute(text: str, m: Any) -> str:
@@ -155,7 +208,8 @@ def _parse_line(line: LogicalLine, hostname: str) -> RegexpEntry:
                     f"${number} refers to a group the pattern does not have "
                     f"(it has {pattern.groups})"
                 )
-    return RegexpEntry(line.number, action, pattern, negate, refs)
+    mergeable = not negate and not pattern.groupindex and not _UNMERGEABLE.search(source)
+    return RegexpEntry(line.number, action, pattern, negate, refs, mergeable)
 
 
 def _closing_slash(text: str) -> int:
