@@ -317,7 +317,7 @@ class PostfixInstance:
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
-    def wait_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+    def wait_log(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
         """The first log match for `pattern` (a regex), waiting for it to appear."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -338,7 +338,7 @@ class PostfixInstance:
         files = sorted(new.iterdir(), key=lambda p: p.stat().st_mtime_ns)
         return [f.read_bytes() for f in files]
 
-    def wait_delivered(self, marker: bytes, timeout: float = 10.0) -> bytes:
+    def wait_delivered(self, marker: bytes, timeout: float = 20.0) -> bytes:
         """The one delivered message containing `marker`, waiting for delivery."""
         deadline = time.monotonic() + timeout
         while True:

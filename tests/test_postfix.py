@@ -174,14 +174,18 @@ def test_postfix_refuses_bare_newlines_even_from_loopback(postfix: PostfixInstan
     assert (ehlo.code, ehlo.enhanced) == (550, "5.5.2")
 
 
-@pytest.mark.parametrize("name", ["lf.crlf", "lf.lf", "crlf.cr", "cr.crlf", "crlf.cr.crlf"])
+NORMALIZED_VECTORS = ["lf.crlf", "lf.lf", "crlf.cr", "cr.crlf", "crlf.cr.crlf"]
+
+
+@pytest.mark.parametrize("name", NORMALIZED_VECTORS)
 async def test_smuggling_normalized_reaches_postfix_as_one_message(
     gate_factory: GateFactory, postfix: PostfixInstance, name: str
 ) -> None:
     gate = await gate_to(gate_factory, postfix, '[smtp]\nbare_newline = "normalize"\n')
     mark = marker()
     wire, _ = smuggling_message(FAKE_ENDS[name], mark)
-    c, _ = await gate.client(source="127.0.0.9")
+    source = f"127.0.0.{20 + NORMALIZED_VECTORS.index(name)}"  # one per vector, for the log
+    c, _ = await gate.client(source=source)
     await c.cmd("EHLO c.test")
     await c.cmd("MAIL FROM:<a@example.org>")
     await c.cmd("RCPT TO:<u@example.test>")
@@ -195,9 +199,14 @@ async def test_smuggling_normalized_reaches_postfix_as_one_message(
     assert msg["Subject"] == f"smuggling test {mark}"
     body = msg.get_payload()
     assert f"MAIL FROM:<{SMUGGLER}>" in body and "NO SMUGGLING" in body
-    # One message, one recipient, and no transaction from the smuggler.
+    # Postfix logs through postlogd, later than it delivers: wait for the end of
+    # the session, then count: one message queued for this client, the real one.
+    escaped = source.replace(".", r"\.")
+    await log_line(postfix, rf"disconnect from unknown\[{escaped}\]")
+    await log_line(postfix, rf"{qid}: from=<a@example\.org>")
     log = postfix.log_text()
-    assert f"{qid}: from=<a@example.org>" in log
+    assert re.findall(rf": client=unknown\[{escaped}\]", log) == [f": client=unknown[{source}]"]
+    assert f"{qid}: client=unknown[{source}]" in log
     assert f"from=<{SMUGGLER}>" not in log and VICTIM not in log
 
 
