@@ -272,7 +272,12 @@ class SessionFlow:
             reply = await self.upstream.mail(arg.address, arg.params, txn.smtputf8)
         except UpstreamError as exc:
             await self._drop_upstream()
-            reply = exc.reply if exc.reply is not None else self._upstream_failed(exc, "MAIL")
+            # Only a refusal is relayed: a positive reply here would tell the client
+            # its MAIL was accepted while the transaction is already over.
+            if exc.reply is not None and exc.reply.code >= 400:
+                reply = exc.reply
+            else:
+                reply = self._upstream_failed(exc, "MAIL")
             self._end_txn(reply)
             return reply
         if reply.code != 250:
