@@ -41,17 +41,23 @@ class Policy:
 
     @classmethod
     def build(cls, config: Config, services: Services) -> Policy:
-        """Build every check; raises settings.ConfigError on a bad rule file."""
+        """Build every check; raises settings.ConfigError listing every bad rule file line."""
         checks: list[Check] = []
+        problems: list[str] = []
         for kind in CHECK_TYPES:
-            checks.extend(kind.from_config(config, services))
+            try:
+                checks.extend(kind.from_config(config, services))
+            except ConfigError as exc:
+                problems += [p for p in exc.problems if p not in problems]
         known = {kind.name for kind in CHECK_TYPES} | {c.label for c in checks} | {"all"}
         unknown = [name for name in config.auth.skip_checks if name not in known]
         if unknown:
             names = ", ".join(f'"{n}"' for n in unknown)
-            raise ConfigError(
-                [config.where().at("auth", "skip_checks", f"[auth] skip_checks: unknown {names}")]
+            problems.append(
+                config.where().at("auth", "skip_checks", f"[auth] skip_checks: unknown {names}")
             )
+        if problems:
+            raise ConfigError(problems)
         return cls(
             config=config,
             pipeline=Pipeline(checks, monitor=config.server.mode == "monitor"),
@@ -62,17 +68,25 @@ class Policy:
         )
 
 
+def sources(config: Config) -> list[str]:
+    """The config file and every file its checks read: what the reload watcher watches."""
+    files = [config.path] if config.path else []
+    for kind in CHECK_TYPES:
+        files += [f for f in kind.sources(config) if f not in files]
+    # A renewed certificate is a new configuration, picked up like a rule file.
+    for name in (config.tls.cert_file, config.tls.key_file):
+        if name and config.resolve_path(name) not in files:
+            files.append(config.resolve_path(name))
+    return files
+
+
 def config_digest(config: Config) -> str:
+    """A hash of the config file and every rule file: changes when any of them does."""
     h = hashlib.sha256()
-    if config.path:
+    for path in sources(config):
+        h.update(path.encode("utf-8", "surrogateescape") + b"\0")
         try:
-            with open(config.path, "rb") as fh:
-                h.update(fh.read())
-        except OSError:
-            pass
-    if config.tls.cert_file:  # a renewed certificate is a new configuration
-        try:
-            with open(config.resolve_path(config.tls.cert_file), "rb") as fh:
+            with open(path, "rb") as fh:
                 h.update(fh.read())
         except OSError:
             pass
@@ -91,6 +105,8 @@ class Runtime:
         self.loaded_at = time.time()
         # Open SMTP sessions (smtp.protocol.SMTPSession), for shutdown.
         self.sessions: set = set()
+        # Problems that made the last reload fail (empty when it succeeded): health.
+        self.reload_problems: list[str] = []
         self._note_policy(policy)
 
     @property
