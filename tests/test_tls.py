@@ -201,30 +201,46 @@ async def test_garbage_instead_of_handshake(gate_factory: GateFactory, tls_files
 
 
 async def test_certificate_is_reloaded(gate_factory: GateFactory, ca, tmp_path, tls_files) -> None:
-    gate = await gate_factory(tls_files.toml)
-
-    async def served_serial() -> int:
-        c, _ = await gate.client()
-        await c.cmd("EHLO c.example.test")
-        await c.starttls(tls_files.client_context())
-        der = c.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        await c.close()
-        from cryptography import x509
-
-        return x509.load_der_x509_certificate(der).serial_number
-
-    first = await served_serial()
+    gate = await gate_factory(tls_files.toml, server={"reload_interval": "0"})
+    first = await served_serial(gate, tls_files)
     renewed = issue(ca, tmp_path, tag="-renewed")
     shutil.copyfile(renewed.cert, tls_files.cert)
     shutil.copyfile(renewed.key, tls_files.key)
     cfg = gate.server.config.path
     assert await gate.server.reload(cfg)
-    second = await served_serial()
+    second = await served_serial(gate, tls_files)
     assert second != first
     # a key that does not match the certificate refuses the reload; TLS goes on
     shutil.copyfile(issue(ca, tmp_path, tag="-other").key, tls_files.key)
     assert not await gate.server.reload(cfg)
-    assert await served_serial() == second
+    assert await served_serial(gate, tls_files) == second
+
+
+async def test_renewed_certificate_is_picked_up_without_sighup(
+    gate_factory: GateFactory, ca, tmp_path, tls_files
+) -> None:
+    gate = await gate_factory(tls_files.toml, server={"reload_interval": "0.05"})
+    first = await served_serial(gate, tls_files)
+    # what a renewal hook does: new files in place, no signal
+    renewed = issue(ca, tmp_path, tag="-renewed")
+    shutil.copyfile(renewed.cert, tls_files.cert)
+    shutil.copyfile(renewed.key, tls_files.key)
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if await served_serial(gate, tls_files) != first:
+            break
+    assert await served_serial(gate, tls_files) != first
+
+
+async def served_serial(gate, tls_files) -> int:
+    from cryptography import x509
+
+    c, _ = await gate.client()
+    await c.cmd("EHLO c.example.test")
+    await c.starttls(tls_files.client_context())
+    der = c.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    await c.close()
+    return x509.load_der_x509_certificate(der).serial_number
 
 
 async def test_tls_files_checked_at_load(tmp_path) -> None:
