@@ -29,7 +29,7 @@ from typing import Literal
 from . import metrics
 from .model import IPAddress
 from .reply import Reply
-from .resolver import DnsError, Resolver
+from .resolver import DnsError, Resolver, ascii_domain, is_domain
 from .verdict import Action, Symbol, Verdict
 
 # What the lists' own "refused" answers mean (Spamhaus: "must not be used to reject").
@@ -44,16 +44,9 @@ _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 _SITE = re.compile(
     r"^(?P<zone>[^=*\s]+)(?:=(?P<filter>[^*\s]+))?(?:\*(?P<weight>[-+]?\d+(?:\.\d+)?))?$"
 )
-_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _PART = re.compile(r"^(?:\d{1,3}|\[[0-9;.]+\])$")
 _SYMBOL = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _REASON_MAX = 200  # characters of a TXT reason put in the SMTP reply
-
-
-def valid_domain(name: str) -> bool:
-    """A DNS name of at least two labels, letters/digits/-/_ only (A-labels for IDN)."""
-    labels = name.split(".")
-    return len(name) <= 253 and len(labels) >= 2 and all(_LABEL.match(x) for x in labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +109,7 @@ class Site:
         if not m:
             raise ValueError(f'"{text}" is not zone[=filter][*weight]')
         zone = m.group("zone").lower().rstrip(".")
-        if not valid_domain(zone):
+        if not is_domain(zone):
             raise ValueError(f'"{text}": "{zone}" is not a DNS zone')
         filt = Filter.parse(m.group("filter")) if m.group("filter") else None
         weight = float(m.group("weight")) if m.group("weight") else 1.0
@@ -161,15 +154,10 @@ def ip_query(address: IPAddress, zone: str) -> str:
 
 def domain_query(domain: str, zone: str) -> str | None:
     """RFC 5782 §2.3: `domain.zone`; None when the domain cannot be looked up."""
-    domain = domain.lower().rstrip(".")
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    if not valid_domain(domain) or len(domain) + len(zone) + 1 > 253:
+    name = ascii_domain(domain)
+    if name is None or len(name) + len(zone) + 1 > 253:
         return None
-    return f"{domain}.{zone}"
+    return f"{name}.{zone}"
 
 
 # -- results --------------------------------------------------------------------------

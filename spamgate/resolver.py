@@ -289,5 +289,27 @@ def _servers_said(exc: dns.resolver.NoNameservers) -> str:
     return "; ".join(dict.fromkeys(said)) or "no nameserver answered"
 
 
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$", re.IGNORECASE)
+
+
+def is_domain(name: str) -> bool:
+    """A DNS name of two labels or more, of letters, digits, "-" and "_" (A-labels
+    for IDN): what can be looked up as a mail domain or a list key."""
+    labels = name.split(".")
+    return len(name) <= 253 and len(labels) >= 2 and all(_LABEL.match(x) for x in labels)
+
+
+def ascii_domain(name: str) -> str | None:
+    """`name` as a lower-case A-label domain ready to look up, or None if it is not
+    a domain (an address literal, a single label, bad characters)."""
+    name = name.lower().rstrip(".")
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    return name if is_domain(name) else None
+
+
 def _plausible_host(name: str) -> bool:
     return bool(_HOSTNAME.match(name)) and not name.rsplit(".", 1)[-1].isdigit()

@@ -212,14 +212,7 @@ class DnsServer:
             name = cname[0].target
         return response
 
-    def _respond(self, wire: bytes, udp: bool) -> bytes | None:
-        try:
-            query = dns.message.from_wire(wire)
-        except dns.exception.DNSException:
-            return None
-        if query.question:
-            q = query.question[0]
-            self.queries[(_key(q.name.to_text()), dns.rdatatype.to_text(q.rdtype))] += 1
+    def _respond(self, query: dns.message.Message, udp: bool) -> bytes | None:
         if self.down:
             return None
         response = self.answer(query)
@@ -233,20 +226,21 @@ class DnsServer:
             truncated.flags |= dns.flags.AA | dns.flags.TC
             return truncated.to_wire()
 
-    def _delay_for(self, wire: bytes) -> float:
-        if not self.delays:
-            return self.delay
-        with contextlib.suppress(dns.exception.DNSException):
-            name = _key(dns.message.from_wire(wire).question[0].name.to_text())
-            return self.delays.get(name, self.delay)
-        return self.delay
-
     async def _later(self, wire: bytes, send, udp: bool) -> None:
-        delay = self._delay_for(wire)
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return
+        name = ""
+        if query.question:
+            q = query.question[0]
+            name = _key(q.name.to_text())
+            self.queries[(name, dns.rdatatype.to_text(q.rdtype))] += 1
+        delay = self.delays.get(name, self.delay)
         if delay:
             await asyncio.sleep(delay)
         try:
-            out = self._respond(wire, udp)
+            out = self._respond(query, udp)
         except Exception:  # a bug here must show, not look like a dead server
             log.exception("test DNS server failed to answer")
             return

@@ -9,12 +9,17 @@ from __future__ import annotations
 from .base import Check, CheckContext
 from .dnsbl import DnsblCheck, DnsblSettings
 from .rhsbl import RhsblCheck, RhsblSettings
+from .spf import SpfCheck, SpfSettings
 
 # Ordered: within one stage, checks run in this order and the first final verdict
 # wins. Cheap local lookups come before network lookups.
-CHECK_TYPES: list[type[Check]] = [DnsblCheck, RhsblCheck]
+CHECK_TYPES: list[type[Check]] = [DnsblCheck, RhsblCheck, SpfCheck]
 
 # Settings sections owned by checks: TOML table name -> dataclass.
-CHECK_SECTIONS: dict[str, type] = {"dnsbl": DnsblSettings, "rhsbl": RhsblSettings}
+CHECK_SECTIONS: dict[str, type] = {
+    "dnsbl": DnsblSettings,
+    "rhsbl": RhsblSettings,
+    "spf": SpfSettings,
+}
 
 __all__ = ["CHECK_SECTIONS", "CHECK_TYPES", "Check", "CheckContext"]
