@@ -26,6 +26,7 @@ import collections
 import contextlib
 import json
 import logging
+import signal
 import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -343,8 +344,14 @@ async def _serve(port: int, files: Iterable[str]) -> None:
         with open(path, encoding="utf-8") as fh:
             load_zones(server, json.load(fh))
     await server.start(port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # SIGUSR1 prints the number of queries received so far (the benchmark reads it).
+    loop.add_signal_handler(signal.SIGUSR1, lambda: print(f"queries {server.total}", flush=True))
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     print(f"serving {len(server.zones)} zones on {server.address}", flush=True)
-    await asyncio.Event().wait()
+    await stop.wait()
+    await server.stop()
 
 
 def main() -> None:
