@@ -247,3 +247,18 @@ async def test_monitor_mode_counts_what_it_would_refuse(
         - would
         == 1
     )
+
+
+async def test_a_refused_client_costs_no_further_lookups(
+    gate_factory: GateFactory, dns_server: DnsServer
+) -> None:
+    publish_bl(dns_server)
+    dns_server.zone("bad.test", {"@": {"TXT": "v=spf1 -all"}})
+    gate = await gate_factory(SITES + '\n[rhsbl]\nsites = ["dbl.test"]\n\n[spf]\nenabled = true\n')
+    _, replies = await send(gate, "127.0.0.2", sender="a@bad.test")
+    assert "blocked using bl.test" in replies[2].text
+    # HELO and MAIL FROM checks had nothing to add to a refusal already decided
+    assert dns_server.count("bad.test") == 0
+    assert not [q for q, _ in dns_server.queries if q.endswith("dbl.test")]
+    _, replies = await send(gate, "127.0.0.7", sender="a@bad.test")  # not listed
+    assert replies[2].code == 550 and dns_server.count("bad.test", "TXT") == 1

@@ -4,7 +4,7 @@ The same site syntax, weights, threshold and error handling as the address lists
 (`dnslist.py`), applied to each identity on its own: the HELO name at HELO, the MAIL
 FROM domain at MAIL. The domain is looked up as given (`domain.zone`, RFC 5782
 §2.3); names that are not domains (address literals, single labels) are skipped,
-and so are clients in mynetworks.
+and so are clients in mynetworks and clients already refused (delayed reject).
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class RhsblCheck(Check):
         return [cls(policy, services.resolver, stages)] if policy.enabled and stages else []
 
     async def check(self, ctx: CheckContext) -> Verdict:
-        if ctx.session.relay_permitted:
+        if ctx.session.relay_permitted or ctx.session.pending is not None:
+            # ours, or already refused (delayed reject): no lookups to make
             return DUNNO
         if ctx.stage is Stage.HELO:
             subject, who, suffix = ctx.session.client.helo or "", "HELO name", "HELO"

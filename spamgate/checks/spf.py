@@ -9,7 +9,8 @@ Authentication-Results header and DMARC, whatever the action.
 
 The null sender is checked as postmaster@HELO (§2.4). Names that are not domains
 (address literals, single labels) give "none" without a lookup (§4.3). Clients in
-mynetworks are ours: no SPF check.
+mynetworks are ours, and clients already refused (delayed reject) are past saving:
+no SPF check for either.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class SpfCheck(Check):
         return [cls(s, SpfEngine(services.resolver, services.threads, s.timeout))]
 
     async def check(self, ctx: CheckContext) -> Verdict:
-        if ctx.session.relay_permitted:
+        if ctx.session.relay_permitted or ctx.session.pending is not None:
+            # ours, or already refused (delayed reject): no lookups to make
             return DUNNO
         client = ctx.session.client
         helo = client.helo or ""
