@@ -165,20 +165,21 @@ async def test_the_budget_bounds_a_slow_dns(dns_server: DnsServer) -> None:
     publish_spf(dns_server)
     resolver = Resolver(DnsSettings(nameservers=[dns_server.address], timeout=1, lifetime=2))
     with concurrent.futures.ThreadPoolExecutor(1) as threads:
-        engine = SpfEngine(resolver, threads, budget=0.3)
+        engine = SpfEngine(resolver, threads, budget=0.6)
         await engine.check("127.0.0.2", "a@good.test", "h.test")  # warm this one
         started = time.monotonic()
         slow = [engine.check("127.0.0.2", f"a{i}@slow.test", "h.test") for i in range(20)]
         tasks = [asyncio.ensure_future(c) for c in slow]
         await asyncio.sleep(0.05)
-        # twenty checks wait on DNS, one thread: a cached check still runs at once
+        # twenty checks wait on DNS, one thread: a cached check still runs at once,
+        # not after the others' budget (as it would if threads waited on DNS)
         quick_start = time.monotonic()
         assert (await engine.check("127.0.0.2", "b@good.test", "h.test")).result == "pass"
-        assert time.monotonic() - quick_start < 0.1
+        assert time.monotonic() - quick_start < 0.3
         outcomes = await asyncio.gather(*tasks)
-        assert time.monotonic() - started < 0.6
+        assert time.monotonic() - started < 1.1
     assert {o.result for o in outcomes} == {"temperror"}
-    assert "more than 0.3s" in outcomes[0].explanation
+    assert "more than 0.6s" in outcomes[0].explanation
     assert dns_server.count("slow.test", "TXT") == 1  # and one query for all twenty
 
 
