@@ -156,7 +156,7 @@ class Resolver:
         if task is None:
             task = asyncio.ensure_future(self._query(qname, rdtype))
             self._inflight[key] = task
-            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+            task.add_done_callback(lambda t, k=key: self._finished(k, t))
         else:
             metrics.DNS_QUERIES.labels(rdtype, "shared").inc()
         try:
@@ -167,6 +167,11 @@ class Resolver:
             raise DnsError(
                 "timeout", f"{_text(qname)}/{rdtype}: no answer in {timeout:g}s"
             ) from None
+
+    def _finished(self, key: tuple[dns.name.Name, int], task: asyncio.Task[DnsAnswer]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # seen: every caller may have given up on it already
 
     async def _query(self, qname: dns.name.Name, rdtype: str) -> DnsAnswer:
         started = time.perf_counter()

@@ -38,7 +38,6 @@ import dns.name
 import dns.rcode
 import dns.rdata
 import dns.rdataclass
-import dns.rdataset
 import dns.rdatatype
 import dns.rrset
 
@@ -53,14 +52,18 @@ _ROOT_SOA = "a.root.test. hostmaster.root.test. 1 3600 600 86400 300"
 
 
 def _txt_rdata(text: str) -> str:
-    """Unquoted text → quoted TXT rdata, split into 255-byte strings."""
+    """Unquoted text → quoted TXT rdata in 255-byte strings (other bytes as \\DDD)."""
     if text.startswith('"'):
         return text
     raw = text.encode()
     chunks = [raw[i : i + 255] for i in range(0, len(raw), 255)] or [b""]
-    return " ".join(
-        '"' + c.decode().replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks
-    )
+    return " ".join('"' + "".join(map(_txt_char, chunk)) + '"' for chunk in chunks)
+
+
+def _txt_char(byte: int) -> str:
+    if 0x20 <= byte < 0x7F and byte not in b'"\\':
+        return chr(byte)
+    return f"\\{byte:03d}"
 
 
 class Zone:
