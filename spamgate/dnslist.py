@@ -338,7 +338,8 @@ async def txt_reason(resolver: Resolver, name: str, timeout: float) -> str:
     texts = answer.texts
     if not texts:
         return ""
-    text = " ".join("".join(ch if ch.isprintable() else " " for ch in texts[0]).split())
+    # printable ASCII only: the reply goes to clients that may not speak SMTPUTF8
+    text = " ".join("".join(ch if " " <= ch <= "~" else " " for ch in texts[0]).split())
     return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 3] + "..."
 
 

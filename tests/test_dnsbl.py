@@ -262,3 +262,23 @@ async def test_a_refused_client_costs_no_further_lookups(
     assert not [q for q, _ in dns_server.queries if q.endswith("dbl.test")]
     _, replies = await send(gate, "127.0.0.7", sender="a@bad.test")  # not listed
     assert replies[2].code == 550 and dns_server.count("bad.test", "TXT") == 1
+
+
+async def test_txt_reason_cannot_inject_or_flood(
+    gate_factory: GateFactory, dns_server: DnsServer
+) -> None:
+    dns_server.zone(
+        "bl.test",
+        {
+            "2.0.0.127": {"A": "127.0.0.2", "TXT": "spam\r\n250 2.0.0 fake ok\x00 ünïcode"},
+            "3.0.0.127": {"A": "127.0.0.2", "TXT": "x" * 600},
+        },
+    )
+    gate = await gate_factory(SITES)
+    _, replies = await send(gate, "127.0.0.2")
+    assert replies[2].lines == [
+        "5.7.1 Service unavailable; client [127.0.0.2] blocked using bl.test; "
+        "spam 250 2.0.0 fake ok n code"
+    ]
+    _, replies = await send(gate, "127.0.0.3")
+    assert replies[2].text.endswith("; " + "x" * 197 + "...")
