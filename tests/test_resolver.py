@@ -229,3 +229,17 @@ async def test_reverse_lookup_off_asks_nothing(
     assert replies[-1].code == 250
     assert dns_server.total == 0
     assert "NAME=[UNAVAILABLE]" in sink.messages[0].xclient[0]
+
+
+def test_nameservers_are_addresses() -> None:
+    from spamgate.config import loads
+    from spamgate.settings import ConfigError
+
+    cfg = loads('[dns]\nnameservers = ["127.0.0.1:5353", "[::1]:53"]\n')
+    assert cfg.dns.nameservers == ["127.0.0.1:5353", "[::1]:53"]
+    with pytest.raises(ConfigError) as err:
+        loads('[dns]\nnameservers = ["ns.example.test:53"]\n', "g.toml")
+    assert err.value.problems == [
+        'g.toml:2: [dns] nameservers: "ns.example.test:53" is not "address:port" '
+        "(an IP address, not a name)"
+    ]
