@@ -29,7 +29,8 @@ from typing import Any
 
 import spf
 
-from .resolver import DnsAnswer, DnsError, Resolver
+from . import metrics
+from .resolver import DnsAnswer, DnsError, Resolver, ascii_domain
 
 # Enough for any record within RFC 7208's limits (10 DNS mechanisms, 10 names per
 # mx/ptr, fetched together); more means something is wrong: temperror.
@@ -116,8 +117,22 @@ class SpfEngine:
         self.threads = threads
         self.budget = budget
 
-    async def check(self, ip: str, sender: str, helo: str) -> SpfOutcome:
-        """check_host() for `sender` (empty: postmaster@`helo`, RFC 7208 §2.4)."""
+    async def check(self, ip: str, sender: str, helo: str, *, method: str = "spf") -> SpfOutcome:
+        """check_host() for `sender` (empty: postmaster@`helo`, RFC 7208 §2.4),
+        counted under `method` (spf, spf_helo) in spamgate_auth_results_total."""
+        outcome = await self._check(ip, sender, helo)
+        metrics.AUTH_RESULTS.labels(method, outcome.result).inc()
+        return outcome
+
+    async def _check(self, ip: str, sender: str, helo: str) -> SpfOutcome:
+        local, _, domain = (sender or f"postmaster@{helo}").rpartition("@")
+        name = ascii_domain(domain)
+        if name is None:
+            return SpfOutcome("none", "", rounds=0)  # RFC 7208 §4.3: not a domain
+        if sender:
+            sender, helo = f"{local}@{name}", ascii_domain(helo) or helo
+        else:
+            helo = name
         evaluation = _Evaluation(self.resolver)
         loop = asyncio.get_running_loop()
         family = "AAAA" if ":" in ip else "A"

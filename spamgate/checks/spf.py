@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import spf
 
-from .. import metrics
 from ..model import Client, Stage
 from ..reply import Reply
 from ..resolver import ascii_domain
@@ -137,16 +136,9 @@ class SpfCheck(Check):
             assert ctx.transaction is not None
             kind = SpfResult
             sender, actions, scores = ctx.transaction.mail_from, self.settings.actions, SCORES
-        local, _, domain_part = (sender or f"postmaster@{helo}").rpartition("@")
-        domain = ascii_domain(domain_part)
-        if domain is None:
-            outcome = SpfOutcome("none", "", rounds=0)  # RFC 7208 §4.3: not a domain
-        else:
-            query_sender = f"{local}@{domain}" if sender else ""
-            query_helo = domain if not sender else (ascii_domain(helo) or helo)
-            outcome = await self.engine.check(str(client.address), query_sender, query_helo)
-        result = _result(kind, outcome, domain or domain_part, sender, client, helo)
-        metrics.AUTH_RESULTS.labels(kind.method, result.result).inc()
+        outcome = await self.engine.check(str(client.address), sender, helo, method=kind.method)
+        domain = (sender or f"postmaster@{helo}").rpartition("@")[2]
+        result = _result(kind, outcome, ascii_domain(domain) or domain, sender, client, helo)
         return _verdict(result, actions.get(result.result, "continue"), scores)
 
 
