@@ -27,6 +27,8 @@ log = logging.getLogger("spamgate")
 _PRELOAD = (
     "concurrent.futures.thread",  # asyncio.to_thread
     "encodings.idna",  # host names in getaddrinfo
+    "dns._asyncio_backend",  # dnspython picks its async backend on first query
+    "sniffio",
     "dns.rdtypes.IN.A",
     "dns.rdtypes.IN.AAAA",
     "dns.rdtypes.ANY.CNAME",

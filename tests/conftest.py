@@ -1,4 +1,9 @@
-"""Shared fixtures: a recording upstream sink, a private Postfix, spamgate on loopback."""
+"""Shared fixtures: a recording upstream sink, a DNS server, a private Postfix, spamgate.
+
+Every spamgate started here resolves through `dns_server`, a per-test authoritative
+server on loopback: nothing reaches the system resolver, and a test publishes the
+records it needs (`dns_server.zone(...)`) before it connects.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import trustme
 from spamgate.config import loads
 from spamgate.server import Server
 
+from .dnsserver import DnsServer
 from .postfix import POSTFIX, PostfixInstance
 from .sink import Sink
 from .smtpclient import RawClient
@@ -119,6 +125,15 @@ async def sink() -> AsyncIterator[Sink]:
     await s.stop()
 
 
+@pytest.fixture
+async def dns_server() -> AsyncIterator[DnsServer]:
+    """A DNS server with no zones yet: every name is NXDOMAIN until published."""
+    s = DnsServer()
+    await s.start()
+    yield s
+    await s.stop()
+
+
 class Gate:
     """A running spamgate and ways to talk to it."""
 
@@ -140,9 +155,15 @@ GateFactory = Callable[..., Awaitable[Gate]]
 
 
 def config_text(
-    sink: Sink | None, extra: str = "", server: dict | None = None, up: dict | None = None
+    sink: Sink | None,
+    extra: str = "",
+    server: dict | None = None,
+    up: dict | None = None,
+    dns: DnsServer | None = None,
+    resolver: dict | None = None,
 ) -> str:
-    """A test config; `server`/`up` map keys to TOML literals, `extra` adds sections."""
+    """A test config; `server`/`up`/`resolver` ([dns]) map keys to TOML literals,
+    `extra` adds sections."""
     srv = {
         "listen": '["127.0.0.1:0"]',
         "hostname": '"gate.test"',
@@ -154,11 +175,19 @@ def config_text(
     ups.update(up or {})
     text = "[server]\n" + "".join(f"{k} = {v}\n" for k, v in srv.items())
     text += "\n[upstream]\n" + "".join(f"{k} = {v}\n" for k, v in ups.items())
+    # Short DNS timeouts: a test that waits on DNS by mistake fails fast, not in 5 s.
+    res = {"timeout": "0.5", "lifetime": "1.0"}
+    if dns is not None:
+        res["nameservers"] = f'["{dns.address}"]'
+    else:  # no DNS in this config: no checks, no reverse lookups
+        res["reverse_lookup"] = "false"
+    res.update(resolver or {})
+    text += "\n[dns]\n" + "".join(f"{k} = {v}\n" for k, v in res.items())
     return text + "\n" + textwrap.dedent(extra)
 
 
 @pytest.fixture
-async def gate_factory(sink: Sink, tmp_path) -> AsyncIterator[GateFactory]:
+async def gate_factory(sink: Sink, dns_server: DnsServer, tmp_path) -> AsyncIterator[GateFactory]:
     """Start spamgate with extra TOML appended to a default test config."""
     gates: list[Gate] = []
 
@@ -168,9 +197,11 @@ async def gate_factory(sink: Sink, tmp_path) -> AsyncIterator[GateFactory]:
         upstream: Sink | str | None = "sink",
         server: dict | None = None,
         up: dict | None = None,
+        resolver: dict | None = None,
     ) -> Gate:
         target = sink if upstream == "sink" else upstream
-        text = config_text(target if isinstance(target, Sink) else None, extra, server, up)
+        sink_or_none = target if isinstance(target, Sink) else None
+        text = config_text(sink_or_none, extra, server, up, dns_server, resolver)
         path = tmp_path / f"spamgate-{len(gates)}.toml"
         path.write_text(text)
         srv = Server(loads(text, str(path)))

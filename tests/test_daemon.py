@@ -17,6 +17,7 @@ import tempfile
 
 import pytest
 
+from .dnsserver import DnsServer
 from .sink import Sink
 from .smtpclient import RawClient
 
@@ -92,7 +93,9 @@ def ids(pid: int) -> tuple[list[int], list[int]]:
     return [int(x) for x in uid], [int(x) for x in gid]
 
 
-async def test_root_is_dropped_after_binding_a_low_port(sink: Sink, world_dir) -> None:
+async def test_root_is_dropped_after_binding_a_low_port(
+    sink: Sink, dns_server: DnsServer, world_dir
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("starting as root is what this test is about")
     nobody = pwd.getpwnam("nobody")
@@ -100,7 +103,9 @@ async def test_root_is_dropped_after_binding_a_low_port(sink: Sink, world_dir) -
     config = world_dir / "spamgate.toml"
     config.write_text(
         f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "gate.test"\nuser = "nobody"\n'
-        f'relay_domains = ["example.test"]\n\n[upstream]\naddress = "{sink.address}"\n'
+        f'relay_domains = ["example.test"]\n\n[upstream]\naddress = "{sink.address}"\n\n'
+        # the client's reverse lookup runs too, after the drop
+        f'[dns]\nnameservers = ["{dns_server.address}"]\n'
     )
     notes = Notifications(world_dir / "notify")
     proc = await start(config, {"NOTIFY_SOCKET": str(notes.path)}, world_dir / "stderr")
@@ -139,6 +144,7 @@ async def test_unknown_user_stops_startup(world_dir) -> None:
     config = world_dir / "spamgate.toml"
     config.write_text(
         f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\nuser = "no-such-user-here"\n'
+        "[dns]\nreverse_lookup = false\n"
     )
     proc = await start(config, {}, world_dir / "stderr")
     assert await asyncio.wait_for(proc.wait(), 20) == 1
@@ -154,7 +160,7 @@ async def test_logs_for_the_journal(world_dir) -> None:
     port = free_port()
     config = world_dir / "spamgate.toml"
     # as root, stay root here (no user): a warning, which the journal should see as one
-    config.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n')
+    config.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n[dns]\nreverse_lookup = false\n')
     proc = await start(config, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, stderr_path)
     try:
         for _ in range(200):

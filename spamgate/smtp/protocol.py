@@ -205,6 +205,15 @@ class SMTPSession(_AiosmtpdSMTP):
             raise
         except (ConnectionError, OSError):
             reason = "connection lost"
+        except Exception:
+            # A bug, not the client's doing: say so in the log and to the client,
+            # rather than leaving a silent disconnect behind.
+            reason = "internal error"
+            log.exception("sid=%s session failed", self.model.id)
+            if self.transport is not None and not self.transport.is_closing():
+                self._writer.write(
+                    Reply(421, "4.3.0", (f"{self.hostname} Error: internal error",)).render()
+                )
         finally:
             await self._finish(reason, address)
 
