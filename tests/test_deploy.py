@@ -85,6 +85,8 @@ def test_example_config_is_valid(ca, tmp_path) -> None:
     etc = tmp_path / "spamgate"
     (etc / "tls").mkdir(parents=True)
     shutil.copy(DEPLOY / "spamgate.toml", etc / "spamgate.toml")
+    # the install step copies the shipped rules (docs/deploy.md, step 1)
+    shutil.copytree(ROOT / "rules", etc / "rules", ignore=shutil.ignore_patterns("*.toml"))
     files = issue(ca, etc / "tls", "mx.example.com")
     shutil.move(files.cert, etc / "tls" / "fullchain.pem")
     shutil.move(files.key, etc / "tls" / "privkey.pem")
@@ -100,6 +102,7 @@ def test_example_config_is_valid(ca, tmp_path) -> None:
     assert [lst.address for lst in cfg.listeners] == ["0.0.0.0:25", "[::]:25"]
     assert cfg.server.mode == "monitor"  # a rollout starts by watching
     assert cfg.upstream.address == "127.0.0.1:10025"
+    assert cfg.section("spf").enabled
 
 
 def test_postfix_lines_parse_as_shipped(tmp_path) -> None:
