@@ -205,8 +205,16 @@ class UpstreamSettings:
     )
     pool_size: int = setting(
         0,
-        "Idle upstream connections kept for reuse (XCLIENT again); 0 disables.",
+        "Idle upstream connections kept for the next client sessions (XCLIENT again; "
+        "Postfix needs smtpd_authorized_xclient_hosts = static:all, docs/performance.md); "
+        "0 disables.",
         check=non_negative,
+    )
+    pool_idle_timeout: float = setting(
+        5.0,
+        "Seconds an idle pooled connection is kept (below Postfix's smtpd_timeout, "
+        "10 s under stress).",
+        check=positive,
     )
     tls: Literal["off", "opportunistic", "required"] = setting(
         "off",

@@ -165,6 +165,12 @@ UPSTREAM_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+UPSTREAM_CONNECTIONS = Counter(
+    "spamgate_upstream_connections_total",
+    "Upstream sessions by connection: new (connect, greeting, EHLO) or reused (pooled).",
+    ["connection"],
+    registry=REGISTRY,
+)
 UPSTREAM_ERRORS = Counter(
     "spamgate_upstream_errors_total",
     "Upstream failures by kind (connect, timeout, disconnect, protocol, xclient, tls, auth).",
