@@ -263,19 +263,36 @@ async def test_new_helo_in_a_session_reintroduces(gate_factory: GateFactory, sin
     await c.close()
 
 
-async def test_client_saying_helo_is_not_pooled(gate_factory: GateFactory, sink: Sink) -> None:
-    """HELO's reply lists no extensions: whether XCLIENT may follow is unknown."""
-    gate = await gate_factory(up=POOL)
-    c, _ = await gate.client(source="127.0.0.2")
-    await c.cmd("HELO a.example.test")
+async def helo_session(gate: Gate, source: str, helo: str) -> int:
+    c, _ = await gate.client(source=source)
+    await c.cmd(f"HELO {helo}")
     await c.cmd("MAIL FROM:<a@example.org>")
     await c.cmd("RCPT TO:<u@example.test>")
     await c.cmd("DATA")
     await c.send(BODY + b".\r\n")
-    assert (await c.reply()).code == 250
+    code = (await c.reply()).code
     assert (await c.cmd("QUIT")).code == 221
-    await until(lambda: "QUIT" in sink.commands)
-    assert pooled(gate) == 0
+    await c.close()
+    return code
+
+
+@pytest.mark.parametrize("chain", [True, False])
+async def test_helo_clients(gate_factory: GateFactory, sink: Sink, chain: bool) -> None:
+    """HELO's reply lists no extensions, so whether XCLIENT may follow is learnt by
+    trying: a refusal costs that session a new connection and stops reuse."""
+    sink.behaviour.xclient_chain = chain
+    gate = await gate_factory(up=POOL)
+    for n in range(3):
+        assert await helo_session(gate, f"127.0.0.{n + 2}", f"c{n}.example.test") == 250
+        await asyncio.sleep(0.05)
+    assert [xclient_attrs(m.xclient[-1])["ADDR"] for m in sink.messages] == [
+        "127.0.0.2",
+        "127.0.0.3",
+        "127.0.0.4",
+    ]
+    assert [m.helo for m in sink.messages] == [f"c{n}.example.test" for n in range(3)]
+    assert "HELO c1.example.test" in sink.commands
+    assert sink.connections == (1 if chain else 3)
 
 
 # -- with a real Postfix ------------------------------------------------------------

@@ -15,8 +15,8 @@ has had no error reply since its last delivery. Postfix also judges XCLIENT
 against the identity in force, so a second XCLIENT on one connection needs the
 first client to be authorized too (`smtpd_authorized_xclient_hosts = static:all`
 on spamgate's own loopback listener; docs/performance.md). When the upstream
-refuses it, or stops offering XCLIENT after one, reuse is switched off for a
-while and every session gets a new connection, as without a pool.
+refuses it, or stops offering XCLIENT after one, the session gets a new
+connection and reuse is switched off for a while, as without a pool.
 """
 
 from __future__ import annotations
@@ -208,11 +208,12 @@ class SmtpUpstream(Upstream):
         """Keep `session`'s connection for another client; False: it must go."""
         if self.pool.size == 0 or not (session.reusable and self.chaining):
             return False
-        if self.settings.xclient and session.xclient_offered is not True:
-            if session.xclient_offered is False:
-                # Not offered after the client's XCLIENT: a next one would be refused.
-                self.chain_refused()
-            return False  # None: the client said HELO, so the upstream's offer is unknown
+        if self.settings.xclient and session.xclient_offered is False:
+            # Not offered after the client's XCLIENT: a next one would be refused.
+            self.chain_refused()
+            return False
+        # After HELO (offer unknown), trust the upstream: should it refuse the next
+        # XCLIENT after all, that session gets a new connection and reuse stops.
         return self.pool.put(session)
 
 
