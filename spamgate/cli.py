@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 from . import __version__
 from .config import load
@@ -57,9 +58,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return asyncio.run(main())
+        with asyncio.Runner(loop_factory=loop_factory(config.server.uvloop)) as runner:
+            return runner.run(main())
     except KeyboardInterrupt:
         return 0
+
+
+def loop_factory(want_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when asked for and installed; None: asyncio's default."""
+    if not want_uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        logging.getLogger("spamgate").info("uvloop is not installed; using asyncio's loop")
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -85,6 +85,11 @@ class ServerSettings:
         "enforce", 'Set "monitor" to log and count what checks would refuse, refusing nothing.'
     )
     workers: int = setting(1, "Worker processes sharing the listeners.", check=positive)
+    uvloop: bool = setting(
+        True,
+        "Run on uvloop when it is installed (about a fifth less CPU per message); "
+        "false: asyncio's own event loop.",
+    )
     shutdown_grace: float = setting(
         30.0, "Seconds sessions may take to finish after SIGTERM.", check=non_negative
     )

@@ -31,6 +31,10 @@ from .smtp.protocol import SMTPSession
 log = logging.getLogger("spamgate")
 
 
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 class StartupError(Exception):
     """A user-facing problem that stops startup (port in use, bad permissions)."""
 
@@ -100,10 +104,11 @@ class Server:
         if self.config.path and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(self.config.path))
         log.info(
-            "spamgate listening on %s, upstream %s, mode %s",
+            "spamgate listening on %s, upstream %s, mode %s, loop %s",
             ", ".join(f"{h}:{p}" for h, p in self.addresses),
             self.config.upstream.address,
             self.config.server.mode,
+            loop_name(loop),
         )
 
     async def reload(self, path: str | None, *, reason: str = "SIGHUP") -> bool:
