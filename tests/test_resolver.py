@@ -73,6 +73,25 @@ async def test_cache_honours_ttls_including_negative_answers(dns_server: DnsServ
     assert sample("spamgate_dns_queries_total", type="A", result="cached") - cached_before == 4
 
 
+async def test_cached_answers_expire_with_their_ttl(dns_server: DnsServer) -> None:
+    """The text-keyed front of the cache keeps an answer exactly as long as dnspython's."""
+    dns_server.zone("short.test", {"@": {"A": "127.0.0.1"}}, ttl=1, negative_ttl=1)
+    r = make_resolver(dns_server)
+    first = await r.lookup("short.test", "A")
+    assert time.time() < first.expires <= time.time() + 1
+    assert (await r.lookup("gone.short.test", "A")).expires <= time.time() + 1
+    for _ in range(3):
+        assert r.cached("short.test", "A") == first
+        assert (await r.lookup("gone.short.test", "A")).status == "nxdomain"
+    assert dns_server.count("short.test", "A") == 1
+    assert dns_server.count("gone.short.test") == 1
+    await asyncio.sleep(1.1)
+    assert r.cached("short.test", "A") is None
+    assert r.cached("gone.short.test", "A") is None
+    assert (await r.lookup("short.test", "A")).addresses == ["127.0.0.1"]
+    assert dns_server.count("short.test", "A") == 2
+
+
 async def test_a_thousand_identical_lookups_are_one_query(dns_server: DnsServer) -> None:
     dns_server.zone("bl.test", {"2.0.0.127": {"A": "127.0.0.2"}})
     dns_server.delay = 0.2
