@@ -122,6 +122,8 @@ class Resolver:
         # (name as given, type) -> the answer, while it lasts; see the module doc.
         self._front: dict[tuple[str, str], DnsAnswer] = {}
         self._front_size = settings.cache_size
+        # client address -> (verified name or marker, until when)
+        self._names: dict[IPAddress, tuple[str, float]] = {}
         self._cached_metric: dict[str, object] = {}
 
     # -- lookups ------------------------------------------------------------------------
@@ -240,35 +242,57 @@ class Resolver:
         `[UNAVAILABLE]` when there is no PTR or no PTR name resolves back to the
         address; `[TEMPUNAVAIL]` when DNS failed and a confirmation might exist (as
         Postfix's smtpd does). The whole lookup takes at most one `lifetime`.
+        A found name (or its absence) is kept until the first answer it came from
+        expires, so a client that comes back costs one dict access.
         """
+        known = self._names.get(address)
+        if known is not None:
+            if known[1] > time.time():
+                return known[0]
+            del self._names[address]
         try:
             async with asyncio.timeout(self.lifetime):
-                return await self._verified_name(address)
+                name, expires = await self._verified_name(address)
         except TimeoutError:
             return TEMPUNAVAIL
+        if name != TEMPUNAVAIL and expires > time.time():
+            if len(self._names) >= self._front_size:
+                del self._names[next(iter(self._names))]
+            self._names[address] = (name, expires)
+        return name
 
-    async def _verified_name(self, address: IPAddress) -> str:
+    async def _verified_name(self, address: IPAddress) -> tuple[str, float]:
+        """The name or marker, and until when it holds (the answers' first expiry)."""
         try:
             ptr = await self.lookup(address.reverse_pointer, "PTR")
         except DnsError:
-            return TEMPUNAVAIL
+            return TEMPUNAVAIL, 0.0
+        expires = ptr.expires
         names = [n.lower() for n in dict.fromkeys(ptr.targets) if _plausible_host(n)]
         if not names:
-            return UNAVAILABLE
+            return UNAVAILABLE, expires
         names = names[:_MAX_PTR_NAMES]
         rdtype = "A" if address.version == 4 else "AAAA"
-        forward = await asyncio.gather(
-            *(self.lookup(n, rdtype) for n in names), return_exceptions=True
-        )
+        forward: list[DnsAnswer | BaseException | None] = [self.cached(n, rdtype) for n in names]
+        missing = [i for i, answer in enumerate(forward) if answer is None]
+        if missing:
+            asked = await asyncio.gather(
+                *(self.lookup(names[i], rdtype) for i in missing), return_exceptions=True
+            )
+            for i, answer in zip(missing, asked, strict=True):
+                forward[i] = answer
         failed = False
         for name, result in zip(names, forward, strict=True):
             if isinstance(result, DnsError):
                 failed = True
             elif isinstance(result, BaseException):
                 raise result
-            elif any(ipaddress.ip_address(a) == address for a in result.addresses):
-                return name
-        return TEMPUNAVAIL if failed else UNAVAILABLE
+            else:
+                assert result is not None
+                expires = min(expires, result.expires)
+                if any(ipaddress.ip_address(a) == address for a in result.addresses):
+                    return name, expires
+        return (TEMPUNAVAIL, 0.0) if failed else (UNAVAILABLE, expires)
 
     async def aclose(self) -> None:
         for task in list(self._inflight.values()):

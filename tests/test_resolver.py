@@ -208,11 +208,29 @@ async def test_verified_name(dns_server: DnsServer, address: str, name: str) -> 
     assert await r.verified_name(ipaddress.ip_address(address)) == name
 
 
+async def test_verified_name_kept_while_its_answers_last(dns_server: DnsServer) -> None:
+    dns_server.zone("0.0.127.in-addr.arpa", {"1": {"PTR": "mx.short.test."}}, ttl=300)
+    dns_server.zone("short.test", {"mx": {"A": "127.0.0.1"}}, ttl=1)
+    r = make_resolver(dns_server)
+    address = ipaddress.ip_address("127.0.0.1")
+    assert await r.verified_name(address) == "mx.short.test"
+    asked = dns_server.total
+    assert await r.verified_name(address) == "mx.short.test"
+    assert dns_server.total == asked
+    # the forward answer (TTL 1 s) goes, and with it the name: the address moved
+    dns_server.zone("short.test", {"mx": {"A": "127.0.0.9"}}, ttl=1)
+    await asyncio.sleep(1.1)
+    assert await r.verified_name(address) == UNAVAILABLE
+    assert dns_server.count("mx.short.test", "A") == 2
+
+
 async def test_verified_name_when_dns_fails(dns_server: DnsServer) -> None:
     reverse_zone(dns_server)
     r = make_resolver(dns_server, timeout=0.2, lifetime=0.4)
     dns_server.fail("mx.good.test")
     assert await r.verified_name(ipaddress.ip_address("127.0.0.1")) == TEMPUNAVAIL
+    dns_server.failing.clear()  # recovered: a temporary failure is not kept
+    assert await r.verified_name(ipaddress.ip_address("127.0.0.1")) == "mx.good.test"
     dns_server.down = True
     started = time.monotonic()
     assert await r.verified_name(ipaddress.ip_address("127.0.0.8")) == TEMPUNAVAIL
