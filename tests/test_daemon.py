@@ -204,3 +204,29 @@ async def test_event_loop_choice(sink: Sink, world_dir, uvloop: bool) -> None:
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     expected = "uvloop" if uvloop else "asyncio"
     assert f"mode enforce, loop {expected}" in stderr_path.read_text()
+
+
+def test_open_files_limit_raised_and_checked() -> None:
+    """Two descriptors a session: the soft limit goes up to the hard one, and a hard
+    limit too low for max_sessions is said at startup."""
+    import resource
+    import subprocess
+
+    code = (
+        "import logging, resource\n"
+        "from spamgate.daemon import raise_fd_limit\n"
+        "logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        "raise_fd_limit(5000)\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096)),
+        check=True,
+    )
+    assert out.stdout.strip() == "(4096, 4096)"
+    assert "open-files limit 4096 is below the 10256" in out.stderr
