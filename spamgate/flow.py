@@ -167,8 +167,10 @@ class SessionFlow:
         metrics.PROTOCOL_ERRORS.labels("pregreet").inc()
         self.log.info("pregreet: client talked before the greeting (action=%s)", action)
         if action == "drop":
+            metrics.VERDICTS.labels("connect", "protocol", "disconnect").inc()
             return Reply(521, "5.5.1", ("Protocol error",))
         if action == "enforce" and self.session.pending is None:
+            metrics.VERDICTS.labels("connect", "protocol", "reject").inc()
             self.session.pending = Verdict(
                 Action.REJECT,
                 Reply(550, "5.5.1", ("Protocol error: talked before greeting",)),
@@ -285,6 +287,7 @@ class SessionFlow:
             return pending.reply
         if not self.session.relay_permitted and not self.policy.relay.is_local(rcpt.address):
             reply = self.policy.relay.denied(rcpt.address)
+            metrics.VERDICTS.labels("rcpt", "relay", "reject").inc()
             self._txn_state.refused.append(reply)
             return reply
         outcome = await self._run(Stage.RCPT, recipient=rcpt)
@@ -339,6 +342,8 @@ class SessionFlow:
     async def refuse_content(self, reply: Reply, kind: str) -> Reply:
         """The protocol layer refused the content itself (size, line ends, lines)."""
         metrics.PROTOCOL_ERRORS.labels(kind).inc()
+        decider = "limits" if kind == "message_too_big" else "protocol"
+        metrics.VERDICTS.labels("eod", decider, "reject" if reply.code >= 500 else "defer").inc()
         await self._abort_upstream_txn()
         self._txn_state.refused.append(reply)
         self._end_txn(reply)

@@ -358,6 +358,7 @@ class SMTPSession(_AiosmtpdSMTP):
         size = parsed.keywords.get("SIZE")
         if size is not None and int(size) > self.cfg.limits.message_size:
             metrics.PROTOCOL_ERRORS.labels("message_too_big").inc()
+            metrics.VERDICTS.labels("mail", "limits", "reject").inc()
             await self._send(Reply(552, "5.3.4", ("Message size exceeds fixed limit",)))
             return
         await self._send(await self.flow.mail(parsed))
@@ -381,6 +382,7 @@ class SMTPSession(_AiosmtpdSMTP):
             return
         if len(txn.accepted_recipients) >= self.cfg.limits.recipients:
             metrics.PROTOCOL_ERRORS.labels("too_many_recipients").inc()
+            metrics.VERDICTS.labels("rcpt", "limits", "defer").inc()
             await self._send(Reply(452, "4.5.3", ("Error: too many recipients",)))
             return
         await self._send(await self.flow.rcpt(parsed))

@@ -79,15 +79,19 @@ class SmtpUpstream(Upstream):
             await smtp.connect(timeout=s.connect_timeout)
         except aiosmtplib.SMTPConnectResponseError as exc:
             metrics.UPSTREAM_ERRORS.labels("refused").inc()
+            metrics.UPSTREAM_UP.set(0)
             raise UpstreamError("refused", f"upstream greeting {exc.code} {exc.message}") from None
         except aiosmtplib.SMTPException as exc:
             kind = "timeout" if isinstance(exc, aiosmtplib.SMTPTimeoutError) else "connect"
             metrics.UPSTREAM_ERRORS.labels(kind).inc()
+            metrics.UPSTREAM_UP.set(0)
             raise UpstreamError(kind, str(exc)) from None
         except OSError as exc:
             metrics.UPSTREAM_ERRORS.labels("connect").inc()
+            metrics.UPSTREAM_UP.set(0)
             raise UpstreamError("connect", str(exc)) from None
         metrics.UPSTREAM_LATENCY.labels("connect").observe(time.perf_counter() - started)
+        metrics.UPSTREAM_UP.set(1)
         session = SmtpSession(smtp, s)
         try:
             await session.introduce(client, self.helo_name, xclient=s.xclient)
