@@ -178,6 +178,11 @@ class MetricsSettings:
         'Prometheus endpoint "host:port" (/metrics, /healthz, /readyz); empty: off.',
         check=hostport_or_empty,
     )
+    probe_interval: float = setting(
+        10.0,
+        "Seconds a /readyz check of the upstream is reused, so probes cannot flood the MTA.",
+        check=positive,
+    )
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 from . import metrics
 from .config import Config, load
+from .exporter import Exporter
+from .health import Health
 from .runtime import Policy, Runtime
 from .services import Services
 from .settings import ConfigError, parse_hostport
@@ -39,6 +41,9 @@ class Server:
         self.addresses: list[tuple[str, int]] = []
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self.exporter: Exporter | None = None
+        self.health: Health | None = None
+        self.last_reload_ok = True
 
     def _factory(self) -> SMTPSession:
         return SMTPSession(self.runtime)
@@ -66,12 +71,35 @@ class Server:
                 name = sock.getsockname()
                 self.addresses.append((name[0], name[1]))
         metrics.RELOAD_OK.set(1)
+        if self.config.metrics.listen:
+            self._start_exporter(self.config.metrics.listen)
         log.info(
             "spamgate listening on %s, upstream %s, mode %s",
             ", ".join(f"{h}:{p}" for h, p in self.addresses),
             self.config.upstream.address,
             self.config.server.mode,
         )
+
+    def _start_exporter(self, listen: str) -> None:
+        host, port = parse_hostport(listen)
+        self.health = Health(self, asyncio.get_running_loop())
+        exporter = Exporter(
+            host,
+            port,
+            metrics.scrape_registry(),
+            health=self.health.live,
+            ready=self.health.ready,
+        )
+        try:
+            exporter.start()
+        except OSError as exc:
+            for server in self.servers:
+                server.close()
+            self.servers.clear()
+            raise StartupError(f"cannot listen on {listen} for metrics: {exc.strerror}") from None
+        self.exporter = exporter
+        h, p = exporter.address
+        log.info("metrics on http://%s/metrics", f"[{h}]:{p}" if ":" in h else f"{h}:{p}")
 
     async def reload(self, path: str | None) -> bool:
         """Load and validate config and tables; swap only if all is well."""
@@ -82,13 +110,17 @@ class Server:
             except ConfigError as exc:
                 metrics.RELOADS.labels("failure").inc()
                 metrics.RELOAD_OK.set(0)
+                self.last_reload_ok = False
                 for problem in exc.problems:
                     log.error("reload refused: %s", problem)
                 log.error("reload refused; still running the previous configuration")
                 return False
+            if config.metrics != self.config.metrics:
+                log.warning("[metrics] changes take effect at the next restart")
             self.runtime.swap(policy)
             metrics.RELOADS.labels("success").inc()
             metrics.RELOAD_OK.set(1)
+            self.last_reload_ok = True
             log.info("reloaded configuration %s (hash %s)", path or "(defaults)", policy.digest)
             return True
 
@@ -121,6 +153,9 @@ class Server:
                 break
             await asyncio.sleep(0.02)
         await self.services.aclose()
+        if self.exporter is not None:
+            await asyncio.to_thread(self.exporter.stop)
+            self.exporter = None
         self._stopped.set()
 
     async def serve_forever(
