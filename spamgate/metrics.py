@@ -356,6 +356,7 @@ def _precreate() -> None:
         ("rcpt", "limits", "defer"),
         ("eod", "limits", "reject"),
         ("eod", "protocol", "reject"),
+        ("connect", "protocol", "reject"),
     ):
         VERDICTS.labels(stage, check, action)
     for stage in ("rcpt", "eod"):
@@ -367,9 +368,17 @@ def _precreate() -> None:
     UPSTREAM_UP.set(float("nan"))
 
 
-def declare_checks(checks: Iterable[tuple[str, Iterable[str]]]) -> None:
-    """Create the per-check series of a configuration: (check label, its stages)."""
-    for label, stages in checks:
+def declare_checks(
+    checks: Iterable[tuple[str, Iterable[str], Iterable[tuple[Counter, Sequence[str]]]]],
+) -> None:
+    """Create a configuration's per-check series at zero.
+
+    One (check label, its stages, the series it names) per check; the last come
+    from `Check.metric_series()` (rule ids, DNS list zones).
+    """
+    for label, stages, series in checks:
+        for counter, labels in series:
+            counter.labels(*labels)
         CHECK_DURATION.labels(label)
         for kind in CHECK_ERROR_KINDS:
             CHECK_ERRORS.labels(label, kind)

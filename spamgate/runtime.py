@@ -77,7 +77,9 @@ class Runtime:
 
     def _note_policy(self, policy: Policy) -> None:
         checks = policy.pipeline.checks
-        metrics.declare_checks((c.label, [s.value for s in c.stages]) for c in checks)
+        metrics.declare_checks(
+            (c.label, [s.value for s in c.stages], c.metric_series()) for c in checks
+        )
         metrics.note_config(policy.digest, self.loaded_at)
 
     def swap(self, policy: Policy) -> None:

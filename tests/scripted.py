@@ -79,6 +79,12 @@ class DnsblSimCheck(Check):
     def from_config(cls, config, services) -> list[Check]:
         return [cls()]
 
+    def metric_series(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
+        for zone in ZONES:
+            yield metrics.RULE_HITS, ("dnsbl_sim", zone)
+            for result in metrics.DNSBL_RESULTS_SET:
+                yield metrics.DNSBL_RESULTS, (zone, result)
+
     async def check(self, ctx: CheckContext) -> Verdict:
         listed = LISTED.get(str(ctx.session.client.address), ())
         result = DnsblSim(listed)
@@ -92,6 +98,18 @@ class DnsblSimCheck(Check):
         )
 
 
+RULES = (
+    "helo-reject",
+    "mail-reject",
+    "rcpt-reject",
+    "rcpt-defer",
+    "rcpt-discard",
+    "rcpt-warn",
+    "data-reject",
+    "eod-reject",
+)
+
+
 class ScriptedCheck(Check):
     name = "scripted"
     stages = frozenset(Stage)
@@ -99,6 +117,10 @@ class ScriptedCheck(Check):
     @classmethod
     def from_config(cls, config, services) -> list[Check]:
         return [cls()]
+
+    def metric_series(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
+        for rule in RULES:
+            yield metrics.RULE_HITS, ("scripted", rule)
 
     async def check(self, ctx: CheckContext) -> Verdict:
         if ctx.stage is Stage.HELO:

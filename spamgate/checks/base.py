@@ -9,6 +9,7 @@ and metrics, so a check contains only its own logic.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -16,6 +17,7 @@ from ..model import Recipient, Session, Stage, Transaction
 from ..verdict import Verdict
 
 if TYPE_CHECKING:
+    from .. import metrics
     from ..config import Config
     from ..message import Message
     from ..services import Services
@@ -55,6 +57,16 @@ class Check(abc.ABC):
     @abc.abstractmethod
     async def check(self, ctx: CheckContext) -> Verdict:
         """Decide for `ctx.stage`; must not modify `ctx`."""
+
+    def metric_series(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
+        """Counter series this check's verdicts and results can add to, by labels.
+
+        Known rule ids (`metrics.RULE_HITS`, ("table", "rule")) and DNS list zones
+        (`metrics.DNSBL_RESULTS`) are created at zero when the configuration loads,
+        so that Prometheus sees a rule's first hit as an increase, not as a new
+        series that starts at 1. The check only names them; it never counts.
+        """
+        return ()
 
     @property
     def label(self) -> str:
