@@ -102,11 +102,15 @@ PROTOCOL_ERROR_KINDS = (
 )
 CHECK_ERROR_KINDS = ("timeout", "exception")
 DNS_TYPES = ("A", "AAAA", "TXT", "PTR", "MX")
-DNS_RESULTS = ("answer", "nxdomain", "nodata", "timeout", "servfail", "error")
+# cached: answered from the cache; shared: joined an identical query in flight.
+# Only the others went to the network; timeout and error are failures.
+DNS_RESULTS = ("answer", "nxdomain", "nodata", "timeout", "error", "cached", "shared")
 DNSBL_RESULTS_SET = ("listed", "not_listed", "error")
 # RFC 8601 result words per method.
+_SPF = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 AUTH_RESULT_SETS = {
-    "spf": ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"),
+    "spf": _SPF,
+    "spf_helo": _SPF,
     "dkim": ("pass", "fail", "policy", "neutral", "none", "temperror", "permerror"),
     "dmarc": ("pass", "fail", "none", "temperror", "permerror"),
 }
@@ -197,13 +201,14 @@ SCORE = Histogram(
 # -- DNS and authentication ---------------------------------------------------------
 DNS_QUERIES = Counter(
     "spamgate_dns_queries_total",
-    "DNS lookups sent to the network, by record type and result.",
+    # cached: answered from the cache; shared: joined an identical query in flight
+    "DNS lookups by type and result (answer, nxdomain, nodata, timeout, error, cached, shared).",
     ["type", "result"],
     registry=REGISTRY,
 )
 DNS_LATENCY = Histogram(
     "spamgate_dns_query_duration_seconds",
-    "Latency of DNS lookups sent to the network, by record type.",
+    "Latency of DNS lookups that went to the network.",
     ["type"],
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
