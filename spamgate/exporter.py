@@ -14,7 +14,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
+from socketserver import TCPServer, ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -34,6 +34,13 @@ class _Server(ThreadingMixIn, WSGIServer):
     # socketserver's default backlog is 5: a burst of scrapes or probes beyond
     # that would wait a second for SYN retransmission.
     request_queue_size = 128
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks socket.getfqdn() for the listen address: a
+        # reverse DNS lookup, on the event loop's thread at startup. Not needed.
+        TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+        self.setup_environ()
 
 
 class _Server6(_Server):
