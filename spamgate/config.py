@@ -72,6 +72,12 @@ class ServerSettings:
     quarantine: str = setting(
         "spamgate-quarantine", "Maildir where HOLD (quarantined) messages are written."
     )
+    reload_interval: float = setting(
+        2.0,
+        "Seconds between looks at the config and rule files; a change reloads them "
+        "(0: only on SIGHUP).",
+        check=non_negative,
+    )
 
 
 @dataclass(frozen=True)

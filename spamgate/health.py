@@ -91,7 +91,7 @@ class Health:
         loaded = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(rt.loaded_at))
         checks = len(policy.pipeline.checks)
         line = f"config: hash {policy.digest}, {checks} checks, loaded {loaded}"
-        if not srv.last_reload_ok:
+        if rt.reload_problems:
             line += "; the last reload was refused (see the log), the previous config runs"
         lines.append(line)
         up, age = await self.upstream.check()

@@ -367,6 +367,7 @@ def _precreate() -> None:
     for stage in ("rcpt", "eod"):
         for action in ("reject", "defer"):
             WOULD_VERDICTS.labels(stage, "score", action)
+    WOULD_VERDICTS.labels("eod", "score", "tag")  # X-Spam headers monitor mode left out
     BUILD_INFO.labels(**_versions()).set(1)
     # Unknown until the first session or /readyz probe reaches (or misses) the MTA:
     # NaN, not 0, so "upstream down" alerts do not fire on an idle, fresh process.

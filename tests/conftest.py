@@ -1,16 +1,17 @@
-"""Shared fixtures: a recording upstream sink and spamgate running on loopback."""
+"""Shared fixtures: a recording upstream sink, a private Postfix, spamgate on loopback."""
 
 from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
 from spamgate.config import loads
 from spamgate.server import Server
 
+from .postfix import POSTFIX, PostfixInstance
 from .sink import Sink
 from .smtpclient import RawClient
 
@@ -24,6 +25,48 @@ def need_binary(path: str, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} ({path}) is missing in CI: .ci/run must install it")
     pytest.skip(f"{what} not installed ({path})")
+
+
+def need_postfix() -> None:
+    """A private Postfix needs the binary and root (it drops to its own users)."""
+    need_binary(POSTFIX, "Postfix")
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("the Postfix integration tests must run as root in CI")
+        pytest.skip("a private Postfix instance needs root")
+
+
+@pytest.fixture(scope="session")
+def postfix() -> Iterator[PostfixInstance]:
+    """One private Postfix for the whole run (tests/postfix.py describes it).
+
+    Shared because starting one takes about a second; tests tell their mail apart
+    by a unique marker in the message and a client address of their own.
+    """
+    need_postfix()
+    with PostfixInstance() as instance:
+        yield instance
+
+
+PostfixFactory = Callable[..., PostfixInstance]
+
+
+@pytest.fixture(scope="module")
+def postfix_factory() -> Iterator[PostfixFactory]:
+    """Start Postfix instances with other settings (PostfixInstance's arguments:
+    `main_extra` lines, `smtpd_options`, a whole `listener`); stopped after the module.
+    """
+    need_postfix()
+    started: list[PostfixInstance] = []
+
+    def start(**kwargs: object) -> PostfixInstance:
+        instance = PostfixInstance(**kwargs)  # type: ignore[arg-type]
+        started.append(instance)
+        return instance.start()
+
+    yield start
+    for instance in started:
+        instance.cleanup()
 
 
 @pytest.fixture

@@ -425,6 +425,7 @@ class Traffic:
         codes = await self.mail("a@example.org", ["u@example.test"], body("score 20"))
         assert codes == [250, 250, 354, 250]
         t.add("would", "eod", "score", "reject")
+        t.add("would", "eod", "score", "tag")  # monitor mode adds no X-Spam headers either
         t.add("outcome", "accepted")
         t.add("eod")
 
@@ -514,7 +515,9 @@ async def test_traffic_as_prometheus_sees_it(sink_refusing_nobody: Sink, tmp_pat
     png = os.environ.get("SPAMGATE_DASHBOARD_PNG")
     extra = '[limits]\nmessage_size = 20000\n\n[metrics]\nlisten = "127.0.0.1:0"\n'
     config = tmp_path / "spamgate.toml"
-    config.write_text(config_text(sink, extra))
+    # Reloads only on SIGHUP (not when the file changes), so the test counts them.
+    server = {"reload_interval": "0"}
+    config.write_text(config_text(sink, extra, server=server))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -543,14 +546,17 @@ async def test_traffic_as_prometheus_sees_it(sink_refusing_nobody: Sink, tmp_pat
             if i + 1 < rounds:
                 await asyncio.sleep(5)
         await gate.reload(
-            config_text(sink, extra, server={"mode": '"monitor"'}), "reloaded configuration"
+            config_text(sink, extra, server={**server, "mode": '"monitor"'}),
+            "reloaded configuration",
         )
         tally.add("reload", "success")
         for i in range(max(1, rounds // 3)):
             await traffic.monitor_mix()
             if i + 1 < max(1, rounds // 3):
                 await asyncio.sleep(5)
-        await gate.reload(config.read_text() + "\n[limits]\nrecipients = 0\n", "reload refused;")
+        await gate.reload(
+            config.read_text() + "\n[limits]\nrecipients = 0\n", "refused; still running"
+        )
         tally.add("reload", "failure")
 
         # Wait until a scrape holds the final counts; evaluate everything at that instant.
