@@ -65,6 +65,10 @@ LATENCY_BUCKETS = (
     10,
     30,
 )
+# Rule ids of tables up to this long are created at zero when the table loads, so
+# a rule's first hit shows as an increase; longer tables (big blocklists) only get
+# series for the rules that match, to keep the series count bounded.
+PRECREATED_RULES_PER_TABLE = 1000
 SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 10485760, 33554432)
 SCORE_BUCKETS = (-5, 0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 50)
 

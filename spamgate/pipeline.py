@@ -1,8 +1,8 @@
 """Runs the checks of one stage and turns their verdicts into one outcome.
 
 The runner is the only place that applies a check's timeout and error policy,
-monitor mode, metrics (verdicts, rule hits, the series a `metrics.Counted` result
-names) and structured results, so every check behaves the same way
+monitor mode, metrics (verdicts, `Verdict.hits` rule hits, the series a
+`metrics.Counted` result names) and structured results, so every check behaves the same way
 under failure: an exception or a timeout is logged and counted, and the check's
 `on_error` decides between "no opinion" and a temporary failure. The first final
 verdict of a stage wins; symbols and headers from every check that ran accumulate.
@@ -110,10 +110,6 @@ class Pipeline:
             return self._failed(check, "exception", f"{type(exc).__name__}: {exc}", lg)
         finally:
             metrics.CHECK_DURATION.labels(check.label).observe(time.perf_counter() - started)
-        if verdict.rule:
-            # "table:rule"; a rule without a table is counted under the check's name.
-            table, sep, rule = verdict.rule.partition(":")
-            metrics.RULE_HITS.labels(*(table, rule) if sep else (check.label, table)).inc()
         return verdict
 
     @staticmethod

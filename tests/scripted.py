@@ -1,30 +1,28 @@
-"""Checks driven by markers the test puts in the session, for the metrics tests.
+"""Stand-ins for checks that have not landed yet, for the metrics tests.
 
-The metrics tests need verdicts at every stage (reject, defer, discard, warn), rule
-hits, and SPF, DKIM, DMARC and DNSBL results, whatever rule tables and DNS checks
-exist. These two checks produce them from the envelope alone, through the same
-pipeline runner as real checks (so timeouts, monitor mode and counting are the
-real ones):
+Rejections at connect, HELO, MAIL, RCPT and end of data come from real rule tables
+(the rules engine). What no real check produces yet comes from these two, through
+the same pipeline runner as real checks (so timeouts, monitor mode and counting
+are the real ones):
 
 * `dnsbl_sim` (connect): client 127.0.0.2 is listed in both ZONES, 127.0.0.3 in
-  the second only; a listing rejects with rule `dnsbl_sim:<zone>`. Every connection
+  the second only; a listing rejects (told at RCPT). Every connection it sees
   yields a listed/not_listed result per zone.
 * `scripted`:
-  - HELO `reject.<anything>` rejects;
-  - MAIL from `reject-mail@...` rejects; from `reject-data@...` rejects at DATA;
-    the sender domain `spf-<result>.test` gives that SPF result (else `none`);
-  - RCPT to `reject*@`, `defer*@`, `discard*@`, `warn*@` rejects, defers,
-    discards, or rejects as a WARN (logged and counted, not enforced); `boom*@`
-    makes the check raise (its on_error applies);
-  - at the end of data, a `Subject:` containing `reject-eod` rejects, `score N`
-    adds a symbol worth N, and `X-Sim-DKIM:` / `X-Sim-DMARC:` give those results.
+  - MAIL: the sender domain `spf-<result>.test` gives that SPF result (else
+    `none`);
+  - RCPT to `boom*@` makes the check raise (its on_error applies);
+  - DATA: a sender `reject-data@...` is refused at the DATA command, a stage no
+    rule table covers;
+  - end of data: `X-Sim-DKIM:` / `X-Sim-DMARC:` headers give those results.
 
-`python -m tests.scripted run -c FILE` runs spamgate with both registered.
+`python -m tests.scripted run -c FILE` runs spamgate with both registered (after
+the rule tables, where DNS checks run).
 """
 
 from __future__ import annotations
 
-import re
+import pathlib
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,7 +31,50 @@ from spamgate import metrics
 from spamgate.checks import CHECK_TYPES, Check, CheckContext
 from spamgate.model import Stage
 from spamgate.reply import Reply
-from spamgate.verdict import DUNNO, Action, Symbol, Verdict, defer, reject
+from spamgate.verdict import DUNNO, Action, Verdict, reject
+
+# Real rule tables for the same tests: file name -> lines (`[rules]` type:name).
+RULE_TABLES = {
+    "cidr:client.cidr": ["# refused networks", "127.0.0.9/32  REJECT Your network sends us spam"],
+    "regexp:helo.regexp": [r"/^reject\./  REJECT Bad HELO"],
+    "hash:sender": ["reject-mail@spf-fail.test  REJECT"],
+    "hash:recipient": [
+        "reject@example.test   550 5.1.1 No such user",
+        "defer@example.test    DEFER Try later",
+        "discard@example.test  DISCARD",
+        "warn@example.test     WARN REJECT trying this out",
+    ],
+    "regexp:header.regexp": [
+        "/^Subject: reject-eod/   REJECT",
+        "/^Subject: big score/    SCORE 20 BIG_SCORE",
+        "/^Subject: small score/  SCORE 2 SMALL_SCORE",
+    ],
+}
+_STAGE_OF = {
+    "client.cidr": "client",
+    "helo.regexp": "helo",
+    "sender": "sender",
+    "recipient": "recipient",
+    "header.regexp": "header",
+}
+
+
+def write_rules(directory: pathlib.Path) -> str:
+    """Write RULE_TABLES into `directory`; the `[rules]` section that uses them."""
+    lines = ["[rules]"]
+    for spec, content in RULE_TABLES.items():
+        name = spec.split(":", 1)[1]
+        (directory / name).write_text("\n".join(content) + "\n")
+        lines.append(f'{_STAGE_OF[name]} = ["{spec}"]')
+    return "\n".join(lines) + "\n"
+
+
+def rule(table: str, text: str) -> tuple[str, str]:
+    """(table, line) of the rule of RULE_TABLES whose line contains `text`."""
+    (content,) = [c for spec, c in RULE_TABLES.items() if spec.endswith(":" + table)]
+    (line,) = [i for i, row in enumerate(content, 1) if text in row]
+    return table, str(line)
+
 
 ZONES = ("zen.bl.test", "bad.bl.test")
 LISTED = {"127.0.0.2": ZONES, "127.0.0.3": ZONES[1:]}
@@ -81,7 +122,6 @@ class DnsblSimCheck(Check):
 
     def metric_series(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
         for zone in ZONES:
-            yield metrics.RULE_HITS, ("dnsbl_sim", zone)
             for result in metrics.DNSBL_RESULTS_SET:
                 yield metrics.DNSBL_RESULTS, (zone, result)
 
@@ -98,18 +138,6 @@ class DnsblSimCheck(Check):
         )
 
 
-RULES = (
-    "helo-reject",
-    "mail-reject",
-    "rcpt-reject",
-    "rcpt-defer",
-    "rcpt-discard",
-    "rcpt-warn",
-    "data-reject",
-    "eod-reject",
-)
-
-
 class ScriptedCheck(Check):
     name = "scripted"
     stages = frozenset(Stage)
@@ -118,40 +146,15 @@ class ScriptedCheck(Check):
     def from_config(cls, config, services) -> list[Check]:
         return [cls()]
 
-    def metric_series(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
-        for rule in RULES:
-            yield metrics.RULE_HITS, ("scripted", rule)
-
     async def check(self, ctx: CheckContext) -> Verdict:
-        if ctx.stage is Stage.HELO:
-            if (ctx.session.client.helo or "").startswith("reject."):
-                return reject("Bad HELO", 550, rule="scripted:helo-reject")
-            return DUNNO
         txn = ctx.transaction
         if ctx.stage is Stage.MAIL and txn is not None:
             domain = txn.sender_domain
             spf = domain.split(".")[0][4:] if domain.startswith("spf-") else "none"
-            if txn.mail_from.startswith("reject-mail@"):
-                return Verdict(
-                    Action.REJECT,
-                    Reply(550, "5.7.1", ("Sender refused",)),
-                    rule="scripted:mail-reject",
-                    result=AuthSim("spf", spf),
-                )
             return Verdict(result=AuthSim("spf", spf))
         if ctx.stage is Stage.RCPT and ctx.recipient is not None:
-            local = ctx.recipient.address.partition("@")[0]
-            if local.startswith("reject"):
-                return reject("5.1.1 No such user", 550, rule="scripted:rcpt-reject")
-            if local.startswith("defer"):
-                return defer("Try later", 450, rule="scripted:rcpt-defer")
-            if local.startswith("discard"):
-                return Verdict(Action.DISCARD, rule="scripted:rcpt-discard")
-            if local.startswith("boom"):
+            if ctx.recipient.address.startswith("boom"):
                 raise RuntimeError("scripted failure")
-            if local.startswith("warn"):
-                verdict = reject("Would refuse", 550, rule="scripted:rcpt-warn")
-                return Verdict(verdict.action, verdict.reply, rule=verdict.rule, monitor=True)
             return DUNNO
         if ctx.stage is Stage.DATA and txn is not None:
             if txn.mail_from.startswith("reject-data@"):
@@ -164,21 +167,13 @@ class ScriptedCheck(Check):
     def _content(self, ctx: CheckContext) -> Verdict:
         msg = ctx.message
         assert msg is not None
-        subject = " ".join(h.unfolded() for h in msg.get_all("Subject"))
         dkim = [h.unfolded() for h in msg.get_all("X-Sim-DKIM")]
         dmarc = [h.unfolded() for h in msg.get_all("X-Sim-DMARC")]
-        result = ContentAuthSim(dkim[0] if dkim else None, dmarc[0] if dmarc else None)
-        if "reject-eod" in subject:
-            return Verdict(
-                Action.REJECT,
-                Reply(550, "5.7.1", ("Content refused",)),
-                rule="scripted:eod-reject",
-                result=result,
-            )
-        m = re.search(r"score (-?\d+(?:\.\d+)?)", subject)
-        if m:
-            return Verdict(symbols=(Symbol("SCRIPTED_SCORE", float(m.group(1))),), result=result)
-        return Verdict(result=result)
+        if not dkim and not dmarc:
+            return DUNNO
+        return Verdict(
+            result=ContentAuthSim(dkim[0] if dkim else None, dmarc[0] if dmarc else None)
+        )
 
 
 SCRIPTED = [DnsblSimCheck, ScriptedCheck]

@@ -89,9 +89,10 @@ class Counts:
 
 
 @pytest.fixture
-def scripted_checks() -> Iterator[None]:
+def checks(tmp_path) -> Iterator[str]:
+    """The stand-in checks registered, the rule tables written; yields `[rules]`."""
     scripted.register()
-    yield
+    yield scripted.write_rules(tmp_path)
     scripted.unregister()
 
 
@@ -360,9 +361,9 @@ async def test_size_limits_are_rejections(gate_factory: GateFactory) -> None:
     assert counts.delta("spamgate_protocol_errors_total", kind="message_too_big") == 2
 
 
-async def test_transaction_outcomes(gate_factory: GateFactory, sink: Sink, scripted_checks) -> None:
+async def test_transaction_outcomes(gate_factory: GateFactory, sink: Sink, checks: str) -> None:
     sink.behaviour.refuse_local = "nobody"
-    gate = await gate_factory()
+    gate = await gate_factory(checks)
     counts = Counts()
     assert (await send(gate, "a@example.org", ["u@example.test"]))[-1].code == 250
     assert (await send(gate, "a@example.org", ["discard@example.test"]))[-1].code == 250
@@ -383,70 +384,91 @@ async def test_transaction_outcomes(gate_factory: GateFactory, sink: Sink, scrip
         ("rejected", 0),
     ):
         assert counts.delta("spamgate_transactions_total", outcome=outcome) == n, outcome
+    assert counts.verdicts("rcpt", "recipient", "discard") == 1
+    assert counts.verdicts("rcpt", "recipient", "defer") == 1
     assert counts.delta("spamgate_message_size_bytes_count") == 2
     assert counts.delta("spamgate_message_size_bytes_sum") == 2 * len(BODY)
     up = counts.delta("spamgate_upstream_duration_seconds_count", command="rcpt")
     assert up >= 3  # accepted, discard's upstream RCPT, nobody
 
 
-async def test_verdicts_rules_and_results(gate_factory: GateFactory, scripted_checks) -> None:
-    gate = await gate_factory()
+async def test_verdicts_rules_and_results(gate_factory: GateFactory, checks: str) -> None:
+    gate = await gate_factory(checks)
     counts = Counts()
-    await send(gate, "a@spf-pass.test", ["reject@example.test", "u@example.test"])
-    await send(gate, "reject-mail@spf-fail.test", ["u@example.test"])
+    r = await send(gate, "a@spf-pass.test", ["reject@example.test", "u@example.test"])
+    assert [x.code for x in r[2:]] == [550, 250, 354, 250]
+    r = await send(gate, "reject-mail@spf-fail.test", ["u@example.test"])
+    assert r[2].code == 554  # refused at MAIL, told at RCPT
     r = await send(gate, "a@example.org", ["u@example.test"], source="127.0.0.2")
-    assert r[2].code == 554  # the connect-stage rejection, given at RCPT
-    body = b"Subject: reject-eod\r\nX-Sim-DKIM: fail\r\nX-Sim-DMARC: fail\r\n\r\nx\r\n"
+    assert r[2].code == 554  # listed: refused at connect, told at RCPT
+    r = await send(gate, "a@example.org", ["u@example.test"], source="127.0.0.9")
+    assert r[2].code == 554
+    assert (await send(gate, "reject-data@example.org", ["u@example.test"]))[3].code == 554
+    body = b"Subject: reject-eod\r\n\r\nx\r\n"
     assert (await send(gate, "a@example.org", ["u@example.test"], body))[-1].code == 550
+    body = b"Subject: hi\r\nX-Sim-DKIM: fail\r\nX-Sim-DMARC: fail\r\n\r\nx\r\n"
+    assert (await send(gate, "a@spf-fail.test", ["u@example.test"], body))[-1].code == 250
 
-    assert counts.verdicts("rcpt", "scripted") == 1
-    assert counts.verdicts("mail", "scripted") == 1
+    assert counts.verdicts("connect", "client.cidr") == 1
     assert counts.verdicts("connect", "dnsbl_sim") == 1
-    assert counts.verdicts("eod", "scripted") == 1
-    assert counts.delta("spamgate_rule_hits_total", table="scripted", rule="rcpt-reject") == 1
-    assert counts.delta("spamgate_rule_hits_total", table="dnsbl_sim", rule="zen.bl.test") == 1
+    assert counts.verdicts("mail", "sender") == 1
+    assert counts.verdicts("rcpt", "recipient") == 1
+    assert counts.verdicts("data", "scripted") == 1
+    assert counts.verdicts("eod", "header.regexp") == 1
+    for table, text in (
+        ("recipient", "reject@"),
+        ("sender", "reject-mail@"),
+        ("client.cidr", "127.0.0.9"),
+        ("header.regexp", "reject-eod"),
+    ):
+        hit = scripted.rule(table, text)
+        assert counts.delta("spamgate_rule_hits_total", table=hit[0], rule=hit[1]) == 1, hit
+    # the sender table refused before SPF ran for reject-mail@spf-fail.test
     assert counts.delta("spamgate_auth_results_total", method="spf", result="pass") == 1
     assert counts.delta("spamgate_auth_results_total", method="spf", result="fail") == 1
     assert counts.delta("spamgate_auth_results_total", method="dkim", result="fail") == 1
     assert counts.delta("spamgate_auth_results_total", method="dmarc", result="fail") == 1
     assert counts.delta("spamgate_dnsbl_results_total", zone="zen.bl.test", result="listed") == 1
     assert counts.delta("spamgate_dnsbl_results_total", zone="bad.bl.test", result="listed") == 1
-    # the other three sessions came from 127.0.0.1
+    # five sessions from 127.0.0.1; 127.0.0.9 was refused by client.cidr before the lists
     not_listed = counts.delta(
         "spamgate_dnsbl_results_total", zone="zen.bl.test", result="not_listed"
     )
-    assert not_listed == 3
-    assert counts.delta("spamgate_check_duration_seconds_count", check="scripted") >= 10
+    assert not_listed == 5
+    # the recipient table ran for every RCPT not already refused: 2 + 1 + 1 + 1
+    assert counts.delta("spamgate_check_duration_seconds_count", check="recipient") == 5
 
 
 async def test_monitor_mode_counts_what_would_have_happened(
-    gate_factory: GateFactory, sink: Sink, scripted_checks
+    gate_factory: GateFactory, sink: Sink, checks: str
 ) -> None:
-    gate = await gate_factory(server={"mode": '"monitor"'})
+    gate = await gate_factory(checks, server={"mode": '"monitor"'})
     counts = Counts()
     replies = await send(gate, "a@example.org", ["reject@example.test"], source="127.0.0.2")
     assert replies[-1].code == 250
     assert len(sink.messages) == 1
-    assert counts.would("rcpt", "scripted") == 1
+    assert counts.would("rcpt", "recipient") == 1
     assert counts.would("connect", "dnsbl_sim") == 1
-    assert counts.verdicts("rcpt", "scripted") == 0
+    assert counts.verdicts("rcpt", "recipient") == 0
     assert counts.delta("spamgate_transactions_total", outcome="accepted") == 1
     # WARN in enforce mode is counted the same way, and relay control is never "would"
-    gate2 = await gate_factory()
+    gate2 = await gate_factory(checks)
     counts = Counts()
-    await send(gate2, "a@example.org", ["warn@example.test"])
+    assert (await send(gate2, "a@example.org", ["warn@example.test"]))[-1].code == 250
     replies = await send(gate2, "a@example.org", ["x@elsewhere.test"], source="127.0.0.5")
     assert replies[2].code == 554
-    assert counts.would("rcpt", "scripted") == 1
+    assert counts.would("rcpt", "recipient") == 1
+    hit = scripted.rule("recipient", "warn@")
+    assert counts.delta("spamgate_rule_hits_total", table=hit[0], rule=hit[1]) == 1
     assert counts.verdicts("rcpt", "relay") == 1
 
 
 async def test_score_observed_and_check_errors_counted(
-    gate_factory: GateFactory, scripted_checks
+    gate_factory: GateFactory, checks: str
 ) -> None:
-    gate = await gate_factory("[scoring]\nreject = 10\n")
+    gate = await gate_factory(checks + "\n[scoring]\nreject = 10\n")
     counts = Counts()
-    body = b"Subject: score 12\r\n\r\nx\r\n"
+    body = b"Subject: big score\r\n\r\nx\r\n"
     assert (await send(gate, "a@example.org", ["u@example.test"], body))[-1].code == 550
     assert (await send(gate, "a@example.org", ["boom@example.test"]))[-1].code == 250
     assert counts.verdicts("eod", "score") == 1
@@ -486,11 +508,9 @@ async def test_reloads_publish_config_hash_and_result(gate_factory: GateFactory,
     assert value("spamgate_config_last_reload_success") == 1
 
 
-async def test_promtool_accepts_a_real_scrape(
-    gate_factory: GateFactory, scripted_checks, tmp_path
-) -> None:
+async def test_promtool_accepts_a_real_scrape(gate_factory: GateFactory, checks: str) -> None:
     need_binary("/usr/bin/promtool", "promtool (Debian package prometheus)")
-    gate = await gate_factory(METRICS)
+    gate = await gate_factory(checks + METRICS)
     await send(gate, "a@spf-pass.test", ["reject@example.test", "u@example.test"])
     await send(gate, "a@example.org", ["u@example.test"], source="127.0.0.3")
     _, _, text = await aget(base_url(gate) + "/metrics")

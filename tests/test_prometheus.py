@@ -1,15 +1,16 @@
 """The dashboard and the rule files, proven against a real Prometheus.
 
-A fresh spamgate process (`python -m tests.scripted run`: the real CLI, with the
-scripted checks of tests/scripted.py standing in for rule files and DNS checks) is
-scraped every second by a private Prometheus on loopback. The test drives a
-scripted mix of accepted, rejected (at every stage), tempfailed, discarded and
-monitor-mode traffic, reloads into monitor mode and then into a broken
-configuration, and asks Prometheus's HTTP API:
+A fresh spamgate process (`python -m tests.scripted run`: the real CLI, with real
+rule tables, and the stand-ins of tests/scripted.py for the DNS checks) is scraped
+every second by a private Prometheus on loopback. The test drives a scripted mix
+of accepted, rejected (at connect, HELO, MAIL, RCPT, DATA and end of data),
+tempfailed, discarded and monitor-mode traffic, reloads into monitor mode and then
+into a broken configuration, and asks Prometheus's HTTP API:
 
 * every expression of grafana/dashboards/spamgate.json and every recording and
   alert rule returns data;
-* the counts are the traffic sent (7 relay refusals at RCPT show as 7, ...);
+* the counts are the traffic sent (7 relay refusals at RCPT show as 7, each rule
+  table line as often as it matched, ...);
 * the alerts that this run can provoke fire: a refused reload, an unreachable
   upstream, spamgate stopped. The others (a day-long refusal-rate baseline, DNS
   failures) are exercised by `promtool test rules` on synthetic history, and here
@@ -46,8 +47,9 @@ import yaml
 
 from tools.plot_dashboard import DASHBOARD, panels, substitute
 
+from . import scripted
 from .conftest import config_text, need_binary
-from .scripted import LISTED, ZONES
+from .scripted import LISTED, ZONES, write_rules
 from .sink import Sink
 from .smtpclient import RawClient
 
@@ -261,16 +263,28 @@ def body(subject: str = "hello", dkim: str | None = None, dmarc: str | None = No
 
 
 class Traffic:
+    """The scripted mix. Each send asserts the replies and adds what it should count.
+
+    Rule tables run before the stand-in checks (as they run before DNS checks), so
+    a session a rule refused at connect gets no DNS list result, a sender a rule
+    refused no SPF result, and a message a header rule refused no DKIM/DMARC result.
+    """
+
     def __init__(self, port: int, tally: Tally) -> None:
         self.port = port
         self.t = tally
 
-    async def session(self, source: str = "127.0.0.1", helo: str = "client.example.test"):
+    def hit(self, table: str, text: str) -> None:
+        self.t.add("rule", *scripted.rule(table, text))
+
+    async def session(
+        self, source: str = "127.0.0.1", helo: str = "client.example.test", dnsbl: bool = True
+    ):
         c, banner = await RawClient.connect(self.port, source=source)
         assert banner is not None and banner.code == 220
         self.t.add("sessions")
         listed = LISTED.get(source, ())
-        for zone in ZONES:
+        for zone in ZONES if dnsbl else ():
             self.t.add("dnsbl", zone, "listed" if zone in listed else "not_listed")
         assert (await c.cmd(f"EHLO {helo}")).code == 250
         return c
@@ -284,9 +298,10 @@ class Traffic:
         source: str = "127.0.0.1",
         helo: str = "client.example.test",
         spf: str | None = "none",
+        dnsbl: bool = True,
     ) -> list[int]:
         """One session, one transaction, QUIT; the reply codes after EHLO."""
-        c = await self.session(source, helo)
+        c = await self.session(source, helo, dnsbl)
         codes = [(await c.cmd(f"MAIL FROM:<{sender}>")).code]
         codes += [(await c.cmd(f"RCPT TO:<{r}>")).code for r in rcpts]
         r = await c.cmd("DATA")
@@ -303,67 +318,82 @@ class Traffic:
     async def enforce_mix(self) -> None:
         t = self.t
         for i in range(5):  # clean mail, authenticated, of different sizes
-            content = body("score 2", "pass", "pass") + (b"x" * 76 + b"\r\n") * (40 * i)
+            content = body("small score", "pass", "pass") + (b"x" * 76 + b"\r\n") * (40 * i)
             codes = await self.mail(f"a{i}@spf-pass.test", ["u@example.test"], content, spf="pass")
             assert codes == [250, 250, 354, 250]
             t.add("outcome", "accepted")
             t.add("auth", "dkim", "pass")
             t.add("auth", "dmarc", "pass")
+            self.hit("header.regexp", "small score")
+            t.add("eod")
+        for _ in range(2):  # mail that fails DKIM and DMARC, accepted all the same
+            codes = await self.mail(
+                "a@spf-fail.test", ["u@example.test"], body("hi", "fail", "fail"), spf="fail"
+            )
+            assert codes == [250, 250, 354, 250]
+            t.add("outcome", "accepted")
+            t.add("auth", "dkim", "fail")
+            t.add("auth", "dmarc", "fail")
             t.add("eod")
         for _ in range(7):  # a stranger tries to relay
             codes = await self.mail("x@example.org", ["victim@elsewhere.test"], source="127.0.0.5")
             assert codes == [250, 554, 554]
             t.add("verdict", "rcpt", "relay", "reject")
             t.add("outcome", "rejected")
-        for verb, code, outcome in (("reject", 550, "rejected"), ("defer", 450, "tempfailed")):
+        for rcpt, code, action, outcome in (
+            ("reject@example.test", 550, "reject", "rejected"),
+            ("defer@example.test", 450, "defer", "tempfailed"),
+        ):
             for _ in range(2):
-                codes = await self.mail("a@example.org", [f"{verb}@example.test"])
+                codes = await self.mail("a@example.org", [rcpt])
                 assert codes == [250, code, 554]
-                t.add("verdict", "rcpt", "scripted", verb)
-                t.add("rule", "scripted", f"rcpt-{verb}")
+                t.add("verdict", "rcpt", "recipient", action)
+                self.hit("recipient", rcpt)
                 t.add("outcome", outcome)
-        # refused at MAIL (told at RCPT: delayed rejection)
-        codes = await self.mail("reject-mail@spf-fail.test", ["u@example.test"], spf="fail")
-        assert codes == [250, 550, 554]
-        t.add("verdict", "mail", "scripted", "reject")
-        t.add("rule", "scripted", "mail-reject")
+        # refused at MAIL by the sender table (told at RCPT: delayed rejection)
+        codes = await self.mail("reject-mail@spf-fail.test", ["u@example.test"], spf=None)
+        assert codes == [250, 554, 554]
+        t.add("verdict", "mail", "sender", "reject")
+        self.hit("sender", "reject-mail@")
         t.add("outcome", "rejected")
         # refused at HELO (told at RCPT; MAIL-stage checks do not run)
         codes = await self.mail(
             "a@example.org", ["u@example.test"], helo="reject.bad.test", spf=None
         )
-        assert codes == [250, 550, 554]
-        t.add("verdict", "helo", "scripted", "reject")
-        t.add("rule", "scripted", "helo-reject")
+        assert codes == [250, 554, 554]
+        t.add("verdict", "helo", "helo.regexp", "reject")
+        self.hit("helo.regexp", "reject")
         t.add("outcome", "rejected")
-        # refused at connect by DNS lists (told at RCPT)
-        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.2", "127.0.0.3"):
+        # refused at connect: by the client table, and by DNS lists (told at RCPT)
+        codes = await self.mail(
+            "a@example.org", ["u@example.test"], source="127.0.0.9", spf=None, dnsbl=False
+        )
+        assert codes == [250, 554, 554]
+        t.add("verdict", "connect", "client.cidr", "reject")
+        self.hit("client.cidr", "127.0.0.9")
+        t.add("outcome", "rejected")
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3"):
             codes = await self.mail("a@example.org", ["u@example.test"], source=source, spf=None)
             assert codes == [250, 554, 554]
             t.add("verdict", "connect", "dnsbl_sim", "reject")
-            t.add("rule", "dnsbl_sim", LISTED[source][0])
             t.add("outcome", "rejected")
         # refused at the DATA command
         codes = await self.mail("reject-data@example.org", ["u@example.test"])
         assert codes == [250, 250, 554]
         t.add("verdict", "data", "scripted", "reject")
-        t.add("rule", "scripted", "data-reject")
         t.add("outcome", "rejected")
-        # refused at the end of data: content, then score
+        # refused at the end of data: by a header rule, then by the score
         for _ in range(2):
-            codes = await self.mail(
-                "a@example.org", ["u@example.test"], body("reject-eod", "fail", "fail")
-            )
+            codes = await self.mail("a@example.org", ["u@example.test"], body("reject-eod"))
             assert codes == [250, 250, 354, 550]
-            t.add("verdict", "eod", "scripted", "reject")
-            t.add("rule", "scripted", "eod-reject")
-            t.add("auth", "dkim", "fail")
-            t.add("auth", "dmarc", "fail")
+            t.add("verdict", "eod", "header.regexp", "reject")
+            self.hit("header.regexp", "reject-eod")
             t.add("outcome", "rejected")
             t.add("eod")
-        codes = await self.mail("a@example.org", ["u@example.test"], body("score 20"))
+        codes = await self.mail("a@example.org", ["u@example.test"], body("big score"))
         assert codes == [250, 250, 354, 550]
         t.add("verdict", "eod", "score", "reject")
+        self.hit("header.regexp", "big score")
         t.add("outcome", "rejected")
         t.add("eod")
         # size limits: declared at MAIL, then actual content
@@ -379,8 +409,8 @@ class Traffic:
         # discarded; refused by the upstream; WARN (counted, not enforced); a failing check
         codes = await self.mail("a@example.org", ["discard@example.test"])
         assert codes == [250, 250, 354, 250]
-        t.add("verdict", "rcpt", "scripted", "discard")
-        t.add("rule", "scripted", "rcpt-discard")
+        t.add("verdict", "rcpt", "recipient", "discard")
+        self.hit("recipient", "discard@")
         t.add("outcome", "discarded")
         t.add("eod")
         codes = await self.mail("a@example.org", ["nobody@example.test"])
@@ -388,8 +418,8 @@ class Traffic:
         t.add("outcome", "upstream_rejected")
         codes = await self.mail("a@example.org", ["warn@example.test"])
         assert codes == [250, 250, 354, 250]
-        t.add("would", "rcpt", "scripted", "reject")
-        t.add("rule", "scripted", "rcpt-warn")
+        t.add("would", "rcpt", "recipient", "reject")
+        self.hit("recipient", "warn@")
         t.add("outcome", "accepted")
         t.add("eod")
         codes = await self.mail("a@example.org", ["boom@example.test"])
@@ -412,20 +442,20 @@ class Traffic:
         for _ in range(3):
             codes = await self.mail("a@example.org", ["reject@example.test"])
             assert codes == [250, 250, 354, 250]
-            t.add("would", "rcpt", "scripted", "reject")
-            t.add("rule", "scripted", "rcpt-reject")
+            t.add("would", "rcpt", "recipient", "reject")
+            self.hit("recipient", "reject@")
             t.add("outcome", "accepted")
             t.add("eod")
         codes = await self.mail("a@example.org", ["u@example.test"], source="127.0.0.2")
         assert codes == [250, 250, 354, 250]
         t.add("would", "connect", "dnsbl_sim", "reject")
-        t.add("rule", "dnsbl_sim", ZONES[0])
         t.add("outcome", "accepted")
         t.add("eod")
-        codes = await self.mail("a@example.org", ["u@example.test"], body("score 20"))
+        codes = await self.mail("a@example.org", ["u@example.test"], body("big score"))
         assert codes == [250, 250, 354, 250]
         t.add("would", "eod", "score", "reject")
         t.add("would", "eod", "score", "tag")  # monitor mode adds no X-Spam headers either
+        self.hit("header.regexp", "big score")
         t.add("outcome", "accepted")
         t.add("eod")
 
@@ -513,7 +543,8 @@ async def test_traffic_as_prometheus_sees_it(sink_refusing_nobody: Sink, tmp_pat
     sink = sink_refusing_nobody
     rounds = int(os.environ.get("SPAMGATE_DASHBOARD_ROUNDS", "1"))
     png = os.environ.get("SPAMGATE_DASHBOARD_PNG")
-    extra = '[limits]\nmessage_size = 20000\n\n[metrics]\nlisten = "127.0.0.1:0"\n'
+    extra = '[limits]\nmessage_size = 20000\n\n[metrics]\nlisten = "127.0.0.1:0"\n\n'
+    extra += write_rules(tmp_path)
     config = tmp_path / "spamgate.toml"
     # Reloads only on SIGHUP (not when the file changes), so the test counts them.
     server = {"reload_interval": "0"}

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
 
+from .. import metrics
 from ..content import ContentLimits, ContentView, extract
 from ..message import Message
 from ..model import Stage
@@ -27,7 +28,7 @@ from ..tables import Query, Table
 from ..tables.actions import ReplyContext, to_verdict
 from ..verdict import Symbol, Verdict
 from .base import Check, CheckContext
-from .rules import RulesSettings, load_tables, table_files
+from .rules import RulesSettings, load_tables, rule_series, table_files
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -117,6 +118,9 @@ class ContentCheck(Check):
     @classmethod
     def sources(cls, config: Config) -> list[str]:
         return table_files(config, cls.key)
+
+    def metric_series(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
+        return rule_series(self.table)
 
     def lines(self, view: ContentView) -> tuple[str, ...]:
         raise NotImplementedError
