@@ -103,6 +103,7 @@ PROTOCOL_ERROR_KINDS = (
     "message_too_big",
     "too_many_recipients",
     "bare_cr",
+    "proxy_header",
 )
 CHECK_ERROR_KINDS = ("timeout", "exception")
 DNS_TYPES = ("A", "AAAA", "TXT", "PTR", "MX")
@@ -118,8 +119,30 @@ AUTH_RESULT_SETS = {
     "dkim": ("pass", "fail", "policy", "neutral", "none", "temperror", "permerror"),
     "dmarc": ("pass", "fail", "none", "temperror", "permerror"),
 }
-UPSTREAM_COMMANDS = ("connect", "ehlo", "helo", "xclient", "mail", "rcpt", "data", "rset")
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "disconnect", "protocol", "xclient", "refused")
+UPSTREAM_COMMANDS = (
+    "connect",
+    "starttls",
+    "ehlo",
+    "helo",
+    "xclient",
+    "auth",
+    "mail",
+    "rcpt",
+    "data",
+    "rset",
+)
+UPSTREAM_ERROR_KINDS = (
+    "connect",
+    "timeout",
+    "disconnect",
+    "protocol",
+    "xclient",
+    "refused",
+    "tls",
+    "auth",
+)
+STARTTLS_RESULTS = ("TLSv1.2", "TLSv1.3", "failure")
+AUTH_PASSTHROUGH_RESULTS = ("success", "failure", "aborted", "error")
 RELOAD_RESULTS = ("success", "failure")
 
 # -- sessions and transactions ------------------------------------------------------
@@ -230,6 +253,20 @@ AUTH_RESULTS = Counter(
     registry=REGISTRY,
 )
 
+# -- TLS and AUTH passthrough -------------------------------------------------------
+STARTTLS = Counter(
+    "spamgate_starttls_total",
+    "Inbound STARTTLS handshakes by result (the TLS version, or failure).",
+    ["result"],  # TLSv1.2, TLSv1.3, failure
+    registry=REGISTRY,
+)
+AUTH_PASSTHROUGH = Counter(
+    "spamgate_auth_passthrough_total",
+    "AUTH exchanges relayed to the upstream, by result (success, failure, aborted, error).",
+    ["result"],
+    registry=REGISTRY,
+)
+
 # -- upstream ----------------------------------------------------------------------
 UPSTREAM_LATENCY = Histogram(
     "spamgate_upstream_duration_seconds",
@@ -240,7 +277,8 @@ UPSTREAM_LATENCY = Histogram(
 )
 UPSTREAM_ERRORS = Counter(
     "spamgate_upstream_errors_total",
-    "Upstream failures by kind (connect, timeout, disconnect, protocol, xclient, refused).",
+    "Upstream failures by kind (connect, timeout, disconnect, protocol, xclient, refused, "
+    "tls, auth).",
     ["kind"],
     registry=REGISTRY,
 )
@@ -355,6 +393,10 @@ def _precreate() -> None:
             AUTH_RESULTS.labels(method, result)
     for result in RELOAD_RESULTS:
         RELOADS.labels(result)
+    for result in STARTTLS_RESULTS:
+        STARTTLS.labels(result)
+    for result in AUTH_PASSTHROUGH_RESULTS:
+        AUTH_PASSTHROUGH.labels(result)
     for stage, check, action in (
         ("rcpt", "relay", "reject"),
         ("rcpt", "score", "reject"),

@@ -6,20 +6,28 @@ stays warm and pooled connections stay open. Checks receive them in `from_config
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import concurrent.futures
+from dataclasses import dataclass, field
 
 from .config import Config
 from .model import IPAddress
+from .resolver import Resolver
 from .upstream import Upstream, build_upstream
 from .upstream.maildir import MaildirUpstream
+
+
+def _worker_threads() -> concurrent.futures.ThreadPoolExecutor:
+    # For synchronous library code that only computes (pyspf between lookups): it
+    # never waits on the network there, so two threads keep up with both cores.
+    return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="spamgate-sync")
 
 
 @dataclass
 class Services:
     upstream: Upstream
     quarantine: MaildirUpstream
-    resolver: Any = None  # spamgate.dns.Resolver once the DNS issue lands
+    resolver: Resolver
+    threads: concurrent.futures.ThreadPoolExecutor = field(default_factory=_worker_threads)
 
     @classmethod
     def build(cls, config: Config) -> Services:
@@ -28,13 +36,14 @@ class Services:
             quarantine=MaildirUpstream(
                 config.resolve_path(config.server.quarantine), config.hostname
             ),
+            resolver=Resolver(config.dns),
         )
 
     async def client_name(self, address: IPAddress) -> str:
-        """The client's verified reverse name, or XCLIENT's `[UNAVAILABLE]`."""
-        if self.resolver is None:
-            return "[UNAVAILABLE]"
+        """The client's verified reverse name, `[UNAVAILABLE]` or `[TEMPUNAVAIL]`."""
         return await self.resolver.verified_name(address)
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
+        await self.resolver.aclose()
+        self.threads.shutdown(wait=False, cancel_futures=True)

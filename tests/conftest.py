@@ -1,16 +1,25 @@
-"""Shared fixtures: a recording upstream sink, a private Postfix, spamgate on loopback."""
+"""Shared fixtures: a recording upstream sink, a DNS server, a private Postfix, spamgate.
+
+Every spamgate started here resolves through `dns_server`, a per-test authoritative
+server on loopback: nothing reaches the system resolver, and a test publishes the
+records it needs (`dns_server.zone(...)`) before it connects.
+"""
 
 from __future__ import annotations
 
 import os
+import ssl
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
+import trustme
 
 from spamgate.config import loads
 from spamgate.server import Server
 
+from .dnsserver import DnsServer
 from .postfix import POSTFIX, PostfixInstance
 from .sink import Sink
 from .smtpclient import RawClient
@@ -25,6 +34,45 @@ def need_binary(path: str, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} ({path}) is missing in CI: .ci/run must install it")
     pytest.skip(f"{what} not installed ({path})")
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """A throw-away certificate authority; every test certificate comes from it."""
+    return trustme.CA()
+
+
+@dataclass
+class TlsFiles:
+    cert: str
+    key: str
+    ca: trustme.CA
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a careful client uses: verifies the chain and the name."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        self.ca.configure_trust(ctx)
+        return ctx
+
+    @property
+    def toml(self) -> str:
+        return f'[tls]\ncert_file = "{self.cert}"\nkey_file = "{self.key}"\n'
+
+
+def issue(ca: trustme.CA, directory, name: str = "gate.test", tag: str = "") -> TlsFiles:
+    """A certificate for `name` and its key, written as PEM files in `directory`."""
+    leaf = ca.issue_cert(name, "127.0.0.1")
+    cert, key = directory / f"{name}{tag}.crt", directory / f"{name}{tag}.key"
+    with open(cert, "wb") as fh:
+        for blob in leaf.cert_chain_pems:
+            fh.write(blob.bytes())
+    leaf.private_key_pem.write_to_path(str(key))
+    return TlsFiles(str(cert), str(key), ca)
+
+
+@pytest.fixture
+def tls_files(ca: trustme.CA, tmp_path) -> TlsFiles:
+    return issue(ca, tmp_path)
 
 
 def need_postfix() -> None:
@@ -77,6 +125,15 @@ async def sink() -> AsyncIterator[Sink]:
     await s.stop()
 
 
+@pytest.fixture
+async def dns_server() -> AsyncIterator[DnsServer]:
+    """A DNS server with no zones yet: every name is NXDOMAIN until published."""
+    s = DnsServer()
+    await s.start()
+    yield s
+    await s.stop()
+
+
 class Gate:
     """A running spamgate and ways to talk to it."""
 
@@ -84,8 +141,11 @@ class Gate:
         self.server = server
         self.host, self.port = server.addresses[0]
 
-    async def client(self, source: str | None = None) -> tuple[RawClient, object]:
-        return await RawClient.connect(self.port, self.host, source=source)
+    async def client(
+        self, source: str | None = None, listener: int = 0, greet: bool = True
+    ) -> tuple[RawClient, object]:
+        host, port = self.server.addresses[listener]
+        return await RawClient.connect(port, host, source=source, greet=greet)
 
     async def stop(self) -> None:
         await self.server.stop(grace=0.5)
@@ -95,9 +155,15 @@ GateFactory = Callable[..., Awaitable[Gate]]
 
 
 def config_text(
-    sink: Sink | None, extra: str = "", server: dict | None = None, up: dict | None = None
+    sink: Sink | None,
+    extra: str = "",
+    server: dict | None = None,
+    up: dict | None = None,
+    dns: DnsServer | None = None,
+    resolver: dict | None = None,
 ) -> str:
-    """A test config; `server`/`up` map keys to TOML literals, `extra` adds sections."""
+    """A test config; `server`/`up`/`resolver` ([dns]) map keys to TOML literals,
+    `extra` adds sections."""
     srv = {
         "listen": '["127.0.0.1:0"]',
         "hostname": '"gate.test"',
@@ -109,11 +175,19 @@ def config_text(
     ups.update(up or {})
     text = "[server]\n" + "".join(f"{k} = {v}\n" for k, v in srv.items())
     text += "\n[upstream]\n" + "".join(f"{k} = {v}\n" for k, v in ups.items())
+    # Short DNS timeouts: a test that waits on DNS by mistake fails fast, not in 5 s.
+    res = {"timeout": "0.5", "lifetime": "1.0"}
+    if dns is not None:
+        res["nameservers"] = f'["{dns.address}"]'
+    else:  # no DNS in this config: no checks, no reverse lookups
+        res["reverse_lookup"] = "false"
+    res.update(resolver or {})
+    text += "\n[dns]\n" + "".join(f"{k} = {v}\n" for k, v in res.items())
     return text + "\n" + textwrap.dedent(extra)
 
 
 @pytest.fixture
-async def gate_factory(sink: Sink, tmp_path) -> AsyncIterator[GateFactory]:
+async def gate_factory(sink: Sink, dns_server: DnsServer, tmp_path) -> AsyncIterator[GateFactory]:
     """Start spamgate with extra TOML appended to a default test config."""
     gates: list[Gate] = []
 
@@ -123,9 +197,11 @@ async def gate_factory(sink: Sink, tmp_path) -> AsyncIterator[GateFactory]:
         upstream: Sink | str | None = "sink",
         server: dict | None = None,
         up: dict | None = None,
+        resolver: dict | None = None,
     ) -> Gate:
         target = sink if upstream == "sink" else upstream
-        text = config_text(target if isinstance(target, Sink) else None, extra, server, up)
+        sink_or_none = target if isinstance(target, Sink) else None
+        text = config_text(sink_or_none, extra, server, up, dns_server, resolver)
         path = tmp_path / f"spamgate-{len(gates)}.toml"
         path.write_text(text)
         srv = Server(loads(text, str(path)))

@@ -8,20 +8,32 @@ from __future__ import annotations
 
 from .base import Check, CheckContext
 from .content import BodyRules, HeaderRules
+from .dnsbl import DnsblCheck, DnsblSettings
+from .rhsbl import RhsblCheck, RhsblSettings
 from .rules import ClientRules, HeloRules, RecipientRules, RulesSettings, SenderRules
+from .spf import SpfCheck, SpfSettings
 
 # Ordered: within one stage, checks run in this order and the first final verdict
-# wins. Cheap local lookups come before network lookups.
+# wins. Cheap local lookups come before network lookups, so an admin's allowlist
+# (OK in a client table) spares the DNS round trips.
 CHECK_TYPES: list[type[Check]] = [
     ClientRules,
     HeloRules,
     SenderRules,
     RecipientRules,
+    DnsblCheck,
+    RhsblCheck,
+    SpfCheck,
     HeaderRules,
     BodyRules,
 ]
 
 # Settings sections owned by checks: TOML table name -> dataclass.
-CHECK_SECTIONS: dict[str, type] = {"rules": RulesSettings}
+CHECK_SECTIONS: dict[str, type] = {
+    "rules": RulesSettings,
+    "dnsbl": DnsblSettings,
+    "rhsbl": RhsblSettings,
+    "spf": SpfSettings,
+}
 
 __all__ = ["CHECK_SECTIONS", "CHECK_TYPES", "Check", "CheckContext"]
