@@ -89,7 +89,7 @@ TRANSACTION_OUTCOMES = (
     "aborted",
 )
 RECIPIENT_OUTCOMES = ("accepted", "rejected", "tempfailed", "relay_denied", "upstream_rejected")
-REFUSED_REASONS = ("max_sessions", "per_client", "shutdown")
+REFUSED_REASONS = ("max_sessions", "per_client", "shutdown", "proxy")
 PROTOCOL_ERROR_KINDS = (
     "bare_newline",
     "line_too_long",

@@ -1,23 +1,20 @@
-"""Stand-ins for checks that have not landed yet, for the metrics tests.
+"""What the metrics tests run through spamgate: real rule tables and DNS data, and
+stand-ins for the checks that do not exist yet.
 
-Rejections at connect, HELO, MAIL, RCPT and end of data come from real rule tables
-(the rules engine). What no real check produces yet comes from these two, through
-the same pipeline runner as real checks (so timeouts, monitor mode and counting
-are the real ones):
+Refusals at connect, HELO, MAIL, RCPT and end of data come from real rule tables
+(RULE_TABLES), DNS list and SPF results from the real checks against the test DNS
+server (DNS_ZONES, DNS_CHECKS). What no real check produces yet comes from one
+stand-in, through the same pipeline runner as real checks (so timeouts, monitor
+mode and counting are the real ones), registered after the real checks:
 
-* `dnsbl_sim` (connect): client 127.0.0.2 is listed in both ZONES, 127.0.0.3 in
-  the second only; a listing rejects (told at RCPT). Every connection it sees
-  yields a listed/not_listed result per zone.
 * `scripted`:
-  - MAIL: the sender domain `spf-<result>.test` gives that SPF result (else
-    `none`);
   - RCPT to `boom*@` makes the check raise (its on_error applies);
   - DATA: a sender `reject-data@...` is refused at the DATA command, a stage no
     rule table covers;
-  - end of data: `X-Sim-DKIM:` / `X-Sim-DMARC:` headers give those results.
+  - end of data: `X-Sim-DKIM:` / `X-Sim-DMARC:` headers give those results (no
+    DKIM or DMARC check yet).
 
-`python -m tests.scripted run -c FILE` runs spamgate with both registered (after
-the rule tables, where DNS checks run).
+`python -m tests.scripted run -c FILE` runs spamgate with it registered.
 """
 
 from __future__ import annotations
@@ -30,8 +27,7 @@ from dataclasses import dataclass
 from spamgate import metrics
 from spamgate.checks import CHECK_TYPES, Check, CheckContext
 from spamgate.model import Stage
-from spamgate.reply import Reply
-from spamgate.verdict import DUNNO, Action, Verdict, reject
+from spamgate.verdict import DUNNO, Verdict, reject
 
 # Real rule tables for the same tests: file name -> lines (`[rules]` type:name).
 RULE_TABLES = {
@@ -76,17 +72,37 @@ def rule(table: str, text: str) -> tuple[str, str]:
     return table, str(line)
 
 
+# DNS lists: 127.0.0.2 is listed in both zones, 127.0.0.3 in the second only; each
+# listing weighs 1 and 1 refuses. SPF: spf-pass.test allows 127.0.0.0/8,
+# spf-fail.test allows nobody; other domains have no record ("none").
 ZONES = ("zen.bl.test", "bad.bl.test")
 LISTED = {"127.0.0.2": ZONES, "127.0.0.3": ZONES[1:]}
+DNS_CHECKS = """
+[dnsbl]
+sites = ["zen.bl.test", "bad.bl.test"]
+threshold = 1
+
+[spf]
+enabled = true
+"""
 
 
-@dataclass(frozen=True)
-class AuthSim:
-    method: str
-    result: str
+def publish_dns(dns_server) -> None:
+    """Publish the DNS list and SPF zones on a tests.dnsserver.DnsServer.
 
-    def counted(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
-        yield metrics.AUTH_RESULTS, (self.method, self.result)
+    Answers live 5 seconds, so traffic spread over minutes keeps asking the network
+    (and the DNS panels keep having data), as a busy MX does.
+    """
+    ttls = {"ttl": 5, "negative_ttl": 5}
+    for zone in ZONES:
+        records = {
+            ".".join(reversed(ip.split("."))): {"A": "127.0.0.2", "TXT": f"listed in {zone}"}
+            for ip, zones in LISTED.items()
+            if zone in zones
+        }
+        dns_server.zone(zone, records, **ttls)
+    dns_server.zone("spf-pass.test", {"@": {"TXT": "v=spf1 ip4:127.0.0.0/8 -all"}}, **ttls)
+    dns_server.zone("spf-fail.test", {"@": {"TXT": "v=spf1 -all"}}, **ttls)
 
 
 @dataclass(frozen=True)
@@ -103,41 +119,6 @@ class ContentAuthSim:
             yield metrics.AUTH_RESULTS, ("dmarc", self.dmarc)
 
 
-@dataclass(frozen=True)
-class DnsblSim:
-    listed: tuple[str, ...]
-
-    def counted(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
-        for zone in ZONES:
-            yield metrics.DNSBL_RESULTS, (zone, "listed" if zone in self.listed else "not_listed")
-
-
-class DnsblSimCheck(Check):
-    name = "dnsbl_sim"
-    stages = frozenset({Stage.CONNECT})
-
-    @classmethod
-    def from_config(cls, config, services) -> list[Check]:
-        return [cls()]
-
-    def metric_series(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
-        for zone in ZONES:
-            for result in metrics.DNSBL_RESULTS_SET:
-                yield metrics.DNSBL_RESULTS, (zone, result)
-
-    async def check(self, ctx: CheckContext) -> Verdict:
-        listed = LISTED.get(str(ctx.session.client.address), ())
-        result = DnsblSim(listed)
-        if not listed:
-            return Verdict(result=result)
-        return Verdict(
-            Action.REJECT,
-            Reply(554, "5.7.1", (f"Service unavailable; client listed in {listed[0]}",)),
-            rule=f"dnsbl_sim:{listed[0]}",
-            result=result,
-        )
-
-
 class ScriptedCheck(Check):
     name = "scripted"
     stages = frozenset(Stage)
@@ -148,10 +129,6 @@ class ScriptedCheck(Check):
 
     async def check(self, ctx: CheckContext) -> Verdict:
         txn = ctx.transaction
-        if ctx.stage is Stage.MAIL and txn is not None:
-            domain = txn.sender_domain
-            spf = domain.split(".")[0][4:] if domain.startswith("spf-") else "none"
-            return Verdict(result=AuthSim("spf", spf))
         if ctx.stage is Stage.RCPT and ctx.recipient is not None:
             if ctx.recipient.address.startswith("boom"):
                 raise RuntimeError("scripted failure")
@@ -176,7 +153,7 @@ class ScriptedCheck(Check):
         )
 
 
-SCRIPTED = [DnsblSimCheck, ScriptedCheck]
+SCRIPTED = [ScriptedCheck]
 
 
 def register() -> None:

@@ -89,11 +89,16 @@ class Counts:
 
 
 @pytest.fixture
-def checks(tmp_path) -> Iterator[str]:
-    """The stand-in checks registered, the rule tables written; yields `[rules]`."""
+def checks(tmp_path, dns_server) -> Iterator[str]:
+    """Rule tables written, DNS zones published, the stand-in check registered;
+    yields the config sections that use them."""
+    scripted.publish_dns(dns_server)
     scripted.register()
-    yield scripted.write_rules(tmp_path)
+    yield scripted.write_rules(tmp_path) + scripted.DNS_CHECKS
     scripted.unregister()
+
+
+OUTSIDE = "127.0.0.20"  # a client outside mynetworks: DNS lists and SPF apply
 
 
 def fetch(url: str, method: str = "GET") -> tuple[int, str, str]:
@@ -395,23 +400,30 @@ async def test_transaction_outcomes(gate_factory: GateFactory, sink: Sink, check
 async def test_verdicts_rules_and_results(gate_factory: GateFactory, checks: str) -> None:
     gate = await gate_factory(checks)
     counts = Counts()
-    r = await send(gate, "a@spf-pass.test", ["reject@example.test", "u@example.test"])
-    assert [x.code for x in r[2:]] == [550, 250, 354, 250]
-    r = await send(gate, "reject-mail@spf-fail.test", ["u@example.test"])
-    assert r[2].code == 554  # refused at MAIL, told at RCPT
-    r = await send(gate, "a@example.org", ["u@example.test"], source="127.0.0.2")
-    assert r[2].code == 554  # listed: refused at connect, told at RCPT
-    r = await send(gate, "a@example.org", ["u@example.test"], source="127.0.0.9")
-    assert r[2].code == 554
-    assert (await send(gate, "reject-data@example.org", ["u@example.test"]))[3].code == 554
+
+    async def mail(sender: str, rcpts: list[str], body: bytes = BODY, source: str = OUTSIDE):
+        return [r.code for r in (await send(gate, sender, rcpts, body, source=source))[2:]]
+
+    assert await mail("a@spf-pass.test", ["reject@example.test", "u@example.test"]) == [
+        550,
+        250,
+        354,
+        250,
+    ]
+    assert (await mail("reject-mail@spf-fail.test", ["u@example.test"]))[0] == 554  # sender table
+    assert (await mail("x@spf-fail.test", ["u@example.test"]))[0] == 550  # SPF fail
+    assert (await mail("a@example.org", ["u@example.test"], source="127.0.0.2"))[0] == 554
+    assert (await mail("a@example.org", ["u@example.test"], source="127.0.0.9"))[0] == 554
+    assert (await mail("reject-data@example.org", ["u@example.test"]))[1] == 554
     body = b"Subject: reject-eod\r\n\r\nx\r\n"
-    assert (await send(gate, "a@example.org", ["u@example.test"], body))[-1].code == 550
+    assert (await mail("a@example.org", ["u@example.test"], body))[-1] == 550
     body = b"Subject: hi\r\nX-Sim-DKIM: fail\r\nX-Sim-DMARC: fail\r\n\r\nx\r\n"
-    assert (await send(gate, "a@spf-fail.test", ["u@example.test"], body))[-1].code == 250
+    assert (await mail("a@example.org", ["u@example.test"], body))[-1] == 250
 
     assert counts.verdicts("connect", "client.cidr") == 1
-    assert counts.verdicts("connect", "dnsbl_sim") == 1
+    assert counts.verdicts("connect", "dnsbl") == 1
     assert counts.verdicts("mail", "sender") == 1
+    assert counts.verdicts("mail", "spf") == 1
     assert counts.verdicts("rcpt", "recipient") == 1
     assert counts.verdicts("data", "scripted") == 1
     assert counts.verdicts("eod", "header.regexp") == 1
@@ -423,18 +435,22 @@ async def test_verdicts_rules_and_results(gate_factory: GateFactory, checks: str
     ):
         hit = scripted.rule(table, text)
         assert counts.delta("spamgate_rule_hits_total", table=hit[0], rule=hit[1]) == 1, hit
-    # the sender table refused before SPF ran for reject-mail@spf-fail.test
-    assert counts.delta("spamgate_auth_results_total", method="spf", result="pass") == 1
-    assert counts.delta("spamgate_auth_results_total", method="spf", result="fail") == 1
-    assert counts.delta("spamgate_auth_results_total", method="dkim", result="fail") == 1
-    assert counts.delta("spamgate_auth_results_total", method="dmarc", result="fail") == 1
-    assert counts.delta("spamgate_dnsbl_results_total", zone="zen.bl.test", result="listed") == 1
-    assert counts.delta("spamgate_dnsbl_results_total", zone="bad.bl.test", result="listed") == 1
-    # five sessions from 127.0.0.1; 127.0.0.9 was refused by client.cidr before the lists
-    not_listed = counts.delta(
-        "spamgate_dnsbl_results_total", zone="zen.bl.test", result="not_listed"
-    )
-    assert not_listed == 5
+
+    def auth(method: str, result: str) -> float:
+        return counts.delta("spamgate_auth_results_total", method=method, result=result)
+
+    # SPF ran for every MAIL FROM the sender table let through, from clients not
+    # already refused: spf-pass, spf-fail, and four with no SPF record.
+    assert (auth("spf", "pass"), auth("spf", "fail"), auth("spf", "none")) == (1, 1, 3)
+    assert auth("dkim", "fail") == 1 and auth("dmarc", "fail") == 1
+
+    def dnsbl(zone: str, result: str) -> float:
+        return counts.delta("spamgate_dnsbl_results_total", zone=zone, result=result)
+
+    assert dnsbl("zen.bl.test", "listed") == 1 and dnsbl("bad.bl.test", "listed") == 1
+    # every session but 127.0.0.2 (listed) and 127.0.0.9 (refused by client.cidr first)
+    assert dnsbl("zen.bl.test", "not_listed") == 6
+    assert counts.delta("spamgate_dns_query_duration_seconds_count", type="A") >= 2
     # the recipient table ran for every RCPT not already refused: 2 + 1 + 1 + 1
     assert counts.delta("spamgate_check_duration_seconds_count", check="recipient") == 5
 
@@ -444,11 +460,12 @@ async def test_monitor_mode_counts_what_would_have_happened(
 ) -> None:
     gate = await gate_factory(checks, server={"mode": '"monitor"'})
     counts = Counts()
-    replies = await send(gate, "a@example.org", ["reject@example.test"], source="127.0.0.2")
+    replies = await send(gate, "a@spf-fail.test", ["reject@example.test"], source="127.0.0.2")
     assert replies[-1].code == 250
     assert len(sink.messages) == 1
     assert counts.would("rcpt", "recipient") == 1
-    assert counts.would("connect", "dnsbl_sim") == 1
+    assert counts.would("connect", "dnsbl") == 1
+    assert counts.would("mail", "spf") == 1
     assert counts.verdicts("rcpt", "recipient") == 0
     assert counts.delta("spamgate_transactions_total", outcome="accepted") == 1
     # WARN in enforce mode is counted the same way, and relay control is never "would"
@@ -532,3 +549,14 @@ async def test_raw_client_can_pick_source(gate_factory: GateFactory) -> None:
     c, banner = await RawClient.connect(gate.port, source="127.0.0.9")
     assert banner is not None and banner.code == 220
     await c.close()
+
+
+async def test_dns_list_zones_exist_before_the_first_lookup(gate_factory: GateFactory) -> None:
+    # A dashboard's "top DNS lists" must count a zone's first listing as an increase.
+    await gate_factory(
+        '[dnsbl]\nsites = ["zero.bl.test*2"]\n\n[rhsbl]\nsites = ["zero.dbl.test"]\n'
+    )
+    for zone in ("zero.bl.test", "zero.dbl.test"):
+        for result in ("listed", "not_listed", "error"):
+            labels = {"zone": zone, "result": result}
+            assert metrics.REGISTRY.get_sample_value("spamgate_dnsbl_results_total", labels) == 0

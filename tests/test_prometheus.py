@@ -1,8 +1,9 @@
 """The dashboard and the rule files, proven against a real Prometheus.
 
 A fresh spamgate process (`python -m tests.scripted run`: the real CLI, with real
-rule tables, and the stand-ins of tests/scripted.py for the DNS checks) is scraped
-every second by a private Prometheus on loopback. The test drives a scripted mix
+rule tables, real DNS list and SPF checks against the test DNS server, and the
+stand-in of tests/scripted.py for DKIM/DMARC results) is scraped every second by a
+private Prometheus on loopback. The test drives a scripted mix
 of accepted, rejected (at connect, HELO, MAIL, RCPT, DATA and end of data),
 tempfailed, discarded and monitor-mode traffic, reloads into monitor mode and then
 into a broken configuration, and asks Prometheus's HTTP API:
@@ -11,10 +12,10 @@ into a broken configuration, and asks Prometheus's HTTP API:
   alert rule returns data;
 * the counts are the traffic sent (7 relay refusals at RCPT show as 7, each rule
   table line as often as it matched, ...);
-* the alerts that this run can provoke fire: a refused reload, an unreachable
-  upstream, spamgate stopped. The others (a day-long refusal-rate baseline, DNS
-  failures) are exercised by `promtool test rules` on synthetic history, and here
-  every series they read must exist.
+* the alerts that a run can provoke fire: a refused reload, failing DNS, an
+  unreachable upstream, spamgate stopped. The refusal-rate alert, which compares
+  with a day of history, is exercised by `promtool test rules`; here every series
+  it reads must exist.
 
 SPAMGATE_DASHBOARD_PNG=path redraws the picture of docs/monitoring.md from this
 run (SPAMGATE_DASHBOARD_ROUNDS=N repeats the traffic mix N times, a few seconds
@@ -49,6 +50,7 @@ from tools.plot_dashboard import DASHBOARD, panels, substitute
 
 from . import scripted
 from .conftest import config_text, need_binary
+from .dnsserver import DnsServer
 from .scripted import LISTED, ZONES, write_rules
 from .sink import Sink
 from .smtpclient import RawClient
@@ -67,20 +69,13 @@ VARIABLES = {"job": JOB, "instance": ".+", "__rate_interval": "1m", "__range": "
 # How each alert is shown to work in the live run (the rest by promtool unit tests).
 LIVE_ALERTS = {
     "SpamgateReloadFailed": "a broken configuration is reloaded",
+    "SpamgateDNSFailing": "the DNS server answers SERVFAIL",
     "SpamgateUpstreamFailing": "the upstream MTA is stopped",
     "SpamgateDown": "spamgate is stopped",
 }
 HISTORY_ALERTS = {
     "SpamgateRejectionRateUnusual": "needs a day of history (prometheus/tests/*.yml)",
-    # Until the DNS checks land (branch `dns`), nothing sends DNS queries.
-    "SpamgateDNSFailing": "needs DNS traffic (prometheus/tests/*.yml)",
 }
-
-
-def _nan_allowed(expr: str) -> bool:
-    """Series that exist but stay NaN in this run: DNS latency and DNS failure ratio
-    (no DNS lookups are made until the DNS checks land)."""
-    return "dns_query_duration" in expr or "dns_failures" in expr
 
 
 # -- Prometheus -----------------------------------------------------------------------
@@ -262,30 +257,40 @@ def body(subject: str = "hello", dkim: str | None = None, dmarc: str | None = No
     return head.encode() + b"\r\nHello\r\n"
 
 
+CLIENT = "127.0.0.20"  # outside mynetworks (127.0.0.1/32): DNS lists and SPF apply
+STRANGER = "127.0.0.5"  # tries to relay
+HELO = "client.example.test"  # no SPF record: SPF for the HELO name is "none"
+
+
 class Traffic:
     """The scripted mix. Each send asserts the replies and adds what it should count.
 
-    Rule tables run before the stand-in checks (as they run before DNS checks), so
-    a session a rule refused at connect gets no DNS list result, a sender a rule
-    refused no SPF result, and a message a header rule refused no DKIM/DMARC result.
+    Checks run in their registered order, the first final verdict of a stage ending
+    it: a client refused by the client table gets no DNS list lookups, a session
+    already refused (delayed rejection) no SPF checks, a sender refused by the
+    sender table no SPF check of its own.
     """
 
     def __init__(self, port: int, tally: Tally) -> None:
         self.port = port
         self.t = tally
+        self.monitor = False  # [server] mode = "monitor": refusals only counted
 
     def hit(self, table: str, text: str) -> None:
         self.t.add("rule", *scripted.rule(table, text))
 
-    async def session(
-        self, source: str = "127.0.0.1", helo: str = "client.example.test", dnsbl: bool = True
-    ):
+    async def session(self, source: str = CLIENT, helo: str = HELO):
+        """Connect and EHLO; count the connect- and HELO-stage results."""
         c, banner = await RawClient.connect(self.port, source=source)
         assert banner is not None and banner.code == 220
         self.t.add("sessions")
-        listed = LISTED.get(source, ())
-        for zone in ZONES if dnsbl else ():
-            self.t.add("dnsbl", zone, "listed" if zone in listed else "not_listed")
+        refused_at_connect = not self.monitor and (source == "127.0.0.9" or source in LISTED)
+        if source != "127.0.0.9":  # client.cidr refuses it before the DNS lists
+            for zone in ZONES:
+                listed = zone in LISTED.get(source, ())
+                self.t.add("dnsbl", zone, "listed" if listed else "not_listed")
+        if not refused_at_connect and not helo.startswith("reject."):
+            self.t.add("auth", "spf_helo", "none")
         assert (await c.cmd(f"EHLO {helo}")).code == 250
         return c
 
@@ -295,13 +300,12 @@ class Traffic:
         rcpts: list[str],
         content: bytes = BODY,
         *,
-        source: str = "127.0.0.1",
-        helo: str = "client.example.test",
+        source: str = CLIENT,
+        helo: str = HELO,
         spf: str | None = "none",
-        dnsbl: bool = True,
     ) -> list[int]:
         """One session, one transaction, QUIT; the reply codes after EHLO."""
-        c = await self.session(source, helo, dnsbl)
+        c = await self.session(source, helo)
         codes = [(await c.cmd(f"MAIL FROM:<{sender}>")).code]
         codes += [(await c.cmd(f"RCPT TO:<{r}>")).code for r in rcpts]
         r = await c.cmd("DATA")
@@ -317,7 +321,7 @@ class Traffic:
 
     async def enforce_mix(self) -> None:
         t = self.t
-        for i in range(5):  # clean mail, authenticated, of different sizes
+        for i in range(5):  # clean mail, SPF-authenticated, of different sizes
             content = body("small score", "pass", "pass") + (b"x" * 76 + b"\r\n") * (40 * i)
             codes = await self.mail(f"a{i}@spf-pass.test", ["u@example.test"], content, spf="pass")
             assert codes == [250, 250, 354, 250]
@@ -327,16 +331,14 @@ class Traffic:
             self.hit("header.regexp", "small score")
             t.add("eod")
         for _ in range(2):  # mail that fails DKIM and DMARC, accepted all the same
-            codes = await self.mail(
-                "a@spf-fail.test", ["u@example.test"], body("hi", "fail", "fail"), spf="fail"
-            )
+            codes = await self.mail("a@example.org", ["u@example.test"], body("hi", "fail", "fail"))
             assert codes == [250, 250, 354, 250]
             t.add("outcome", "accepted")
             t.add("auth", "dkim", "fail")
             t.add("auth", "dmarc", "fail")
             t.add("eod")
         for _ in range(7):  # a stranger tries to relay
-            codes = await self.mail("x@example.org", ["victim@elsewhere.test"], source="127.0.0.5")
+            codes = await self.mail("x@example.org", ["victim@elsewhere.test"], source=STRANGER)
             assert codes == [250, 554, 554]
             t.add("verdict", "rcpt", "relay", "reject")
             t.add("outcome", "rejected")
@@ -350,11 +352,15 @@ class Traffic:
                 t.add("verdict", "rcpt", "recipient", action)
                 self.hit("recipient", rcpt)
                 t.add("outcome", outcome)
-        # refused at MAIL by the sender table (told at RCPT: delayed rejection)
+        # refused at MAIL by the sender table, then by SPF (told at RCPT: delayed rejection)
         codes = await self.mail("reject-mail@spf-fail.test", ["u@example.test"], spf=None)
         assert codes == [250, 554, 554]
         t.add("verdict", "mail", "sender", "reject")
         self.hit("sender", "reject-mail@")
+        t.add("outcome", "rejected")
+        codes = await self.mail("x@spf-fail.test", ["u@example.test"], spf="fail")
+        assert codes == [250, 550, 554]
+        t.add("verdict", "mail", "spf", "reject")
         t.add("outcome", "rejected")
         # refused at HELO (told at RCPT; MAIL-stage checks do not run)
         codes = await self.mail(
@@ -365,9 +371,7 @@ class Traffic:
         self.hit("helo.regexp", "reject")
         t.add("outcome", "rejected")
         # refused at connect: by the client table, and by DNS lists (told at RCPT)
-        codes = await self.mail(
-            "a@example.org", ["u@example.test"], source="127.0.0.9", spf=None, dnsbl=False
-        )
+        codes = await self.mail("a@example.org", ["u@example.test"], source="127.0.0.9", spf=None)
         assert codes == [250, 554, 554]
         t.add("verdict", "connect", "client.cidr", "reject")
         self.hit("client.cidr", "127.0.0.9")
@@ -375,7 +379,7 @@ class Traffic:
         for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3"):
             codes = await self.mail("a@example.org", ["u@example.test"], source=source, spf=None)
             assert codes == [250, 554, 554]
-            t.add("verdict", "connect", "dnsbl_sim", "reject")
+            t.add("verdict", "connect", "dnsbl", "reject")
             t.add("outcome", "rejected")
         # refused at the DATA command
         codes = await self.mail("reject-data@example.org", ["u@example.test"])
@@ -396,7 +400,7 @@ class Traffic:
         self.hit("header.regexp", "big score")
         t.add("outcome", "rejected")
         t.add("eod")
-        # size limits: declared at MAIL, then actual content
+        # size limits: declared at MAIL (no MAIL-stage checks), then actual content
         c = await self.session()
         assert (await c.cmd("MAIL FROM:<a@example.org> SIZE=50000")).code == 552
         await c.cmd("QUIT")
@@ -439,6 +443,7 @@ class Traffic:
 
     async def monitor_mix(self) -> None:
         t = self.t
+        self.monitor = True
         for _ in range(3):
             codes = await self.mail("a@example.org", ["reject@example.test"])
             assert codes == [250, 250, 354, 250]
@@ -446,9 +451,14 @@ class Traffic:
             self.hit("recipient", "reject@")
             t.add("outcome", "accepted")
             t.add("eod")
-        codes = await self.mail("a@example.org", ["u@example.test"], source="127.0.0.2")
+        # listed, and failing SPF: both only logged and counted (no delayed rejection
+        # is held in monitor mode, so the HELO and MAIL checks run too)
+        codes = await self.mail(
+            "x@spf-fail.test", ["u@example.test"], source="127.0.0.2", spf="fail"
+        )
         assert codes == [250, 250, 354, 250]
-        t.add("would", "connect", "dnsbl_sim", "reject")
+        t.add("would", "connect", "dnsbl", "reject")
+        t.add("would", "mail", "spf", "reject")
         t.add("outcome", "accepted")
         t.add("eod")
         codes = await self.mail("a@example.org", ["u@example.test"], body("big score"))
@@ -538,17 +548,24 @@ async def sink_refusing_nobody(sink: Sink) -> AsyncIterator[Sink]:
     yield sink
 
 
-async def test_traffic_as_prometheus_sees_it(sink_refusing_nobody: Sink, tmp_path) -> None:
+async def test_traffic_as_prometheus_sees_it(
+    sink_refusing_nobody: Sink, dns_server: DnsServer, tmp_path
+) -> None:
     need_binary(PROMETHEUS, "Prometheus (Debian package prometheus)")
     sink = sink_refusing_nobody
     rounds = int(os.environ.get("SPAMGATE_DASHBOARD_ROUNDS", "1"))
     png = os.environ.get("SPAMGATE_DASHBOARD_PNG")
+    scripted.publish_dns(dns_server)
     extra = '[limits]\nmessage_size = 20000\n\n[metrics]\nlisten = "127.0.0.1:0"\n\n'
-    extra += write_rules(tmp_path)
+    extra += write_rules(tmp_path) + scripted.DNS_CHECKS
     config = tmp_path / "spamgate.toml"
     # Reloads only on SIGHUP (not when the file changes), so the test counts them.
     server = {"reload_interval": "0"}
-    config.write_text(config_text(sink, extra, server=server))
+
+    def config_for(**srv: str) -> str:
+        return config_text(sink, extra, server={**server, **srv}, dns=dns_server)
+
+    config.write_text(config_for())
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -576,10 +593,7 @@ async def test_traffic_as_prometheus_sees_it(sink_refusing_nobody: Sink, tmp_pat
             await traffic.enforce_mix()
             if i + 1 < rounds:
                 await asyncio.sleep(5)
-        await gate.reload(
-            config_text(sink, extra, server={**server, "mode": '"monitor"'}),
-            "reloaded configuration",
-        )
+        await gate.reload(config_for(mode='"monitor"'), "reloaded configuration")
         tally.add("reload", "success")
         for i in range(max(1, rounds // 3)):
             await traffic.monitor_mix()
@@ -603,8 +617,25 @@ async def test_traffic_as_prometheus_sees_it(sink_refusing_nobody: Sink, tmp_pat
         )
 
         await asyncio.to_thread(check_counts, prom, at, tally, rounds)
+        # every query the DNS server received, and nothing else, counted as sent
+        sent = f'sum(spamgate_dns_queries_total{{job="{JOB}",result!~"cached|shared"}})'
+        assert prom.values(sent, at)[()] == dns_server.total > 0
         await asyncio.to_thread(check_dashboard, prom, at, tally)
         await asyncio.to_thread(check_rules, prom, at)
+
+        # DNS that fails: new clients whose lookups get SERVFAIL, until the share of
+        # failed lookups over five minutes reaches SpamgateDNSFailing's threshold.
+        dns_alert = alert_expr(prom, "SpamgateDNSFailing")
+        for i in range(40, 90):
+            source = f"127.0.0.{i}"
+            rev = f"{i}.0.0.127"
+            dns_server.fail(f"{rev}.in-addr.arpa", *(f"{rev}.{zone}" for zone in ZONES))
+            c = await traffic.session(source)
+            await c.cmd("QUIT")
+            await c.close()
+            if i % 5 == 4 and await asyncio.to_thread(prom.query, dns_alert):
+                break
+        await prom.wait_for(dns_alert)
 
         # An upstream that stops answering: messages fail, the alert expression fires.
         await sink.stop()
@@ -699,8 +730,7 @@ def check_dashboard(prom: Prometheus, at: float, t: Tally) -> None:
         result = prom.query(expr, at)
         assert result, f"{where}: no data for\n{expr}"
         values = [float(r["value"][1]) for r in result]
-        if not _nan_allowed(expr):
-            assert any(math.isfinite(v) for v in values), f"{where}: only NaN for\n{expr}"
+        assert any(math.isfinite(v) for v in values), f"{where}: only NaN for\n{expr}"
 
     def panel(title: str) -> dict[tuple, float]:
         (p,) = [p for p in panels(json.loads(DASHBOARD.read_text())) if p["title"] == title]
@@ -733,8 +763,7 @@ def check_rules(prom: Prometheus, at: float) -> None:
         if rule["type"] == "recording":
             result = prom.query(rule["name"], at)
             assert result, f"recording rule {rule['name']}: no data"
-            if not _nan_allowed(rule["name"]):
-                assert all(math.isfinite(float(r["value"][1])) for r in result), rule["name"]
+            assert all(math.isfinite(float(r["value"][1])) for r in result), rule["name"]
             continue
         # every series an alert reads exists (names and labels are right) ...
         for selector in selectors(rule["query"]):

@@ -43,9 +43,12 @@ MAIN_PANELS = (
     "Top DNS lists",
     "SPF results",
     "DMARC results",
+    "DNS latency",
+    "DNS lookups by result",
+    "Check latency (p90)",
     "Upstream latency by command (p90)",
-    "Message sizes",
     "Upstream errors by kind",
+    "Message sizes",
     "Reloads in the time range",
 )
 
@@ -173,7 +176,7 @@ def plot(
         f"spamgate dashboard, main panels ({when}, rate interval {rate_interval}; "
         "series that stayed at zero are not drawn)"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(out, dpi=90)
     plt.close(fig)
 
