@@ -72,6 +72,7 @@ class Server:
             self.config.upstream.address,
             self.config.server.mode,
         )
+        log.info("state store: %s", self.services.state.describe())
 
     async def reload(self, path: str | None) -> bool:
         """Load and validate config and tables; swap only if all is well."""
@@ -86,6 +87,8 @@ class Server:
                     log.error("reload refused: %s", problem)
                 log.error("reload refused; still running the previous configuration")
                 return False
+            if config.state != self.config.state:
+                log.warning("reload: [state] changes take effect only after a restart")
             self.runtime.swap(policy)
             metrics.RELOADS.labels("success").inc()
             metrics.RELOAD_OK.set(1)
