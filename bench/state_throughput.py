@@ -11,8 +11,8 @@ nine limits is set far above the load, so each message makes three store
 operations (connect, RCPT, DATA) and none is refused; all sessions share one
 client IP, the worst case for key contention. The modes run in turns (off,
 memory, redis, off, ...) so that other load on the machine falls on all alike.
-Bounded: at most 50k messages and
-200 connections per run, 120 s per run. Prints the median msgs/s per mode.
+Bounded: at most 50k messages and 200 connections per run, 120 s per run.
+Prints the median msgs/s per mode.
 """
 
 from __future__ import annotations
