@@ -10,6 +10,7 @@ says 421 to the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -22,6 +23,7 @@ from .runtime import Policy, Runtime
 from .services import Services
 from .settings import ConfigError, parse_hostport
 from .smtp.protocol import SMTPSession
+from .state import StoreUnavailable
 
 log = logging.getLogger("spamgate")
 
@@ -73,6 +75,8 @@ class Server:
             self.config.server.mode,
         )
         log.info("state store: %s", self.services.state.describe())
+        with contextlib.suppress(StoreUnavailable):  # logged; serving goes on regardless
+            await self.services.state.ping()
 
     async def reload(self, path: str | None) -> bool:
         """Load and validate config and tables; swap only if all is well."""

@@ -132,3 +132,13 @@ async def test_redis_outage_with_tempfail_policy(
     await wait_until_available(gate)
     assert codes(await send(gate))[-1] == 250
     assert len(sink.messages) == 2
+
+
+async def test_starts_and_serves_with_redis_unreachable(
+    gate_factory: GateFactory, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = RedisServer()  # a free port nobody listens on
+    gate = await gate_factory(state_section(dead) + LIMIT.replace("10/1m", "1/1m"))
+    assert "unreachable" in caplog.text  # said at start, not at the first session
+    assert not gate.server.services.state.available
+    assert [codes(await send(gate))[-1] for _ in range(2)] == [250, 250]  # fail open

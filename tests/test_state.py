@@ -198,3 +198,16 @@ async def test_redis_outage_fails_fast_and_recovers(fresh_redis: RedisServer) ->
     assert (await store.hit([w])).counts == (1,)  # the restarted server forgot
     assert await store.first_seen("fs", 10) == 0.0
     await store.aclose()
+
+
+def test_state_settings_are_checked() -> None:
+    from spamgate.config import loads
+    from spamgate.settings import ConfigError
+
+    cfg = loads('[state]\nredis = "redis://127.0.0.1:6390/2"\non_unavailable = "tempfail"\n')
+    assert cfg.state.redis.endswith("/2") and cfg.state.on_unavailable == "tempfail"
+    with pytest.raises(ConfigError) as err:
+        loads('[state]\nredis = "http://x"\non_unavailable = "closed"\n', "s.toml")
+    redis_problem = 's.toml:2: [state] redis: "http://x" is not a Redis URL'
+    assert err.value.problems[0].startswith(redis_problem)
+    assert err.value.problems[1].startswith("s.toml:3: [state] on_unavailable: expected")
