@@ -152,3 +152,45 @@ async def test_monitor_mode_only_counts(gate_factory: GateFactory, state_toml: s
     )
     assert [codes(await send(gate))[-1] for _ in range(3)] == [250, 250, 250]
     assert would() - before == 2
+
+
+def test_override_values() -> None:
+    from spamgate.checks.ratelimit import KINDS, parse_overrides
+
+    assert parse_overrides("messages_per_ip=10000/1h, recipients_per_ip=off") == {
+        "messages_per_ip": Limit(10000, 3600),
+        "recipients_per_ip": None,
+    }
+    assert parse_overrides("UNLIMITED") == dict.fromkeys(KINDS)
+    for bad, why in [
+        ("", "no limits"),
+        ("messages=5/1m", "not a rate limit"),
+        ("messages_per_ip", "not name=COUNT/PERIOD"),
+        ("messages_per_ip=lots", "COUNT/PERIOD"),
+        ("messages_per_ip=", "give a limit or off"),
+        ("messages_per_ip=1/1m messages_per_ip=2/1m", "given twice"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            parse_overrides(bad)
+
+
+async def test_per_client_overrides(gate_factory: GateFactory, state_toml: str) -> None:
+    """A partner gets more; another client none; the rest the configured limit."""
+    from spamgate.checks.ratelimit import RateLimitCheck, parse_overrides
+
+    gate = await gate_factory(state_toml + limits(messages_per_ip="1/1m", recipients_per_ip="5/1m"))
+    (check,) = [c for c in gate.server.runtime.policy.pipeline.checks if c.name == "ratelimit"]
+    assert isinstance(check, RateLimitCheck)
+    table = {
+        "127.0.0.7": parse_overrides("messages_per_ip=3/1m"),
+        "127.0.0.8": parse_overrides("unlimited"),
+    }
+    check.overrides = lambda ctx: table.get(str(ctx.session.client.address))
+    assert [codes(await send(gate, source="127.0.0.7"))[-1] for _ in range(4)] == [250] * 3 + [450]
+    assert [codes(await send(gate, source="127.0.0.8"))[-1] for _ in range(4)] == [250] * 4
+    assert [codes(await send(gate))[-1] for _ in range(2)] == [250, 450]
+    replies = await send(
+        gate, source="127.0.0.7", rcpts=tuple(f"u{i}@example.test" for i in range(6))
+    )
+    # recipients_per_ip is still 5 for it: 4 used above (the refused DATA's RCPT too)
+    assert codes(replies)[3:9] == [250] + [450] * 5

@@ -141,6 +141,33 @@ KINDS: dict[str, _Kind] = {
 Overrides = Callable[[CheckContext], dict[str, Limit | None] | None]
 
 
+def parse_overrides(text: str) -> dict[str, Limit | None]:
+    """The limits one client gets instead of the configured ones, as a table value.
+
+    `messages_per_ip=10000/1h, recipients_per_ip=off` raises one limit and lifts
+    another; `unlimited` lifts them all. Limits not named stay as configured.
+    ValueError with a readable reason, for a `file:line` error.
+    """
+    words = text.replace(",", " ").split()
+    if not words:
+        raise ValueError("no limits given (name=COUNT/PERIOD, name=off, or unlimited)")
+    if [w.lower() for w in words] == ["unlimited"]:
+        return dict.fromkeys(KINDS)
+    out: dict[str, Limit | None] = {}
+    for word in words:
+        name, eq, value = word.partition("=")
+        if not eq:
+            raise ValueError(f"'{word}' is not name=COUNT/PERIOD, name=off or unlimited")
+        if name not in KINDS:
+            raise ValueError(f"'{name}' is not a rate limit ({', '.join(KINDS)})")
+        if name in out:
+            raise ValueError(f"'{name}' is given twice")
+        out[name] = None if value.lower() == "off" else parse_limit(value)
+        if out[name] is None and value.lower() != "off":
+            raise ValueError(f"'{word}': give a limit or off")
+    return out
+
+
 class RateLimitCheck(Check):
     name = "ratelimit"
     stages = frozenset({Stage.CONNECT, Stage.RCPT, Stage.DATA})
