@@ -194,3 +194,12 @@ async def test_per_client_overrides(gate_factory: GateFactory, state_toml: str) 
     )
     # recipients_per_ip is still 5 for it: 4 used above (the refused DATA's RCPT too)
     assert codes(replies)[3:9] == [250] + [450] * 5
+
+
+async def test_counts_survive_a_reload(gate_factory: GateFactory, state_toml: str) -> None:
+    gate = await gate_factory(state_toml + limits(messages_per_ip="2/1m"))
+    assert codes(await send(gate))[-1] == 250
+    before = gate.server.runtime.policy
+    assert await gate.server.reload(gate.server.config.path)
+    assert gate.server.runtime.policy is not before  # new checks, the same store
+    assert [codes(await send(gate))[-1] for _ in range(2)] == [250, 450]
