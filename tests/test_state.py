@@ -211,3 +211,14 @@ def test_state_settings_are_checked() -> None:
     redis_problem = 's.toml:2: [state] redis: "http://x" is not a Redis URL'
     assert err.value.problems[0].startswith(redis_problem)
     assert err.value.problems[1].startswith("s.toml:3: [state] on_unavailable: expected")
+
+
+def test_client_networks() -> None:
+    from ipaddress import ip_address
+
+    from spamgate.state import network_of
+
+    assert network_of(ip_address("192.0.2.77"), 24, 64) == "192.0.2.0/24"
+    assert network_of(ip_address("192.0.2.77"), 32, 64) == "192.0.2.77/32"
+    assert network_of(ip_address("2001:db8:1:2:3::9"), 24, 64) == "2001:db8:1:2::/64"
+    assert network_of(ip_address("2001:db8:1:2:3::9"), 24, 48) == "2001:db8:1::/48"
