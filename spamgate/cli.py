@@ -72,6 +72,62 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    """Look KEY up in TABLE like `postmap -q`: 0 found, 1 not found, 2 bad table."""
+    import socket
+
+    from .explain import make_query, query_table
+    from .tables import load_table
+
+    try:
+        hostname = load(args.config).hostname if args.config else socket.getfqdn()
+        table = load_table(args.table, hostname=hostname)
+    except (ConfigError, ValueError) as exc:
+        for problem in getattr(exc, "problems", [str(exc)]):
+            print(f"spamgate: {problem}", file=sys.stderr)
+        return 2
+    found = query_table(table, make_query(args.key, args.stage), sys.stdout)
+    if found:
+        print(f"{args.key}: not found in {args.table}", file=sys.stderr)
+    return found
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """One synthetic session through every check; 0 if the mail would be accepted."""
+    from .explain import explain
+
+    _setup_logging("warning")
+    message = None
+    if args.eml:
+        try:
+            with open(args.eml, "rb") as fh:
+                raw = fh.read()
+        except OSError as exc:
+            print(f"spamgate: {args.eml}: {exc.strerror}", file=sys.stderr)
+            return 2
+        # .eml files usually have LF line ends; SMTP carries CRLF.
+        message = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    try:
+        config = load(args.config)
+        return asyncio.run(
+            explain(
+                config,
+                client_ip=args.client,
+                client_name=args.name,
+                helo=args.helo,
+                sender=args.sender,
+                recipients=args.rcpt,
+                message=message,
+                out=sys.stdout,
+                verbose=args.verbose,
+            )
+        )
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return 2
+
+
 def reference_markdown() -> str:
     """The configuration reference as Markdown tables, one per section."""
     from .config import all_sections
@@ -105,6 +161,15 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ip(text: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spamgate", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"spamgate {__version__}")
@@ -118,6 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a configuration and its rule tables")
     check.add_argument("-c", "--config", required=True, help="configuration file")
     check.set_defaults(func=cmd_check)
+
+    query = sub.add_parser("query", help="look a key up in a rule table (like postmap -q)")
+    query.add_argument("table", metavar="TABLE", help='a table as "type:path"')
+    query.add_argument("key", metavar="KEY", help="an IP, host name, HELO name, address or line")
+    query.add_argument(
+        "--as",
+        dest="stage",
+        choices=["client", "helo", "sender", "recipient", "header", "body"],
+        help="look KEY up as this stage does (default: guessed from KEY)",
+    )
+    query.add_argument("-c", "--config", help="configuration file (for ${myhostname})")
+    query.set_defaults(func=cmd_query)
+
+    exp = sub.add_parser(
+        "explain", help="run one synthetic session through every check and explain the outcome"
+    )
+    exp.add_argument("-c", "--config", required=True, help="configuration file")
+    exp.add_argument("--client", default="192.0.2.1", type=_ip, help="client IP address")
+    exp.add_argument("--name", help="client's verified host name (default: looked up)")
+    exp.add_argument("--helo", default="client.example.net", help="HELO/EHLO name")
+    exp.add_argument("--sender", default="sender@example.net", help="MAIL FROM address")
+    exp.add_argument(
+        "--rcpt", action="append", required=True, help="RCPT TO address (repeat for more)"
+    )
+    exp.add_argument("--eml", help="message file to send as DATA (default: a tiny one)")
+    exp.add_argument("-v", "--verbose", action="store_true", help="also print the session log")
+    exp.set_defaults(func=cmd_explain)
 
     ref = sub.add_parser("config-reference", help="print every setting with its default")
     ref.add_argument("--update", metavar="FILE", help="rewrite the reference block in FILE")

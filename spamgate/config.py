@@ -33,6 +33,16 @@ def _upstream_address(value: str) -> str | None:
     return hostports([value])
 
 
+def _address_ports(value: list[str]) -> str | None:
+    for item in value:
+        try:
+            host, _port = parse_hostport(item)
+            ipaddress.ip_address(host)
+        except ValueError:
+            return f'"{item}" is not "address:port" (an IP address, not a name)'
+    return None
+
+
 def _domains(value: list[str]) -> str | None:
     for item in value:
         if not item or " " in item or "@" in item:
@@ -71,6 +81,12 @@ class ServerSettings:
     )
     quarantine: str = setting(
         "spamgate-quarantine", "Maildir where HOLD (quarantined) messages are written."
+    )
+    reload_interval: float = setting(
+        2.0,
+        "Seconds between looks at the config and rule files; a change reloads them "
+        "(0: only on SIGHUP).",
+        check=non_negative,
     )
 
 
@@ -157,7 +173,9 @@ class SmtpSettings:
 @dataclass(frozen=True)
 class DnsSettings:
     nameservers: list[str] = setting(
-        [], 'Resolvers as "host:port"; empty: the system\'s (/etc/resolv.conf).', check=hostports
+        [],
+        'Resolvers as "address:port"; empty: the system\'s (/etc/resolv.conf).',
+        check=_address_ports,
     )
     timeout: float = setting(2.0, "Seconds per query attempt.", check=positive)
     lifetime: float = setting(

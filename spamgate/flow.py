@@ -29,6 +29,7 @@ from .upstream.base import UpstreamError, UpstreamSession
 from .verdict import Action, Outcome, Symbol, Verdict
 
 if TYPE_CHECKING:
+    from .pipeline import Trace
     from .runtime import Policy, Runtime
 
 log = logging.getLogger("spamgate.session")
@@ -68,6 +69,13 @@ class SessionFlow:
         self.upstream: UpstreamSession | None = None
         self._txn_state = _TxnState()
         self._session_disposal: Verdict | None = None
+        # Which stage held the session-level rejection or disposal: a new HELO
+        # replaces what the previous HELO decided, never what connect decided.
+        self._pending_stage: Stage | None = None
+        self._disposal_stage: Stage | None = None
+        self._connect_marks = (0, 0)  # session symbols, headers after connect
+        # Sees every check's verdict (spamgate explain); see Pipeline.run.
+        self.trace: Trace | None = None
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -79,7 +87,7 @@ class SessionFlow:
         self, stage: Stage, recipient: Recipient | None = None, message: Message | None = None
     ) -> Outcome:
         ctx = CheckContext(stage, self.session, self.txn, recipient, message)
-        outcome = await self.policy.pipeline.run(ctx, self.log)
+        outcome = await self.policy.pipeline.run(ctx, self.log, self.trace)
         target = (
             self.session if stage in (Stage.CONNECT, Stage.HELO) or self.txn is None else self.txn
         )
@@ -93,7 +101,11 @@ class SessionFlow:
         return [Symbol(s.name, overrides.get(s.name, s.score)) for s in symbols]
 
     def _all_symbols(self) -> list[Symbol]:
-        return self.session.symbols + (self.txn.symbols if self.txn else [])
+        """Each symbol counts once, however many checks, lines or recipients found it."""
+        seen: dict[str, Symbol] = {}
+        for sym in self.session.symbols + (self.txn.symbols if self.txn else []):
+            seen.setdefault(sym.name, sym)
+        return list(seen.values())
 
     def _score(self) -> float:
         return sum(s.score for s in self._all_symbols())
@@ -159,6 +171,7 @@ class SessionFlow:
             s.client.name = await self.runtime.services.client_name(s.client.address)
         self.log.info("connect from %s:%d", s.client.display, s.client.port)
         outcome = await self._run(Stage.CONNECT)
+        self._connect_marks = (len(s.symbols), len(s.headers))
         return self._early(outcome, Stage.CONNECT, greeting=True)
 
     def pregreet(self, action: str) -> Reply | None:
@@ -186,6 +199,7 @@ class SessionFlow:
                 self._txn_state.disposal = verdict
             else:
                 self._session_disposal = verdict
+                self._disposal_stage = stage
             return None
         assert verdict.reply is not None
         self.log.info(
@@ -204,6 +218,7 @@ class SessionFlow:
                 self.txn.pending = verdict
             elif self.session.pending is None:
                 self.session.pending = verdict
+                self._pending_stage = stage
             return None
         if greeting and verdict.action is Action.DEFER:
             return Reply(421, verdict.reply.enhanced, verdict.reply.lines)
@@ -215,9 +230,22 @@ class SessionFlow:
         client = self.session.client
         if self.upstream is not None and (client.helo != name or client.esmtp != esmtp):
             await self._drop_upstream()  # the upstream must hear the new name via XCLIENT
+        s = self.session
+        # What an earlier HELO decided no longer holds (Postfix judges the last one).
+        if self._pending_stage is Stage.HELO:
+            s.pending, self._pending_stage = None, None
+        if self._disposal_stage is Stage.HELO:
+            self._session_disposal, self._disposal_stage = None, None
+        del s.symbols[self._connect_marks[0] :]
+        del s.headers[self._connect_marks[1] :]
+        previous = client.helo, client.esmtp
         client.helo, client.esmtp = name, esmtp
         outcome = await self._run(Stage.HELO)
-        return self._early(outcome, Stage.HELO)
+        refusal = self._early(outcome, Stage.HELO)
+        if refusal is not None:
+            # As in Postfix, a refused HELO does not count as a greeting.
+            client.helo, client.esmtp = previous
+        return refusal
 
     async def mail(self, arg: PathArg) -> Reply:
         size = arg.keywords.get("SIZE")
@@ -244,7 +272,12 @@ class SessionFlow:
             reply = await self.upstream.mail(arg.address, arg.params, txn.smtputf8)
         except UpstreamError as exc:
             await self._drop_upstream()
-            reply = exc.reply if exc.reply is not None else self._upstream_failed(exc, "MAIL")
+            # Only a refusal is relayed: a positive reply here would tell the client
+            # its MAIL was accepted while the transaction is already over.
+            if exc.reply is not None and exc.reply.code >= 400:
+                reply = exc.reply
+            else:
+                reply = self._upstream_failed(exc, "MAIL")
             self._end_txn(reply)
             return reply
         if reply.code != 250:
@@ -397,7 +430,10 @@ class SessionFlow:
             headers += txn.headers
         s = self.config.scoring
         score = self._score()
-        if s.tag and score >= s.tag and not self.policy.pipeline.monitor:
+        if s.tag and score >= s.tag and self.policy.pipeline.monitor:
+            metrics.WOULD_VERDICTS.labels(Stage.EOD.value, "score", "tag").inc()
+            self.log.info("monitor: score %.1f would tag the message as spam", score)
+        elif s.tag and score >= s.tag:
             names = ",".join(sorted({sym.name for sym in self._all_symbols()}))
             headers += [
                 ("X-Spam-Flag", "YES"),

@@ -117,7 +117,8 @@ SCORE = Histogram(
 # -- DNS and authentication ---------------------------------------------------------
 DNS_QUERIES = Counter(
     "spamgate_dns_queries_total",
-    "DNS lookups by type and result (answer, nxdomain, nodata, timeout, error, cached).",
+    # cached: answered from the cache; shared: joined an identical query in flight
+    "DNS lookups by type and result (answer, nxdomain, nodata, timeout, error, cached, shared).",
     ["type", "result"],
     registry=REGISTRY,
 )

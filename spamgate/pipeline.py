@@ -12,15 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import metrics
-from .checks.base import Check, CheckContext, TransactionObserver
+from .checks.base import Check, CheckContext, CheckError, TransactionObserver
 from .model import Stage
 from .reply import Reply
 from .verdict import Action, Outcome, Verdict
 
 log = logging.getLogger("spamgate.pipeline")
+
+# Called with (stage, check, verdict, seconds) after each check, for `spamgate explain`.
+Trace = Callable[[Stage, Check, Verdict, float], None]
 
 CHECK_TEMPFAIL = Reply(451, "4.3.0", ("Temporary failure in a message check, try again later",))
 
@@ -42,12 +45,25 @@ class Pipeline:
     def for_stage(self, stage: Stage) -> list[Check]:
         return self._by_stage[stage]
 
-    async def run(self, ctx: CheckContext, logger: logging.LoggerAdapter | None = None) -> Outcome:
+    async def run(
+        self,
+        ctx: CheckContext,
+        logger: logging.LoggerAdapter | None = None,
+        trace: Trace | None = None,
+    ) -> Outcome:
+        """Run the stage's checks; `trace` sees every check's verdict (spamgate explain)."""
         outcome = Outcome()
         lg = logger or log
         stage = ctx.stage.value
         for check in self._by_stage[ctx.stage]:
+            started = time.perf_counter()
             verdict = await self._run_one(check, ctx, lg)
+            if trace is not None:
+                trace(ctx.stage, check, verdict, time.perf_counter() - started)
+            for table, line in verdict.hits:
+                metrics.RULE_HITS.labels(table, str(line)).inc()
+            for would in verdict.would:
+                self._would(outcome, check, would, stage, lg)
             outcome.symbols.extend(verdict.symbols)
             outcome.headers.extend(verdict.headers)
             if verdict.result is not None:
@@ -58,21 +74,27 @@ class Pipeline:
             if not verdict.is_final:
                 continue
             if verdict.action.refuses and (self.monitor or verdict.monitor):
-                outcome.would.append(verdict)
-                metrics.WOULD_VERDICTS.labels(stage, check.label, verdict.action.value).inc()
-                lg.info(
-                    "monitor: %s would %s at %s: %s%s",
-                    check.label,
-                    verdict.action.value,
-                    stage,
-                    verdict.reply or "",
-                    _rule(verdict),
-                )
+                self._would(outcome, check, verdict, stage, lg)
                 continue
             metrics.VERDICTS.labels(stage, check.label, verdict.action.value).inc()
             outcome.final = verdict
             break
         return outcome
+
+    @staticmethod
+    def _would(
+        outcome: Outcome, check: Check, verdict: Verdict, stage: str, lg: logging.LoggerAdapter
+    ) -> None:
+        outcome.would.append(verdict)
+        metrics.WOULD_VERDICTS.labels(stage, check.label, verdict.action.value).inc()
+        lg.info(
+            "monitor: %s would %s at %s: %s%s",
+            check.label,
+            verdict.action.value,
+            stage,
+            verdict.reply or verdict.warn or "",
+            _rule(verdict),
+        )
 
     async def _run_one(self, check: Check, ctx: CheckContext, lg: logging.LoggerAdapter) -> Verdict:
         started = time.perf_counter()
@@ -83,6 +105,8 @@ class Pipeline:
             return self._failed(check, "timeout", f"timed out after {check.timeout:g}s", lg)
         except asyncio.CancelledError:
             raise
+        except CheckError as exc:
+            return self._failed(check, exc.kind, str(exc), lg)
         except Exception as exc:
             lg.exception("check %s failed", check.label)
             return self._failed(check, "exception", f"{type(exc).__name__}: {exc}", lg)

@@ -21,6 +21,7 @@ from .model import IPAddress
 from .pipeline import Pipeline
 from .relay import RelayPolicy
 from .services import Services
+from .settings import ConfigError
 
 log = logging.getLogger("spamgate")
 
@@ -34,10 +35,16 @@ class Policy:
 
     @classmethod
     def build(cls, config: Config, services: Services) -> Policy:
-        """Build every check; raises settings.ConfigError on a bad rule file."""
+        """Build every check; raises settings.ConfigError listing every bad rule file line."""
         checks: list[Check] = []
+        problems: list[str] = []
         for kind in CHECK_TYPES:
-            checks.extend(kind.from_config(config, services))
+            try:
+                checks.extend(kind.from_config(config, services))
+            except ConfigError as exc:
+                problems += [p for p in exc.problems if p not in problems]
+        if problems:
+            raise ConfigError(problems)
         return cls(
             config=config,
             pipeline=Pipeline(checks, monitor=config.server.mode == "monitor"),
@@ -46,11 +53,21 @@ class Policy:
         )
 
 
+def sources(config: Config) -> list[str]:
+    """The config file and every file its checks read: what the reload watcher watches."""
+    files = [config.path] if config.path else []
+    for kind in CHECK_TYPES:
+        files += [f for f in kind.sources(config) if f not in files]
+    return files
+
+
 def config_digest(config: Config) -> str:
+    """A hash of the config file and every rule file: changes when any of them does."""
     h = hashlib.sha256()
-    if config.path:
+    for path in sources(config):
+        h.update(path.encode("utf-8", "surrogateescape") + b"\0")
         try:
-            with open(config.path, "rb") as fh:
+            with open(path, "rb") as fh:
                 h.update(fh.read())
         except OSError:
             pass
@@ -69,6 +86,8 @@ class Runtime:
         self.loaded_at = time.time()
         # Open SMTP sessions (smtp.protocol.SMTPSession), for shutdown.
         self.sessions: set = set()
+        # Problems that made the last reload fail (empty when it succeeded): health.
+        self.reload_problems: list[str] = []
         self._note_policy(policy)
 
     @property

@@ -1,8 +1,11 @@
 """Listeners, reload and graceful shutdown for one process.
 
-SIGHUP reloads: the new configuration and every rule table are built and validated
-before anything changes; a broken file keeps the running policy, logs each problem
-as `file:line: message` and clears the reload-success gauge. SIGTERM stops
+SIGHUP reloads, and so does a change to the config file or any rule file (polled
+every `reload_interval` seconds; a change is acted on once the file has stopped
+changing for one interval, so a half-written file is not loaded). The new
+configuration and every rule table are built and validated before anything
+changes; a broken file keeps the running policy, logs each problem as
+`file:line: message` and clears the reload-success gauge. SIGTERM stops
 accepting, lets sessions finish their transaction within `shutdown_grace`, then
 says 421 to the rest.
 """
@@ -13,13 +16,14 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from . import metrics
 from .config import Config, load
-from .runtime import Policy, Runtime
+from .runtime import Policy, Runtime, sources
 from .services import Services
 from .settings import ConfigError, parse_hostport
 from .smtp.protocol import SMTPSession
@@ -32,15 +36,36 @@ class StartupError(Exception):
     """A user-facing problem that stops startup (port in use, bad permissions)."""
 
 
+# What a file looked like when last loaded: (mtime_ns, size, inode), None if missing.
+FileState = dict[str, tuple[int, int, int] | None]
+
+
+def file_state(paths: Iterable[str]) -> FileState:
+    out: FileState = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out[path] = None
+        else:
+            out[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+    return out
+
+
 class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.services = Services.build(config)
+        watched = file_state(sources(config))
         self.runtime = Runtime(Policy.build(config, self.services), self.services)
         self.servers: list[asyncio.base_events.Server] = []
         self.addresses: list[tuple[str, int]] = []
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        # The files behind the running policy (or the last refused attempt), as seen
+        # just before they were read: a later change to any of them means reload.
+        self._watched: FileState = watched
+        self._watcher: asyncio.Task[None] | None = None
 
     def _factory(self) -> SMTPSession:
         return SMTPSession(self.runtime)
@@ -68,6 +93,8 @@ class Server:
                 name = sock.getsockname()
                 self.addresses.append((name[0], name[1]))
         metrics.RELOAD_OK.set(1)
+        if self.config.path and self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(self.config.path))
         log.info(
             "spamgate listening on %s, upstream %s, mode %s",
             ", ".join(f"{h}:{p}" for h, p in self.addresses),
@@ -78,26 +105,57 @@ class Server:
         with contextlib.suppress(StoreUnavailable):  # logged; serving goes on regardless
             await self.services.state.ping()
 
-    async def reload(self, path: str | None) -> bool:
+    async def reload(self, path: str | None, *, reason: str = "SIGHUP") -> bool:
         """Load and validate config and tables; swap only if all is well."""
         async with self._reload_lock:
+            seen = file_state([path]) if path else {}
             try:
                 config = await asyncio.to_thread(load, path)
+                seen = {**file_state(sources(config)), **seen}
                 policy = await asyncio.to_thread(Policy.build, config, self.services)
             except ConfigError as exc:
+                # Not retried until one of these files changes again.
+                self._watched = {**self._watched, **seen}
+                self.runtime.reload_problems = list(exc.problems)
                 metrics.RELOADS.labels("failure").inc()
                 metrics.RELOAD_OK.set(0)
                 for problem in exc.problems:
                     log.error("reload refused: %s", problem)
-                log.error("reload refused; still running the previous configuration")
+                log.error("reload (%s) refused; still running the previous configuration", reason)
                 return False
             if config.state != self.config.state:
                 log.warning("reload: [state] changes take effect only after a restart")
+            self._watched = seen
+            self.runtime.reload_problems = []
             self.runtime.swap(policy)
             metrics.RELOADS.labels("success").inc()
             metrics.RELOAD_OK.set(1)
-            log.info("reloaded configuration %s (hash %s)", path or "(defaults)", policy.digest)
+            log.info(
+                "reloaded configuration %s (%s, hash %s)",
+                path or "(defaults)",
+                reason,
+                policy.digest,
+            )
             return True
+
+    async def _watch(self, path: str) -> None:
+        """Reload when a watched file changed and then stayed the same for one interval."""
+        settling: FileState | None = None
+        while True:
+            interval = self.runtime.config.server.reload_interval
+            await asyncio.sleep(interval if interval > 0 else 1.0)
+            if interval <= 0:
+                continue
+            now = file_state(self._watched)
+            if now == self._watched:
+                settling = None
+                continue
+            if now != settling:
+                settling = now  # still changing, or just changed: look again
+                continue
+            settling = None
+            changed = sorted(p for p in now if now[p] != self._watched.get(p))
+            await self.reload(path, reason="changed: " + ", ".join(changed))
 
     async def close_listeners(self) -> None:
         # Not wait_closed(): from Python 3.12 it waits for every session to end,
@@ -113,6 +171,9 @@ class Server:
             await self._stopped.wait()
             return
         rt.closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         grace = self.config.server.shutdown_grace if grace is None else grace
         await self.close_listeners()
         log.info("shutting down: %d sessions open, grace %.0fs", len(rt.sessions), grace)

@@ -7,22 +7,30 @@ counters, greylisting, reputation) is kept. Checks receive them in `from_config`
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass, field
-from typing import Any
 
 from .background import Background
 from .config import Config
 from .model import IPAddress
+from .resolver import Resolver
 from .state import MemoryStore, StateStore, build_store
 from .upstream import Upstream, build_upstream
 from .upstream.maildir import MaildirUpstream
+
+
+def _worker_threads() -> concurrent.futures.ThreadPoolExecutor:
+    # For synchronous library code that only computes (pyspf between lookups): it
+    # never waits on the network there, so two threads keep up with both cores.
+    return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="spamgate-sync")
 
 
 @dataclass
 class Services:
     upstream: Upstream
     quarantine: MaildirUpstream
-    resolver: Any = None  # spamgate.dns.Resolver once the DNS issue lands
+    resolver: Resolver
+    threads: concurrent.futures.ThreadPoolExecutor = field(default_factory=_worker_threads)
     # [state] is read once at start: a reload does not switch stores.
     state: StateStore = field(default_factory=MemoryStore)
     background: Background = field(default_factory=Background)
@@ -34,16 +42,17 @@ class Services:
             quarantine=MaildirUpstream(
                 config.resolve_path(config.server.quarantine), config.hostname
             ),
+            resolver=Resolver(config.dns),
             state=build_store(config.state),
         )
 
     async def client_name(self, address: IPAddress) -> str:
-        """The client's verified reverse name, or XCLIENT's `[UNAVAILABLE]`."""
-        if self.resolver is None:
-            return "[UNAVAILABLE]"
+        """The client's verified reverse name, `[UNAVAILABLE]` or `[TEMPUNAVAIL]`."""
         return await self.resolver.verified_name(address)
 
     async def aclose(self) -> None:
         await self.background.drain()
         await self.state.aclose()
         await self.upstream.aclose()
+        await self.resolver.aclose()
+        self.threads.shutdown(wait=False, cancel_futures=True)

@@ -67,6 +67,11 @@ class Verdict:
     result: object | None = None
     # WARN in a rule file: the action is logged and counted as "would", not done.
     monitor: bool = False
+    # Monitor-only actions met on the way to this verdict (`WARN REJECT` rules the
+    # lookup went past); the runner logs and counts each as "would".
+    would: tuple[Verdict, ...] = ()
+    # Rule table entries that matched, as (table, line), for the rule-hit metric.
+    hits: tuple[tuple[str, int], ...] = ()
 
     @property
     def is_final(self) -> bool:
@@ -74,6 +79,16 @@ class Verdict:
 
 
 DUNNO = Verdict()
+
+
+class CheckError(Exception):
+    """A check could not decide for a known reason (a lookup ran out of time).
+
+    The runner logs it in one line, without a traceback, and applies the check's
+    `on_error`; `kind` is the metric label (timeout, exception).
+    """
+
+    kind = "exception"
 
 
 def reject(text: str = "Access denied", code: int = 554, *, rule: str | None = None) -> Verdict:

@@ -1,4 +1,9 @@
-"""Shared fixtures: a recording upstream sink and spamgate running on loopback."""
+"""Shared fixtures: a recording upstream sink, a DNS server, a private Postfix, spamgate.
+
+Every spamgate started here resolves through `dns_server`, a per-test authoritative
+server on loopback: nothing reaches the system resolver, and a test publishes the
+records it needs (`dns_server.zone(...)`) before it connects.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import pytest
 from spamgate.config import loads
 from spamgate.server import Server
 
+from .dnsserver import DnsServer
+from .postfix import POSTFIX, PostfixInstance
 from .redisserver import REDIS_SERVER, RedisServer
 from .sink import Sink
 from .smtpclient import RawClient
@@ -28,9 +35,60 @@ def need_binary(path: str, what: str) -> None:
     pytest.skip(f"{what} not installed ({path})")
 
 
+def need_postfix() -> None:
+    """A private Postfix needs the binary and root (it drops to its own users)."""
+    need_binary(POSTFIX, "Postfix")
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("the Postfix integration tests must run as root in CI")
+        pytest.skip("a private Postfix instance needs root")
+
+
+@pytest.fixture(scope="session")
+def postfix() -> Iterator[PostfixInstance]:
+    """One private Postfix for the whole run (tests/postfix.py describes it).
+
+    Shared because starting one takes about a second; tests tell their mail apart
+    by a unique marker in the message and a client address of their own.
+    """
+    need_postfix()
+    with PostfixInstance() as instance:
+        yield instance
+
+
+PostfixFactory = Callable[..., PostfixInstance]
+
+
+@pytest.fixture(scope="module")
+def postfix_factory() -> Iterator[PostfixFactory]:
+    """Start Postfix instances with other settings (PostfixInstance's arguments:
+    `main_extra` lines, `smtpd_options`, a whole `listener`); stopped after the module.
+    """
+    need_postfix()
+    started: list[PostfixInstance] = []
+
+    def start(**kwargs: object) -> PostfixInstance:
+        instance = PostfixInstance(**kwargs)  # type: ignore[arg-type]
+        started.append(instance)
+        return instance.start()
+
+    yield start
+    for instance in started:
+        instance.cleanup()
+
+
 @pytest.fixture
 async def sink() -> AsyncIterator[Sink]:
     s = Sink()
+    await s.start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+async def dns_server() -> AsyncIterator[DnsServer]:
+    """A DNS server with no zones yet: every name is NXDOMAIN until published."""
+    s = DnsServer()
     await s.start()
     yield s
     await s.stop()
@@ -54,9 +112,15 @@ GateFactory = Callable[..., Awaitable[Gate]]
 
 
 def config_text(
-    sink: Sink | None, extra: str = "", server: dict | None = None, up: dict | None = None
+    sink: Sink | None,
+    extra: str = "",
+    server: dict | None = None,
+    up: dict | None = None,
+    dns: DnsServer | None = None,
+    resolver: dict | None = None,
 ) -> str:
-    """A test config; `server`/`up` map keys to TOML literals, `extra` adds sections."""
+    """A test config; `server`/`up`/`resolver` ([dns]) map keys to TOML literals,
+    `extra` adds sections."""
     srv = {
         "listen": '["127.0.0.1:0"]',
         "hostname": '"gate.test"',
@@ -68,11 +132,19 @@ def config_text(
     ups.update(up or {})
     text = "[server]\n" + "".join(f"{k} = {v}\n" for k, v in srv.items())
     text += "\n[upstream]\n" + "".join(f"{k} = {v}\n" for k, v in ups.items())
+    # Short DNS timeouts: a test that waits on DNS by mistake fails fast, not in 5 s.
+    res = {"timeout": "0.5", "lifetime": "1.0"}
+    if dns is not None:
+        res["nameservers"] = f'["{dns.address}"]'
+    else:  # no DNS in this config: no checks, no reverse lookups
+        res["reverse_lookup"] = "false"
+    res.update(resolver or {})
+    text += "\n[dns]\n" + "".join(f"{k} = {v}\n" for k, v in res.items())
     return text + "\n" + textwrap.dedent(extra)
 
 
 @pytest.fixture
-async def gate_factory(sink: Sink, tmp_path) -> AsyncIterator[GateFactory]:
+async def gate_factory(sink: Sink, dns_server: DnsServer, tmp_path) -> AsyncIterator[GateFactory]:
     """Start spamgate with extra TOML appended to a default test config."""
     gates: list[Gate] = []
 
@@ -82,9 +154,11 @@ async def gate_factory(sink: Sink, tmp_path) -> AsyncIterator[GateFactory]:
         upstream: Sink | str | None = "sink",
         server: dict | None = None,
         up: dict | None = None,
+        resolver: dict | None = None,
     ) -> Gate:
         target = sink if upstream == "sink" else upstream
-        text = config_text(target if isinstance(target, Sink) else None, extra, server, up)
+        sink_or_none = target if isinstance(target, Sink) else None
+        text = config_text(sink_or_none, extra, server, up, dns_server, resolver)
         path = tmp_path / f"spamgate-{len(gates)}.toml"
         path.write_text(text)
         srv = Server(loads(text, str(path)))

@@ -87,7 +87,7 @@ class SinkSMTP(SMTP):
     async def smtp_XCLIENT(self, arg: str) -> None:
         self.sink.commands.append(f"XCLIENT {arg}")
         reply = self.sink.behaviour.replies.get("XCLIENT", "220 sink.test ESMTP")
-        if reply.startswith("220"):
+        if reply.startswith("2"):  # Postfix says 220, smtp-sink 250
             self.xclient.append(arg)
             self.session.host_name = None
             self._set_rset_state()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from ..model import IPAddress, Recipient, Session, Stage, Transaction
-from ..verdict import Verdict
+from ..verdict import CheckError, Verdict
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -21,6 +21,15 @@ if TYPE_CHECKING:
     from ..services import Services
 
 OnError = Literal["continue", "tempfail"]
+
+__all__ = [
+    "Check",
+    "CheckContext",
+    "CheckError",
+    "OnError",
+    "TransactionEnd",
+    "TransactionObserver",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +60,11 @@ class Check(abc.ABC):
         Raise `settings.ConfigError` with `file:line: message` texts for problems
         found in files the check reads (rule tables), so a reload can refuse them.
         """
+
+    @classmethod
+    def sources(cls, config: Config) -> list[str]:
+        """Files this check reads for `config`; a change to one triggers a reload."""
+        return []
 
     @abc.abstractmethod
     async def check(self, ctx: CheckContext) -> Verdict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from dataclasses import dataclass
 from enum import Enum
 
@@ -42,13 +43,37 @@ class DataTimeout(Exception):
     """No data arrived within the per-read timeout."""
 
 
+async def _read_piece(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """`readuntil(b".\\r\\n")`, giving up only after `timeout` seconds without data.
+
+    A piece ends at a line ending in a dot or at a full buffer (64 KiB), which a slow
+    but steady sender may take longer than `timeout` to fill; RFC 5321 §4.5.3.2.5
+    times each data block, not the message. So wait in slices and keep waiting as
+    long as the buffer grew (it only grows while we wait): the timeout fires between
+    `timeout` and 1.25 times `timeout` after the last byte arrived.
+    """
+    buffered = len(reader._buffer)  # type: ignore[attr-defined]
+    quiet_since = time.monotonic()
+    while True:
+        try:
+            async with asyncio.timeout(timeout / 4):
+                return await reader.readuntil(b".\r\n")
+        except TimeoutError:
+            now = time.monotonic()
+            if len(reader._buffer) != buffered:  # type: ignore[attr-defined]
+                buffered, quiet_since = len(reader._buffer), now  # type: ignore[attr-defined]
+            elif now - quiet_since >= timeout:
+                raise DataTimeout() from None
+
+
 class _Scanner:
     """Tracks line lengths and bare CR/LF across the pieces of one message."""
 
     def __init__(self, max_line: int, reject_bare: bool) -> None:
-        self.max_line = max_line
+        # `max_line` counts the CRLF; the scanner counts the bytes before the LF.
+        self.max_line = max_line - 1
         self.reject_bare = reject_bare
-        self._long = re.compile(rb"[^\n]{%d}" % (max_line + 1))
+        self._long = re.compile(rb"[^\n]{%d}" % max_line)
         self.line_len = 0  # length of the unfinished line so far
         self.last = b"\n"  # previous byte
         self.problem: DataProblem | None = None
@@ -107,15 +132,12 @@ async def read_data(
     problem: DataProblem | None = None
     while True:
         try:
-            async with asyncio.timeout(timeout):
-                chunk = await reader.readuntil(b".\r\n")
+            chunk = await _read_piece(reader, timeout)
             ended = (tail + chunk[-5:]).endswith(_TERMINATOR)
         except asyncio.LimitOverrunError as exc:
-            async with asyncio.timeout(timeout):
-                chunk = await reader.read(max(exc.consumed, 1))
+            # the buffer is full (exc.consumed bytes), so this returns at once
+            chunk = await reader.read(max(exc.consumed, 1))
             ended = False
-        except TimeoutError:
-            raise DataTimeout() from None
         piece = chunk[:-3] if ended else chunk
         size += len(piece)
         if problem is None:

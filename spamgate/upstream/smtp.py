@@ -165,13 +165,14 @@ class SmtpSession(UpstreamSession):
             )
         attrs = {a.upper() for a in offered.split()}
         reply = await self._command("xclient", b"XCLIENT", *xclient_args(client, attrs))
-        if reply.code == 220:
+        # Postfix's smtpd says 220 (a new greeting); Postfix's own smtp-sink says 250.
+        if reply.code // 100 == 2:
             await self._hello(client.helo or our_name, client.esmtp or not client.helo)
             return
-        if reply.code in (550, 501, 503):
+        if reply.code in (550, 501, 503) or reply.code < 400:
             metrics.UPSTREAM_ERRORS.labels("xclient").inc()
             raise UpstreamError("xclient", f"upstream refused XCLIENT: {reply}")
-        # Any other answer is about the real client (e.g. 421, 554): relay it.
+        # Any other refusal is about the real client (e.g. 421, 554): relay it.
         raise UpstreamError("refused", f"upstream refused the client at XCLIENT: {reply}", reply)
 
     async def mail(self, sender: str, params: tuple[str, ...], smtputf8: bool) -> Reply:

@@ -1,0 +1,271 @@
+"""`spamgate explain` and `spamgate query`: what the rules do, without sending mail.
+
+`explain` drives one synthetic session through the real `SessionFlow`, with the
+real checks (DNS included), so delayed rejection, score thresholds and monitor
+mode behave exactly as they do on port 25; only the upstream is a stand-in that
+says 250 and keeps nothing. Each check's verdict is printed as the runner sees it.
+`query` looks one key up in one table, like `postmap -q`, and says which line
+answered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+from typing import TextIO
+
+from .checks.base import Check
+from .config import Config
+from .flow import SessionFlow
+from .model import Client, Session, Stage
+from .reply import Reply
+from .runtime import Policy, Runtime
+from .services import Services
+from .smtp.commands import PathArg
+from .tables import Query, Table
+from .tables.keys import NULL_SENDER, parse_ip
+from .upstream.base import Upstream, UpstreamSession
+from .verdict import Action, Symbol, Verdict
+
+SYNTHETIC = (
+    "From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: spamgate explain\r\n"
+    "Message-ID: <explain@spamgate.invalid>\r\n\r\n(no message given)\r\n"
+)
+
+
+class DryUpstream(Upstream, UpstreamSession):
+    """Says 250 to everything and remembers only the last message, to show it."""
+
+    name = "explain"
+
+    def __init__(self) -> None:
+        self.delivered: bytes | None = None
+
+    async def open(self, client: Client) -> UpstreamSession:
+        return self
+
+    async def mail(self, sender: str, params: tuple[str, ...], smtputf8: bool) -> Reply:
+        return Reply(250, "2.1.0", ("Ok",))
+
+    async def rcpt(self, recipient: str, params: tuple[str, ...], smtputf8: bool) -> Reply:
+        return Reply(250, "2.1.5", ("Ok",))
+
+    async def data(self, content: bytes) -> Reply:
+        self.delivered = content
+        return Reply(250, "2.0.0", ("Ok: not delivered (spamgate explain)",))
+
+    async def rset(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def usable(self) -> bool:
+        return True
+
+
+def _verdict_text(verdict: Verdict) -> str:
+    if dataclasses.replace(verdict, result=None) == Verdict():
+        return "no match"
+    parts = []
+    if verdict.action is not Action.DUNNO or not (
+        verdict.symbols or verdict.headers or verdict.warn or verdict.would
+    ):
+        parts.append(verdict.action.name)
+    if verdict.monitor:
+        parts.insert(0, "WARN")
+    if verdict.reply is not None:
+        parts.append(str(verdict.reply))
+    for sym in verdict.symbols:
+        parts.append(f"{sym.name}={sym.score:g}")
+    for name, value in verdict.headers:
+        parts.append(f"PREPEND {name}: {value}")
+    if verdict.warn:
+        parts.append(f"warn: {verdict.warn}")
+    if verdict.rule:
+        parts.append(f"[{verdict.rule}]")
+    elif verdict.hits:
+        parts.append("[" + ", ".join(f"{t}:{n}" for t, n in verdict.hits) + "]")
+    for would in verdict.would:
+        parts.append(f"(monitor: would {would.action.value} [{would.rule}])")
+    return "  ".join(parts)
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, out: TextIO) -> None:
+        super().__init__(logging.INFO)
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.write(f"    log: {record.getMessage()}\n")
+
+
+async def explain(
+    config: Config,
+    *,
+    client_ip: str,
+    client_name: str | None,
+    helo: str,
+    sender: str,
+    recipients: list[str],
+    message: bytes | None,
+    out: TextIO,
+    verbose: bool = False,
+) -> int:
+    """Run one synthetic session; print every verdict and the decision. 0 if accepted."""
+    address = ipaddress.ip_address(client_ip)
+    if client_name is not None:
+        config = dataclasses.replace(
+            config, dns=dataclasses.replace(config.dns, reverse_lookup=False)
+        )
+    dry, hold = DryUpstream(), DryUpstream()
+    services = dataclasses.replace(Services.build(config), upstream=dry, quarantine=hold)
+    runtime = Runtime(Policy.build(config, services), services)
+    client = Client(address=address, port=0, name=client_name or "[UNAVAILABLE]")
+    flow = SessionFlow(runtime, Session(id="EXPLAIN", client=client))
+    symbols: dict[str, Symbol] = {}
+    overrides = config.scoring.symbols
+
+    def trace(stage: Stage, check: Check, verdict: Verdict, seconds: float) -> None:
+        for sym in verdict.symbols:
+            symbols.setdefault(sym.name, Symbol(sym.name, overrides.get(sym.name, sym.score)))
+        out.write(f"  {check.label:<24} {_verdict_text(verdict)}\n")
+
+    flow.trace = trace
+    handler = _ListHandler(out)
+    loggers = [logging.getLogger("spamgate.session"), logging.getLogger("spamgate.pipeline")]
+    if verbose:
+        for lg in loggers:
+            lg.addHandler(handler)
+            lg.setLevel(logging.INFO)
+            lg.propagate = False
+    if runtime.policy.pipeline.monitor:
+        out.write('mode = "monitor": nothing is refused; would-be actions are logged\n')
+    try:
+        decision = await _converse(flow, dry, hold, helo, sender, recipients, message, out)
+    finally:
+        await flow.close("explain")
+        await services.aclose()
+        for lg in loggers:
+            lg.removeHandler(handler)
+            lg.propagate = True
+    total = sum(s.score for s in symbols.values())
+    listed = ", ".join(f"{s.name}={s.score:g}" for s in symbols.values()) or "no symbols"
+    s = config.scoring
+    out.write(f"score {total:g} ({listed}); thresholds: reject {s.reject:g}, ")
+    out.write(f"tempfail {s.tempfail:g}, tag {s.tag:g}\n")
+    out.write(f"decision: {decision}\n")
+    return 0 if decision.startswith("accepted") else 1
+
+
+def _held(flow: SessionFlow, out: TextIO) -> None:
+    held = flow.session.pending or (flow.session.transaction and flow.session.transaction.pending)
+    if held:
+        out.write("     (refusal held until RCPT: delayed reject, [smtp] delay_reject)\n")
+
+
+async def _converse(
+    flow: SessionFlow,
+    dry: DryUpstream,
+    hold: DryUpstream,
+    helo: str,
+    sender: str,
+    recipients: list[str],
+    message: bytes | None,
+    out: TextIO,
+) -> str:
+    client = flow.session.client
+    out.write(f"connect from {client.display}\n")
+    reply = await flow.connect()
+    if reply is not None:
+        out.write(f"  => {reply}\n")
+        return f"refused at connect: {reply}"
+    _held(flow, out)
+    out.write(f"EHLO {helo}\n")
+    reply = await flow.helo(helo, esmtp=True)
+    out.write(f"  => {reply or '250'}\n")
+    if reply is not None:
+        return f"refused at HELO: {reply}"
+    _held(flow, out)
+    out.write(f"MAIL FROM:<{sender}>\n")
+    reply = await flow.mail(PathArg(sender, (), {}))
+    out.write(f"  => {reply}\n")
+    if reply.code != 250:
+        return f"refused at MAIL: {reply}"
+    _held(flow, out)
+    refused: list[str] = []
+    for rcpt in recipients:
+        out.write(f"RCPT TO:<{rcpt}>\n")
+        reply = await flow.rcpt(PathArg(rcpt, (), {}))
+        out.write(f"  => {reply}\n")
+        if reply.code // 100 != 2:
+            refused.append(f"<{rcpt}> {reply}")
+            if reply.closes:
+                return f"disconnected at RCPT: {reply}"
+    txn = flow.session.transaction
+    if txn is None or not txn.accepted_recipients:
+        return "refused at RCPT: " + "; ".join(refused)
+    out.write("DATA\n")
+    reply = await flow.data()
+    if reply is not None:
+        out.write(f"  => {reply}\n")
+        return f"refused at DATA: {reply}"
+    content = message or SYNTHETIC.format(sender=sender, rcpt=recipients[0]).encode()
+    reply = await flow.message(content)
+    out.write(f"end of data ({len(content)} bytes)\n  => {reply}\n")
+    if reply.code // 100 != 2:
+        return f"refused at end of data: {reply}"
+    if hold.delivered is not None:
+        return "accepted and quarantined (HOLD)"
+    if dry.delivered is None:
+        return "accepted and discarded (DISCARD)"
+    added = dry.delivered[: len(dry.delivered) - len(content)].decode("utf-8", "replace")
+    for line in added.splitlines():
+        out.write(f"  added header: {line}\n")
+    note = f"; {len(refused)} recipient(s) refused" if refused else ""
+    return f"accepted, would be relayed{note}"
+
+
+# ---- spamgate query ------------------------------------------------------------------
+
+QUERY_KINDS = {
+    "client": "client",
+    "helo": "domain",
+    "sender": "address",
+    "recipient": "address",
+    "header": "text",
+    "body": "text",
+}
+
+
+def make_query(key: str, stage: str | None) -> Query:
+    """The query for KEY: as `stage` says, or guessed (an address, a mail address, a name)."""
+    if stage is None:
+        if parse_ip(key) is not None and not key.startswith("["):
+            stage = "client"
+        elif "@" in key or key == NULL_SENDER:
+            stage = "sender"
+        else:
+            stage = "helo"
+    kind = QUERY_KINDS[stage]
+    if kind == "client":
+        # "1.2.3.4", "host.example", or Postfix's "host.example[1.2.3.4]"
+        name, bracket, rest = key.partition("[")
+        if bracket and key.endswith("]"):
+            return Query("client", name=name or None, ip=parse_ip(rest[:-1]))
+        ip = parse_ip(key)
+        return Query("client", ip=ip) if ip is not None else Query("client", name=key)
+    return Query(kind, key)  # type: ignore[arg-type]
+
+
+def query_table(table: Table, query: Query, out: TextIO) -> int:
+    """Print each match up to the first one that decides; 0 if one did, 1 if none."""
+    for m in table.matches(query):
+        note = "   (monitor only: the lookup goes on)" if m.action.monitor else ""
+        shown = f"   (key {m.key})" if table.kind == "hash" else ""
+        out.write(f"{m.rule}: {m.action.source}{shown}{note}\n")
+        if not m.action.monitor:
+            return 0
+    return 1

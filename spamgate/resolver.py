@@ -1,0 +1,320 @@
+"""The one DNS resolver every check shares: bounded, cached, de-duplicated.
+
+DNS is where a before-queue filter hurts its users most: a resolver that takes 25 s
+to time out stalls every session, and a thousand sessions asking for the same name
+should not be a thousand queries. So all DNS goes through this module:
+
+* one dnspython async resolver, with a per-attempt `timeout` and a `lifetime` that
+  bounds every lookup, enforced again here so nothing can outlive it;
+* dnspython's LRU cache, which honours TTLs for answers, NXDOMAIN and no-data alike
+  (RFC 2308); errors and timeouts are not cached, so a recovered resolver is used
+  at once;
+* in-flight de-duplication: a lookup that is already on the wire is joined, not
+  repeated; a caller that gives up early leaves the shared query running so the
+  others (and the cache) still get its answer;
+* answers as small values (`DnsAnswer`) and failures as one exception (`DnsError`),
+  so checks never deal with dnspython's exception zoo.
+
+`cached()` reads the cache without awaiting and is thread-safe, which lets pyspf,
+running in a worker thread, use answers the event loop already has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+
+from . import metrics
+from .settings import parse_hostport
+
+if TYPE_CHECKING:
+    from .config import DnsSettings
+    from .model import IPAddress
+
+log = logging.getLogger("spamgate.dns")
+
+# XCLIENT's spellings (Postfix XCLIENT_README) for a client without a verified name.
+UNAVAILABLE = "[UNAVAILABLE]"
+TEMPUNAVAIL = "[TEMPUNAVAIL]"
+
+# A reverse name is used only if it is a plausible host name (as Postfix's
+# valid_hostname): letters, digits, "-" and "_", and not all-numeric at the end.
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$"
+)
+_MAX_PTR_NAMES = 10  # forward-confirm at most this many PTR names (RFC 7208 §4.6.4 spirit)
+
+Status = Literal["answer", "nxdomain", "nodata"]
+
+
+class DnsError(Exception):
+    """The lookup gave no usable answer: `kind` is "timeout" or "error" (SERVFAIL,
+    REFUSED, unreachable server, malformed reply)."""
+
+    def __init__(self, kind: Literal["timeout", "error"], detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class DnsAnswer:
+    """The outcome of one lookup that reached a verdict (possibly a negative one)."""
+
+    name: str  # the name asked for, lower case, without the final dot
+    rdtype: str
+    status: Status
+    records: tuple[dns.rdata.Rdata, ...] = ()
+
+    @property
+    def addresses(self) -> list[str]:
+        """A/AAAA answers as text."""
+        return [r.address for r in self.records if hasattr(r, "address")]
+
+    @property
+    def texts(self) -> list[str]:
+        """TXT answers, each record's strings joined (RFC 7208 §3.3), as text."""
+        return [
+            b"".join(r.strings).decode("utf-8", "replace")
+            for r in self.records
+            if hasattr(r, "strings")
+        ]
+
+    @property
+    def targets(self) -> list[str]:
+        """PTR/CNAME/NS targets as text, without the final dot."""
+        return [r.target.to_text(omit_final_dot=True) for r in self.records if hasattr(r, "target")]
+
+
+class Resolver:
+    """Async lookups through one dnspython resolver and one cache."""
+
+    def __init__(self, settings: DnsSettings) -> None:
+        self.timeout = settings.timeout
+        self.lifetime = settings.lifetime
+        self._resolver = _make_resolver(settings)
+        self.cache = dns.resolver.LRUCache(settings.cache_size)
+        self._resolver.cache = self.cache
+        self._inflight: dict[tuple[dns.name.Name, int], asyncio.Task[DnsAnswer]] = {}
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def cached(self, name: str | dns.name.Name, rdtype: str) -> DnsAnswer | None:
+        """The cached answer, or None; never waits (safe from any thread)."""
+        qname = _qname(name)
+        if qname is None:
+            return DnsAnswer(_text(name), rdtype, "nxdomain")
+        kind = dns.rdatatype.from_text(rdtype)
+        answer = self._peek(qname, kind, rdtype)
+        if answer is not None:
+            metrics.DNS_QUERIES.labels(rdtype, "cached").inc()
+        return answer
+
+    def _peek(self, qname: dns.name.Name, kind: int, rdtype: str) -> DnsAnswer | None:
+        hit = self.cache.get((qname, kind, dns.rdataclass.IN))
+        if hit is not None:
+            return _from_answer(qname, rdtype, hit)
+        # NXDOMAIN is cached once for every type, as dnspython does it.
+        hit = self.cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+        if hit is not None and hit.response.rcode() == dns.rcode.NXDOMAIN:
+            return DnsAnswer(_text(qname), rdtype, "nxdomain")
+        return None
+
+    async def lookup(
+        self, name: str | dns.name.Name, rdtype: str, *, timeout: float | None = None
+    ) -> DnsAnswer:
+        """Resolve `name`/`rdtype`; raise DnsError on timeout or failure.
+
+        `timeout` bounds this caller's wait (a check's remaining budget); the query
+        itself is bounded by the configured lifetime either way. A name that is not
+        a valid DNS name cannot exist, and is answered NXDOMAIN without a query.
+        """
+        cached = self.cached(name, rdtype)
+        if cached is not None:
+            return cached
+        qname = _qname(name)
+        assert qname is not None  # cached() answered invalid names
+        key = (qname, dns.rdatatype.from_text(rdtype))
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._query(qname, rdtype))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t, k=key: self._finished(k, t))
+        else:
+            metrics.DNS_QUERIES.labels(rdtype, "shared").inc()
+        try:
+            # shield: a caller that gives up must not cancel the others' query.
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            raise DnsError(
+                "timeout", f"{_text(qname)}/{rdtype}: no answer in {timeout:g}s"
+            ) from None
+
+    def _finished(self, key: tuple[dns.name.Name, int], task: asyncio.Task[DnsAnswer]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # seen: every caller may have given up on it already
+
+    async def _query(self, qname: dns.name.Name, rdtype: str) -> DnsAnswer:
+        started = time.perf_counter()
+        result = "error"
+        try:
+            async with asyncio.timeout(self.lifetime):
+                answer = await self._resolver.resolve(
+                    qname, rdtype, search=False, raise_on_no_answer=False
+                )
+            out = _from_answer(qname, rdtype, answer)
+            result = out.status
+            return out
+        except dns.resolver.NXDOMAIN:
+            result = "nxdomain"
+            return DnsAnswer(_text(qname), rdtype, "nxdomain")
+        except (TimeoutError, dns.exception.Timeout):
+            result = "timeout"
+            raise DnsError(
+                "timeout", f"{_text(qname)}/{rdtype}: no answer in {self.lifetime:g}s"
+            ) from None
+        except dns.resolver.NoNameservers as exc:
+            raise DnsError("error", f"{_text(qname)}/{rdtype}: {_servers_said(exc)}") from None
+        except dns.exception.DNSException as exc:
+            raise DnsError("error", f"{_text(qname)}/{rdtype}: {exc}") from None
+        finally:
+            metrics.DNS_QUERIES.labels(rdtype, result).inc()
+            metrics.DNS_LATENCY.labels(rdtype).observe(time.perf_counter() - started)
+
+    # -- the client's name ----------------------------------------------------------------
+
+    async def verified_name(self, address: IPAddress) -> str:
+        """The forward-confirmed reverse name of `address` (FCrDNS), or a marker.
+
+        `[UNAVAILABLE]` when there is no PTR or no PTR name resolves back to the
+        address; `[TEMPUNAVAIL]` when DNS failed and a confirmation might exist (as
+        Postfix's smtpd does). The whole lookup takes at most one `lifetime`.
+        """
+        try:
+            async with asyncio.timeout(self.lifetime):
+                return await self._verified_name(address)
+        except TimeoutError:
+            return TEMPUNAVAIL
+
+    async def _verified_name(self, address: IPAddress) -> str:
+        reverse = dns.reversename.from_address(str(address))
+        try:
+            ptr = await self.lookup(reverse, "PTR")
+        except DnsError:
+            return TEMPUNAVAIL
+        names = [n.lower() for n in dict.fromkeys(ptr.targets) if _plausible_host(n)]
+        if not names:
+            return UNAVAILABLE
+        names = names[:_MAX_PTR_NAMES]
+        rdtype = "A" if address.version == 4 else "AAAA"
+        forward = await asyncio.gather(
+            *(self.lookup(n, rdtype) for n in names), return_exceptions=True
+        )
+        failed = False
+        for name, result in zip(names, forward, strict=True):
+            if isinstance(result, DnsError):
+                failed = True
+            elif isinstance(result, BaseException):
+                raise result
+            elif any(ipaddress.ip_address(a) == address for a in result.addresses):
+                return name
+        return TEMPUNAVAIL if failed else UNAVAILABLE
+
+    async def aclose(self) -> None:
+        for task in list(self._inflight.values()):
+            task.cancel()
+        self._inflight.clear()
+
+
+def _make_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:
+    if settings.nameservers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        servers = []
+        for item in settings.nameservers:
+            host, port = parse_hostport(item)
+            servers.append(dns.nameserver.Do53Nameserver(host, port))
+        resolver.nameservers = servers
+    else:
+        try:
+            resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+        except dns.resolver.NoResolverConfiguration:
+            log.warning("no nameservers in /etc/resolv.conf; using 127.0.0.1:53")
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = ["127.0.0.1"]
+    resolver.timeout = settings.timeout
+    resolver.lifetime = settings.lifetime
+    # Room for SPF TXT records and DNSBL TXT reasons without a TCP retry (DNS flag day 2020).
+    resolver.use_edns(0, 0, 1232)
+    return resolver
+
+
+def _qname(name: str | dns.name.Name) -> dns.name.Name | None:
+    if isinstance(name, dns.name.Name):
+        return name if name.is_absolute() else name.concatenate(dns.name.root)
+    try:
+        return dns.name.from_text(name.rstrip(".") + ".")
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return None
+
+
+def _text(name: str | dns.name.Name) -> str:
+    text = name.to_text(omit_final_dot=True) if isinstance(name, dns.name.Name) else name
+    return text.lower().rstrip(".")
+
+
+def _from_answer(qname: dns.name.Name, rdtype: str, answer: dns.resolver.Answer) -> DnsAnswer:
+    if answer.rrset is None:
+        return DnsAnswer(_text(qname), rdtype, "nodata")
+    return DnsAnswer(_text(qname), rdtype, "answer", tuple(answer.rrset))
+
+
+def _servers_said(exc: dns.resolver.NoNameservers) -> str:
+    """NoNameservers' long text, shortened to what each server answered."""
+    errors = exc.kwargs.get("errors") or []
+    said = [str(e[3]) for e in errors if len(e) > 3]
+    return "; ".join(dict.fromkeys(said)) or "no nameserver answered"
+
+
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$", re.IGNORECASE)
+
+
+def is_domain(name: str) -> bool:
+    """A DNS name of two labels or more, of letters, digits, "-" and "_" (A-labels
+    for IDN): what can be looked up as a mail domain or a list key."""
+    labels = name.split(".")
+    return len(name) <= 253 and len(labels) >= 2 and all(_LABEL.match(x) for x in labels)
+
+
+def ascii_domain(name: str) -> str | None:
+    """`name` as a lower-case A-label domain ready to look up, or None if it is not
+    a domain (an address literal, a single label, bad characters)."""
+    name = name.lower().rstrip(".")
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    return name if is_domain(name) else None
+
+
+def _plausible_host(name: str) -> bool:
+    return bool(_HOSTNAME.match(name)) and not name.rsplit(".", 1)[-1].isdigit()
