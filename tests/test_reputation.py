@@ -7,6 +7,7 @@ import asyncio
 from spamgate.checks.reputation import ReputationResult
 
 from .conftest import Gate, GateFactory
+from .dnsserver import DnsServer
 from .sink import Sink
 from .stateful import STRANGER, codes, send
 
@@ -106,3 +107,39 @@ async def test_off_by_default(gate_factory: GateFactory) -> None:
     await learned(gate)
     assert (await send(gate))[-1].code == 250
     assert gate.server.runtime.policy.pipeline.observers == []
+
+
+async def test_known_good_client_skips_the_dnsbl(
+    gate_factory: GateFactory, dns_server: DnsServer, state_toml: str
+) -> None:
+    from spamgate import metrics
+    from spamgate.checks.dnsbl import DnsblResult
+
+    def lookups() -> float:
+        labels = {"zone": "bl.test", "result": "not_listed"}
+        return metrics.REGISTRY.get_sample_value("spamgate_dnsbl_results_total", labels) or 0
+
+    async def dnsbl_ran() -> bool:
+        c, banner = await gate.client(source=STRANGER)
+        assert banner.code == 220
+        port = c.writer.get_extra_info("sockname")[1]
+        (session,) = [s for s in gate.server.runtime.sessions if s.model.client.port == port]
+        await c.close()
+        return session.model.results.get(DnsblResult) is not None
+
+    dns_server.zone("bl.test", {"2.0.0.127": {"A": "127.0.0.2"}})
+    gate = await gate_factory(
+        state_toml + reputation(good_ttl=60) + '[dnsbl]\nsites = ["bl.test"]\n'
+    )
+    before = lookups()
+    assert await dnsbl_ran()  # not known yet: looked up
+    assert codes(await send(gate))[-1] == 250
+    assert lookups() - before == 2
+    await learned(gate)
+    assert not await dnsbl_ran()  # known good: no lookup
+    assert lookups() - before == 2
+    c, _ = await gate.client(source="127.0.0.2")  # others are still looked up (and listed)
+    assert (await c.cmd("EHLO x.test")).code == 250
+    assert (await c.cmd("MAIL FROM:<a@example.org>")).code == 250
+    assert (await c.cmd("RCPT TO:<u@example.test>")).code == 554
+    await c.close()
