@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from spamgate.checks.greylist import normalise_sender
+from spamgate.config import loads
+from spamgate.server import Server
+from spamgate.settings import ConfigError
 
 from .conftest import GateFactory
+from .dnsserver import DnsServer
 from .sink import Sink
 from .stateful import codes, send
 
@@ -81,3 +87,45 @@ async def test_trusted_and_allowed_clients_skip(gate_factory: GateFactory, state
 async def test_off_by_default(gate_factory: GateFactory) -> None:
     gate = await gate_factory()
     assert codes(await send(gate))[-1] == 250
+
+
+async def test_spf_pass_for_well_known_domains_skips(
+    gate_factory: GateFactory, dns_server: DnsServer, state_toml: str
+) -> None:
+    spf = "v=spf1 ip4:127.0.0.0/24 -all"
+    for zone in ("bigmail.test", "mx.provider.test", "small.test"):
+        dns_server.zone(zone, {"@": {"TXT": spf}})
+    dns_server.zone("soft.test", {"@": {"TXT": "v=spf1 ip4:192.0.2.0/24 ~all"}})
+    gate = await gate_factory(
+        state_toml
+        + greylist(spf_pass_domains='["bigmail.test", ".provider.test", "soft.test"]')
+        + "[spf]\nenabled = true\nhelo = false\n"
+    )
+    assert codes(await send(gate, sender="a@bigmail.test"))[-1] == 250
+    assert codes(await send(gate, sender="a@mx.provider.test"))[-1] == 250
+    assert codes(await send(gate, sender="a@small.test"))[3] == 450  # passes, not listed
+    assert codes(await send(gate, sender="a@soft.test"))[3] == 450  # listed, no pass
+
+
+async def test_allowlist_tables(
+    gate_factory: GateFactory, dns_server: DnsServer, state_toml: str, tmp_path
+) -> None:
+    dns_server.zone("1.0.127.in-addr.arpa", {"7": {"PTR": "mail.partner.test."}})
+    dns_server.zone("partner.test", {"mail": {"A": "127.0.1.7"}})
+    (tmp_path / "grey.cidr").write_text("# partners\n127.0.0.6 DUNNO\n127.0.0.0/24 OK\n")
+    (tmp_path / "grey").write_text("mail.partner.test OK\n")
+    gate = await gate_factory(
+        state_toml + greylist(allowlist=f'["cidr:{tmp_path}/grey.cidr", "hash:{tmp_path}/grey"]')
+    )
+    assert codes(await send(gate, source="127.0.0.5"))[-1] == 250  # OK
+    assert codes(await send(gate, source="127.0.0.6"))[3] == 450  # DUNNO: an exception
+    assert codes(await send(gate, source="127.0.1.7"))[-1] == 250  # by verified name
+    assert codes(await send(gate, source="127.0.1.5"))[3] == 450  # not listed
+
+
+def test_allowlist_tables_say_ok_or_dunno(tmp_path) -> None:
+    (tmp_path / "grey.cidr").write_text("127.0.0.0/24 OK\n10.0.0.0/8 REJECT go away\n")
+    cfg = loads(greylist(allowlist='["cidr:grey.cidr"]'), str(tmp_path / "s.toml"))
+    with pytest.raises(ConfigError) as err:
+        Server(cfg)
+    assert err.value.problems == ["grey.cidr:2: a greylist allowlist says OK or DUNNO, not REJECT"]

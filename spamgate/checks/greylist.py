@@ -5,8 +5,11 @@ triplet gets `450 4.7.1` and the time is remembered; a retry after `delay` and
 within `retry_window` passes, and the triplet is then remembered as passed for
 `max_age`. A client network whose triplets passed `auto_allowlist_after` times is
 not greylisted any more for `max_age` (it has shown it retries properly).
-Greylisting is never applied to trusted clients (mynetworks) and networks in
-`allow_clients`.
+Greylisting is never applied to trusted clients (mynetworks), to networks in
+`allow_clients`, to clients an `allowlist` table says OK for, nor to mail whose
+sender domain is one of `spf_pass_domains` and passed SPF: the large providers
+retry from pools too wide for any network rule, and an SPF pass proves the mail
+comes from their servers.
 
 Clients are taken by network (/24, /64), as postgrey does, because large senders
 retry from another address of the same pool; the sender is normalised as postgrey
@@ -20,22 +23,57 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..model import Stage
 from ..reply import Reply
-from ..settings import networks, non_negative, positive, setting
+from ..settings import ConfigError, networks, non_negative, positive, setting
 from ..state import StateStore, StoreUnavailable, Window, network_of, unavailable_verdict
 from ..state.base import prefix_check
+from ..tables import Query, Table, load_table, split_spec
 from ..verdict import DUNNO, Action, Verdict
 from .base import Check, CheckContext
+from .spf import SpfResult
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..services import Services
 
 DAY = 86400.0
+
+# Large providers whose outbound pools retry from ever other addresses.
+WELL_KNOWN = [
+    "gmail.com",
+    "googlemail.com",
+    "outlook.com",
+    "hotmail.com",
+    "live.com",
+    "yahoo.com",
+    "icloud.com",
+    "me.com",
+    "aol.com",
+    "gmx.net",
+    "gmx.de",
+    "web.de",
+]
+
+
+def _specs(value: list[str]) -> str | None:
+    for spec in value:
+        try:
+            split_spec(spec)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def _domains(value: list[str]) -> str | None:
+    for item in value:
+        if not item.strip(".") or " " in item or "@" in item:
+            return f'"{item}" is not a domain'
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,6 +100,17 @@ class GreylistSettings:
     allow_clients: list[str] = setting(
         [], "Client networks never greylisted (mynetworks never are).", check=networks
     )
+    allowlist: list[str] = setting(
+        [],
+        'Client tables, "type:path" (cidr:, hash:, regexp:): OK skips greylisting, DUNNO not.',
+        check=_specs,
+    )
+    spf_pass_domains: list[str] = setting(
+        WELL_KNOWN,
+        'Sender domains whose mail skips greylisting when SPF passes ([spf] enabled); ".d" '
+        "matches subdomains.",
+        check=_domains,
+    )
 
 
 _BATV = re.compile(r"^prvs=[^=]+=", re.IGNORECASE)
@@ -81,24 +130,59 @@ class GreylistCheck(Check):
     name = "greylist"
     stages = frozenset({Stage.RCPT})
 
-    def __init__(self, settings: GreylistSettings, store: StateStore, on_unavailable: str) -> None:
+    def __init__(
+        self,
+        settings: GreylistSettings,
+        store: StateStore,
+        on_unavailable: str,
+        tables: list[Table] | None = None,
+        table_timeout: float = 5.0,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.on_unavailable = on_unavailable
         self.allow_clients = [ipaddress.ip_network(n, strict=False) for n in settings.allow_clients]
+        self.tables = tables or []
+        self.table_timeout = table_timeout
+        self.spf_exact = {d.lower() for d in settings.spf_pass_domains if not d.startswith(".")}
+        self.spf_parents = tuple(d.lower() for d in settings.spf_pass_domains if d.startswith("."))
 
     @classmethod
     def from_config(cls, config: Config, services: Services) -> list[Check]:
         s: GreylistSettings = config.section("greylist")
         if not s.enabled:
             return []
-        return [cls(s, services.state, config.state.on_unavailable)]
+        rules = config.section("rules")
+        tables = [_load_allowlist(spec, config) for spec in s.allowlist]
+        return [cls(s, services.state, config.state.on_unavailable, tables, rules.timeout)]
+
+    @classmethod
+    def sources(cls, config: Config) -> list[str]:
+        s: GreylistSettings = config.section("greylist")
+        return [config.resolve_path(split_spec(spec)[1]) for spec in s.allowlist]
 
     def _exempt(self, ctx: CheckContext) -> bool:
         if ctx.session.relay_permitted:
             return True
-        address = ctx.session.client.address
-        return any(address in net for net in self.allow_clients)
+        client = ctx.session.client
+        if any(client.address in net for net in self.allow_clients):
+            return True
+        if self.tables:
+            name = None if client.name.startswith("[") else client.name
+            query = Query("client", name=name, ip=client.address)
+            deadline = time.monotonic() + self.table_timeout
+            for table in self.tables:
+                match = table.first(query, deadline)
+                if match is not None and match.action.word == "OK":
+                    return True
+        return self._spf_pass(ctx)
+
+    def _spf_pass(self, ctx: CheckContext) -> bool:
+        spf = ctx.transaction.results.get(SpfResult) if ctx.transaction else None
+        if spf is None or spf.result != "pass":
+            return False
+        domain = spf.domain.lower().rstrip(".")
+        return domain in self.spf_exact or domain.endswith(self.spf_parents)
 
     async def check(self, ctx: CheckContext) -> Verdict:
         assert ctx.transaction is not None and ctx.recipient is not None
@@ -130,3 +214,23 @@ class GreylistCheck(Check):
         except StoreUnavailable:
             return unavailable_verdict(self.on_unavailable, self.name)
         return DUNNO
+
+
+def _load_allowlist(spec: str, config: Config) -> Table:
+    """A client table whose lines may say OK (allowlisted) or DUNNO (an exception)."""
+    table = load_table(
+        spec,
+        base_dir=config.base_dir,
+        hostname=config.hostname,
+        limits=config.section("rules").limits,
+    )
+    entries = table.entries  # type: ignore[attr-defined]
+    entries = entries.values() if isinstance(entries, dict) else entries
+    problems = [
+        f"{table.path}:{e.line}: a greylist allowlist says OK or DUNNO, not {e.action.word}"
+        for e in entries
+        if e.action.word not in ("OK", "DUNNO")
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return table
