@@ -174,26 +174,41 @@ def test_override_values() -> None:
             parse_overrides(bad)
 
 
-async def test_per_client_overrides(gate_factory: GateFactory, state_toml: str) -> None:
+async def test_per_client_overrides(gate_factory: GateFactory, state_toml: str, tmp_path) -> None:
     """A partner gets more; another client none; the rest the configured limit."""
-    from spamgate.checks.ratelimit import RateLimitCheck, parse_overrides
-
-    gate = await gate_factory(state_toml + limits(messages_per_ip="1/1m", recipients_per_ip="5/1m"))
-    (check,) = [c for c in gate.server.runtime.policy.pipeline.checks if c.name == "ratelimit"]
-    assert isinstance(check, RateLimitCheck)
-    table = {
-        "127.0.0.7": parse_overrides("messages_per_ip=3/1m"),
-        "127.0.0.8": parse_overrides("unlimited"),
-    }
-    check.overrides = lambda ctx: table.get(str(ctx.session.client.address))
+    (tmp_path / "partners.cidr").write_text("127.0.0.9 DUNNO\n127.0.0.0/29 OK\n")
+    (tmp_path / "unlimited").write_text("127.0.0.8 OK\n")
+    gate = await gate_factory(
+        state_toml
+        + limits(messages_per_ip="1/1m", recipients_per_ip="5/1m")
+        + "[ratelimit.overrides]\n"
+        + f'"cidr:{tmp_path}/partners.cidr" = "messages_per_ip=3/1m"\n'
+        + f'"hash:{tmp_path}/unlimited" = "unlimited"\n'
+    )
     assert [codes(await send(gate, source="127.0.0.7"))[-1] for _ in range(4)] == [250] * 3 + [450]
     assert [codes(await send(gate, source="127.0.0.8"))[-1] for _ in range(4)] == [250] * 4
-    assert [codes(await send(gate))[-1] for _ in range(2)] == [250, 450]
+    assert [codes(await send(gate, source="127.0.0.9"))[-1] for _ in range(2)] == [250, 450]
     replies = await send(
         gate, source="127.0.0.7", rcpts=tuple(f"u{i}@example.test" for i in range(6))
     )
     # recipients_per_ip is still 5 for it: 4 used above (the refused DATA's RCPT too)
     assert codes(replies)[3:9] == [250] + [450] * 5
+
+
+def test_override_tables_are_checked(tmp_path) -> None:
+    from spamgate.server import Server
+
+    (tmp_path / "p.cidr").write_text("127.0.0.0/8 REJECT\n")
+    text = '[ratelimit]\nmessages_per_ip = "1/1m"\n[ratelimit.overrides]\n'
+    with pytest.raises(ConfigError) as err:
+        loads(text + '"cidr:p.cidr" = "messages_per_ip=lots"\n', str(tmp_path / "c.toml"))
+    assert 'overrides: "cidr:p.cidr": "lots" is not "COUNT/PERIOD"' in err.value.problems[0]
+    cfg = loads(text + '"cidr:p.cidr" = "unlimited"\n', str(tmp_path / "c.toml"))
+    with pytest.raises(ConfigError) as err:
+        Server(cfg)
+    assert err.value.problems == [
+        "p.cidr:1: a rate-limit override table says OK or DUNNO, not REJECT"
+    ]
 
 
 async def test_counts_survive_a_reload(gate_factory: GateFactory, state_toml: str) -> None:
@@ -203,3 +218,15 @@ async def test_counts_survive_a_reload(gate_factory: GateFactory, state_toml: st
     assert await gate.server.reload(gate.server.config.path)
     assert gate.server.runtime.policy is not before  # new checks, the same store
     assert [codes(await send(gate))[-1] for _ in range(2)] == [250, 450]
+
+
+def test_override_and_allowlist_tables_are_watched(tmp_path) -> None:
+    from spamgate.runtime import sources
+
+    text = (
+        '[ratelimit]\nmessages_per_ip = "1/1m"\n'
+        '[ratelimit.overrides]\n"cidr:p.cidr" = "unlimited"\n'
+        '[greylist]\nenabled = true\nallowlist = ["hash:grey"]\n'
+    )
+    cfg = loads(text, str(tmp_path / "c.toml"))
+    assert sources(cfg) == [str(tmp_path / f) for f in ("c.toml", "p.cidr", "grey")]

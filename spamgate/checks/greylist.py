@@ -23,16 +23,16 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..model import Stage
 from ..reply import Reply
-from ..settings import ConfigError, networks, non_negative, positive, setting
+from ..settings import networks, non_negative, positive, setting
 from ..state import StateStore, StoreUnavailable, Window, network_of, unavailable_verdict
 from ..state.base import prefix_check
-from ..tables import Query, Table, load_table, split_spec
+from ..tables import split_spec
+from ..tables.clientset import ClientSet, source_of
 from ..verdict import DUNNO, Action, Verdict
 from .base import Check, CheckContext
 from .spf import SpfResult
@@ -135,15 +135,13 @@ class GreylistCheck(Check):
         settings: GreylistSettings,
         store: StateStore,
         on_unavailable: str,
-        tables: list[Table] | None = None,
-        table_timeout: float = 5.0,
+        allowlists: list[ClientSet] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.on_unavailable = on_unavailable
         self.allow_clients = [ipaddress.ip_network(n, strict=False) for n in settings.allow_clients]
-        self.tables = tables or []
-        self.table_timeout = table_timeout
+        self.allowlists = allowlists or []
         self.spf_exact = {d.lower() for d in settings.spf_pass_domains if not d.startswith(".")}
         self.spf_parents = tuple(d.lower() for d in settings.spf_pass_domains if d.startswith("."))
 
@@ -152,14 +150,13 @@ class GreylistCheck(Check):
         s: GreylistSettings = config.section("greylist")
         if not s.enabled:
             return []
-        rules = config.section("rules")
-        tables = [_load_allowlist(spec, config) for spec in s.allowlist]
-        return [cls(s, services.state, config.state.on_unavailable, tables, rules.timeout)]
+        lists = [ClientSet.load(spec, config, "a greylist allowlist") for spec in s.allowlist]
+        return [cls(s, services.state, config.state.on_unavailable, lists)]
 
     @classmethod
     def sources(cls, config: Config) -> list[str]:
         s: GreylistSettings = config.section("greylist")
-        return [config.resolve_path(split_spec(spec)[1]) for spec in s.allowlist]
+        return [source_of(spec, config) for spec in s.allowlist]
 
     def _exempt(self, ctx: CheckContext) -> bool:
         if ctx.session.relay_permitted:
@@ -167,14 +164,8 @@ class GreylistCheck(Check):
         client = ctx.session.client
         if any(client.address in net for net in self.allow_clients):
             return True
-        if self.tables:
-            name = None if client.name.startswith("[") else client.name
-            query = Query("client", name=name, ip=client.address)
-            deadline = time.monotonic() + self.table_timeout
-            for table in self.tables:
-                match = table.first(query, deadline)
-                if match is not None and match.action.word == "OK":
-                    return True
+        if any(client in allowlist for allowlist in self.allowlists):
+            return True
         return self._spf_pass(ctx)
 
     def _spf_pass(self, ctx: CheckContext) -> bool:
@@ -214,23 +205,3 @@ class GreylistCheck(Check):
         except StoreUnavailable:
             return unavailable_verdict(self.on_unavailable, self.name)
         return DUNNO
-
-
-def _load_allowlist(spec: str, config: Config) -> Table:
-    """A client table whose lines may say OK (allowlisted) or DUNNO (an exception)."""
-    table = load_table(
-        spec,
-        base_dir=config.base_dir,
-        hostname=config.hostname,
-        limits=config.section("rules").limits,
-    )
-    entries = table.entries  # type: ignore[attr-defined]
-    entries = entries.values() if isinstance(entries, dict) else entries
-    problems = [
-        f"{table.path}:{e.line}: a greylist allowlist says OK or DUNNO, not {e.action.word}"
-        for e in entries
-        if e.action.word not in ("OK", "DUNNO")
-    ]
-    if problems:
-        raise ConfigError(problems)
-    return table

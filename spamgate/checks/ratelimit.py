@@ -13,6 +13,10 @@ recipients and messages-per-recipient at each RCPT (450 4.7.1); messages at the
 DATA command, when the envelope is complete and has an accepted recipient
 (450 4.7.1). Windows slide (see `state.base.SLOTS`). Clients in mynetworks are
 exempt by default, as in Postfix (smtpd_client_event_limit_exceptions).
+
+Some clients get other limits (a partner gets more): `overrides` maps client
+tables (`OK` = one of them, see `tables.clientset`) to the limits their clients
+get instead; the first table that says OK for a client decides.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from ..reply import Reply
 from ..settings import setting
 from ..state import StateStore, StoreUnavailable, Window, network_of, unavailable_verdict
 from ..state.base import prefix_check
+from ..tables import split_spec
+from ..tables.clientset import ClientSet, source_of
 from ..verdict import DUNNO, Action, Verdict
 from .base import Check, CheckContext
 
@@ -66,6 +72,16 @@ def _limit(value: str) -> str | None:
         parse_limit(value)
     except ValueError as exc:
         return str(exc)
+    return None
+
+
+def _override_specs(value: dict[str, str]) -> str | None:
+    for spec, limits in value.items():
+        try:
+            split_spec(spec)
+            parse_overrides(limits)
+        except ValueError as exc:
+            return f'"{spec}": {exc}'
     return None
 
 
@@ -115,6 +131,12 @@ class RateLimitSettings:
     ipv4_prefix: int = setting(24, "Length of an IPv4 client network.", check=prefix_check(32))
     ipv6_prefix: int = setting(64, "Length of an IPv6 client network.", check=prefix_check(128))
     exempt_mynetworks: bool = setting(True, "Clients in [server] mynetworks are not limited.")
+    overrides: dict[str, str] = setting(
+        {},
+        'Client table "type:path" = the limits of the clients it says OK for, e.g. '
+        '"messages_per_ip=10000/1h, recipients_per_ip=off" or "unlimited"; first OK wins.',
+        check=_override_specs,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +190,14 @@ def parse_overrides(text: str) -> dict[str, Limit | None]:
     return out
 
 
+def _by_tables(classes: list[tuple[ClientSet, dict[str, Limit | None]]]) -> Overrides:
+    def overrides(ctx: CheckContext) -> dict[str, Limit | None] | None:
+        client = ctx.session.client
+        return next((limits for clients, limits in classes if client in clients), None)
+
+    return overrides
+
+
 class RateLimitCheck(Check):
     name = "ratelimit"
     stages = frozenset({Stage.CONNECT, Stage.RCPT, Stage.DATA})
@@ -194,10 +224,20 @@ class RateLimitCheck(Check):
         active = {name: limit for name, limit in limits.items() if limit is not None}
         if not active:
             return []
-        check = cls(s, active, services.state, config.state.on_unavailable)
+        classes = [
+            (ClientSet.load(spec, config, "a rate-limit override table"), parse_overrides(text))
+            for spec, text in s.overrides.items()
+        ]
+        overrides = _by_tables(classes) if classes else None
+        check = cls(s, active, services.state, config.state.on_unavailable, overrides)
         if s.exempt_mynetworks:
             check.exempt = config.networks
         return [check]
+
+    @classmethod
+    def sources(cls, config: Config) -> list[str]:
+        s: RateLimitSettings = config.section("ratelimit")
+        return [source_of(spec, config) for spec in s.overrides]
 
     def _limits_for(self, ctx: CheckContext) -> dict[str, Limit]:
         override = self.overrides(ctx) if self.overrides is not None else None
