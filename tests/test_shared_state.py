@@ -142,3 +142,31 @@ async def test_starts_and_serves_with_redis_unreachable(
     assert "unreachable" in caplog.text  # said at start, not at the first session
     assert not gate.server.services.state.available
     assert [codes(await send(gate))[-1] for _ in range(2)] == [250, 250]  # fail open
+
+
+def test_explain_leaves_the_shared_store_alone(redis_server: RedisServer, tmp_path) -> None:
+    import contextlib
+    import io
+
+    import redis
+
+    from spamgate.cli import main
+
+    state = state_section(redis_server)
+    prefix = state.split('key_prefix = "')[1].split('"')[0]
+    config = tmp_path / "c.toml"
+    config.write_text(
+        state
+        + '[server]\nrelay_domains = ["example.test"]\n[dns]\nreverse_lookup = false\n'
+        + LIMIT
+        + "[greylist]\nenabled = true\n[reputation]\nreject_limit = 1\ngood_ttl = 60\n"
+    )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(
+            ["explain", "-c", str(config), "--client", "192.0.2.7", "--rcpt", "u@example.test"]
+        )
+    assert code != 0 and "Greylisted" in out.getvalue()  # the checks ran...
+    raw = redis.Redis.from_url(redis_server.url)
+    assert raw.keys(prefix + "*") == []  # ...against a store of their own
+    raw.close()
