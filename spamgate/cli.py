@@ -17,13 +17,18 @@ from .settings import ConfigError
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiosmtpd logs every connection on "mail.log"; our own lines say it better.
+    from .daemon import JournalFormatter, on_journal
+
+    handler = logging.StreamHandler(sys.stderr)
+    if on_journal():  # under systemd: the journal stamps the time and keeps the level
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    # aiosmtpd logs every connection on "mail.log" and PROXY errors on "mail.debug";
+    # our own lines say it better, with the session id.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("mail.debug").setLevel(logging.ERROR)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -130,12 +135,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def reference_markdown() -> str:
     """The configuration reference as Markdown tables, one per section."""
-    from .config import all_sections
+    from .config import ARRAY_SECTIONS, all_sections
     from .settings import describe
 
     out: list[str] = []
     for name, cls in all_sections().items():
-        out += [f"### [{name}]", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        title = f"[[{name}]]" if name in ARRAY_SECTIONS else f"[{name}]"
+        out += [f"### {title}", "", "| key | default | meaning |", "| --- | --- | --- |"]
         for key, default, doc in describe(cls, name):
             short = key.split("] ", 1)[1]
             meaning = doc.replace("|", "\\|")

@@ -33,6 +33,18 @@ def _upstream_address(value: str) -> str | None:
     return hostports([value])
 
 
+SASL_MECHANISMS = ("PLAIN", "LOGIN")
+
+
+def _mechanisms(value: list[str]) -> str | None:
+    # spamgate must read the login name from the exchange to pass it on with
+    # XCLIENT LOGIN when it re-introduces the client; it can for these two.
+    for item in value:
+        if item.upper() not in SASL_MECHANISMS:
+            return f'"{item}" is not one of {", ".join(SASL_MECHANISMS)}'
+    return None
+
+
 def _address_ports(value: list[str]) -> str | None:
     for item in value:
         try:
@@ -77,7 +89,27 @@ class ServerSettings:
         30.0, "Seconds sessions may take to finish after SIGTERM.", check=non_negative
     )
     proxy_protocol: bool = setting(
-        False, "Expect a PROXY v1/v2 header on every connection (behind HAProxy)."
+        False,
+        "Expect a PROXY v1/v2 header on every connection (behind HAProxy); "
+        "default for every listener.",
+    )
+    proxy_protocol_timeout: float = setting(
+        5.0, "Seconds to wait for the PROXY header (then the connection is closed).", check=positive
+    )
+    require_tls: bool = setting(
+        False,
+        "Refuse MAIL and AUTH until the client used STARTTLS (530 5.7.0); "
+        "default for every listener.",
+    )
+    auth_passthrough: bool = setting(
+        False,
+        "Offer AUTH after STARTTLS and relay it to the upstream, which owns the "
+        "SASL database; default for every listener.",
+    )
+    user: str = setting(
+        "",
+        "Started as root: run as this user (and its groups) once the listeners are "
+        "bound; empty: keep running as root.",
     )
     quarantine: str = setting(
         "spamgate-quarantine", "Maildir where HOLD (quarantined) messages are written."
@@ -87,6 +119,65 @@ class ServerSettings:
         "Seconds between looks at the config and rule files; a change reloads them "
         "(0: only on SIGHUP).",
         check=non_negative,
+    )
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """One `[[listener]]` table: an address with its own options.
+
+    Unset options take the `[server]` value; `[server] listen` addresses are
+    listeners with every option from `[server]`.
+    """
+
+    address: str = setting(
+        "", 'Address to listen on, "host:port" (required).', check=hostport_or_empty
+    )
+    proxy_protocol: bool | None = setting(
+        None, "Expect a PROXY header here; unset: [server] proxy_protocol."
+    )
+    require_tls: bool | None = setting(
+        None, "Refuse MAIL and AUTH before STARTTLS here; unset: [server] require_tls."
+    )
+    auth_passthrough: bool | None = setting(
+        None, "Offer AUTH passthrough here; unset: [server] auth_passthrough."
+    )
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A listener with every option resolved (what the server binds and serves)."""
+
+    address: str
+    proxy_protocol: bool = False
+    require_tls: bool = False
+    auth_passthrough: bool = False
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert_file: str = setting(
+        "", "PEM certificate chain offered with STARTTLS; empty (with key_file): no STARTTLS."
+    )
+    key_file: str = setting("", "PEM private key of cert_file (readable by the service user).")
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = setting(
+        "TLSv1.2", "Oldest TLS version accepted from clients."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file and self.key_file)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    mechanisms: list[str] = setting(
+        ["PLAIN", "LOGIN"],
+        "SASL mechanisms offered and relayed (PLAIN, LOGIN); the upstream must offer them too.",
+        check=_mechanisms,
+    )
+    skip_checks: list[str] = setting(
+        [], 'Checks not run for authenticated clients (check names, or "all").'
     )
 
 
@@ -116,6 +207,20 @@ class UpstreamSettings:
         0,
         "Idle upstream connections kept for reuse (XCLIENT again); 0 disables.",
         check=non_negative,
+    )
+    tls: Literal["off", "opportunistic", "required"] = setting(
+        "off",
+        'STARTTLS towards the upstream: "off", "opportunistic" (if offered, '
+        'unverified) or "required" (451 without it).',
+    )
+    tls_verify: bool = setting(
+        True, 'With tls = "required": check the upstream certificate and name.'
+    )
+    tls_ca_file: str = setting(
+        "", "PEM CA bundle to verify the upstream with; empty: the system's CAs."
+    )
+    tls_server_name: str = setting(
+        "", "Name expected in the upstream certificate; default: the host of address."
     )
 
 
@@ -245,8 +350,14 @@ class ScoringSettings:
     )
 
 
+# Sections written as arrays of tables (`[[listener]]`), one table per item.
+ARRAY_SECTIONS = frozenset({"listener"})
+
 CORE_SECTIONS: dict[str, type] = {
     "server": ServerSettings,
+    "listener": ListenerSettings,
+    "tls": TlsSettings,
+    "auth": AuthSettings,
     "upstream": UpstreamSettings,
     "limits": LimitSettings,
     "smtp": SmtpSettings,
@@ -263,6 +374,9 @@ class Config:
 
     path: str | None = None
     server: ServerSettings = field(default_factory=ServerSettings)
+    listeners: tuple[Listener, ...] = (Listener("127.0.0.1:2525"),)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
@@ -276,6 +390,17 @@ class Config:
 
     def section(self, name: str) -> Any:
         return self.sections[name]
+
+    def where(self) -> Located:
+        """The file's text, for `file:line:` errors found after loading (rule files, TLS)."""
+        text = ""
+        if self.path:
+            try:
+                with open(self.path, encoding="utf-8") as fh:
+                    text = fh.read()
+            except (OSError, UnicodeDecodeError):
+                pass
+        return Located(self.path or "<config>", text)
 
     def resolve_path(self, path: str) -> str:
         """Paths in the file are relative to the file's directory."""
@@ -313,6 +438,7 @@ def loads(text: str, path: str = "<config>") -> Config:
     problems: list[str] = []
     known = all_sections()
     built: dict[str, Any] = {}
+    listener_tables = _listener_tables(raw.pop("listener", []), where, problems)
     for name, table in raw.items():
         if name not in known:
             problems.append(where.at(name, None, f"unknown section [{name}]"))
@@ -323,13 +449,23 @@ def loads(text: str, path: str = "<config>") -> Config:
         built[name] = build_section(known[name], table, name, where, problems)
     for name, cls in known.items():
         built.setdefault(name, cls())
+    server: ServerSettings = built["server"]
+    # With [[listener]] tables, the default `listen` would add a surprise listener.
+    explicit_listen = "listen" in raw.get("server", {})
+    listeners = _resolve_listeners(
+        server, server.listen if explicit_listen or not listener_tables else [], listener_tables
+    )
+    positions = [-1] * (len(listeners) - len(listener_tables)) + [n for n, _ in listener_tables]
+    problems += _listener_problems(listeners, positions, built["tls"], built["upstream"], where)
     if problems:
         raise ConfigError(problems)
-    server: ServerSettings = built["server"]
     base_dir = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
     return Config(
         path=path if path != "<config>" else None,
         server=server,
+        listeners=tuple(listeners),
+        tls=built["tls"],
+        auth=built["auth"],
         upstream=built["upstream"],
         limits=built["limits"],
         smtp=built["smtp"],
@@ -341,6 +477,125 @@ def loads(text: str, path: str = "<config>") -> Config:
         hostname=server.hostname or socket.getfqdn(),
         base_dir=base_dir,
     )
+
+
+class _NthTable(Located):
+    """Line numbers inside the n-th `[[name]]` table of an array of tables."""
+
+    def __init__(self, where: Located, nth: int) -> None:
+        super().__init__(where.path, where.text)
+        self.nth = nth
+
+    def line_of(self, section: str, key: str | None = None) -> int:
+        seen = -1
+        inside = False
+        header_line = 1
+        for lineno, raw in enumerate(self.text.splitlines(), 1):
+            line = raw.strip()
+            if line.startswith("["):
+                inside = line.replace(" ", "") == f"[[{section}]]"
+                if inside:
+                    seen += 1
+                    if seen == self.nth:
+                        header_line = lineno
+                continue
+            if not inside or seen != self.nth or key is None:
+                continue
+            if line.split("=", 1)[0].strip().strip('"') == key:
+                return lineno
+        return header_line
+
+
+def _listener_tables(
+    value: Any, where: Located, problems: list[str]
+) -> list[tuple[int, ListenerSettings]]:
+    """The valid `[[listener]]` tables, each with its position in the file."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        problems.append(where.at("listener", None, "listeners are [[listener]] tables"))
+        return []
+    tables = []
+    for nth, table in enumerate(value):
+        located = _NthTable(where, nth)
+        built = build_section(ListenerSettings, table, "listener", located, problems)
+        if not built.address:
+            if "address" not in table:
+                problems.append(located.at("listener", None, "[[listener]] needs an address"))
+            continue
+        tables.append((nth, built))
+    return tables
+
+
+def _resolve_listeners(
+    server: ServerSettings, listen: list[str], tables: list[tuple[int, ListenerSettings]]
+) -> list[Listener]:
+    def pick(value: bool | None, default: bool) -> bool:
+        return default if value is None else value
+
+    out = [
+        Listener(addr, server.proxy_protocol, server.require_tls, server.auth_passthrough)
+        for addr in listen
+    ]
+    for _, t in tables:
+        out.append(
+            Listener(
+                t.address,
+                pick(t.proxy_protocol, server.proxy_protocol),
+                pick(t.require_tls, server.require_tls),
+                pick(t.auth_passthrough, server.auth_passthrough),
+            )
+        )
+    return out
+
+
+def _listener_problems(
+    listeners: list[Listener],
+    positions: list[int],
+    tls: TlsSettings,
+    upstream: UpstreamSettings,
+    where: Located,
+) -> list[str]:
+    """Combinations that would refuse every client, or cannot work at all."""
+    problems: list[str] = []
+    if not listeners:
+        problems.append(where.at("server", "listen", "no listener: set [server] listen"))
+    seen: set[tuple[str, int]] = set()
+    for index, lst in enumerate(listeners):
+        key = parse_hostport(lst.address)
+        if key in seen and key[1] != 0:  # port 0: any free port, each time
+            text = f'"{lst.address}" is listed twice'
+            nth = positions[index]  # -1: from [server] listen
+            problems.append(
+                where.at("server", "listen", text)
+                if nth < 0
+                else _NthTable(where, nth).at("listener", "address", text)
+            )
+        seen.add(key)
+        if lst.require_tls and not tls.enabled:
+            problems.append(
+                where.at(
+                    "tls", None, f"{lst.address}: require_tls needs [tls] cert_file and key_file"
+                )
+            )
+        if lst.auth_passthrough and not tls.enabled:
+            problems.append(
+                where.at(
+                    "tls",
+                    None,
+                    f"{lst.address}: auth_passthrough needs [tls] cert_file and key_file "
+                    "(AUTH is only offered after STARTTLS)",
+                )
+            )
+        if lst.auth_passthrough and upstream.address.startswith("maildir:"):
+            problems.append(
+                where.at(
+                    "upstream",
+                    "address",
+                    f"{lst.address}: auth_passthrough needs an SMTP upstream that checks passwords",
+                )
+            )
+    if bool(tls.cert_file) != bool(tls.key_file):
+        problems.append(where.at("tls", None, "[tls] needs both cert_file and key_file"))
+    return problems
 
 
 def load(path: str | None) -> Config:

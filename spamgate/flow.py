@@ -14,8 +14,12 @@ and chooses the reply. Two rules are kept here and nowhere else:
 
 from __future__ import annotations
 
+import base64
+import binascii
+import email.utils
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -39,6 +43,9 @@ RCPT_OK = Reply(250, "2.1.5", ("Ok",))
 DISCARDED = Reply(250, "2.0.0", ("Ok",))
 SCORE_REJECT = "Message refused as spam (score {score:.1f})"
 SCORE_DEFER = "Message deferred as possible spam (score {score:.1f}), try again later"
+AUTH_TEMP = Reply(454, "4.7.0", ("Temporary authentication failure",))
+AUTH_MECH = Reply(504, "5.5.4", ("Unsupported authentication mechanism",))
+AUTH_ABORTED = Reply(501, "5.7.0", ("Authentication aborted",))
 
 
 class SessionLog(logging.LoggerAdapter):
@@ -87,7 +94,9 @@ class SessionFlow:
         self, stage: Stage, recipient: Recipient | None = None, message: Message | None = None
     ) -> Outcome:
         ctx = CheckContext(stage, self.session, self.txn, recipient, message)
-        outcome = await self.policy.pipeline.run(ctx, self.log, self.trace)
+        # Authenticated clients (AUTH passthrough) skip the checks the admin chose.
+        skip = self.policy.auth_skip if self.session.client.login is not None else frozenset()
+        outcome = await self.policy.pipeline.run(ctx, self.log, self.trace, skip=skip)
         target = (
             self.session if stage in (Stage.CONNECT, Stage.HELO) or self.txn is None else self.txn
         )
@@ -246,6 +255,78 @@ class SessionFlow:
             # As in Postfix, a refused HELO does not count as a greeting.
             client.helo, client.esmtp = previous
         return refusal
+
+    async def starttls(self) -> None:
+        """Before the TLS handshake: forget what the client said (RFC 3207 §4.2).
+
+        The transaction and the HELO name go, and so does the upstream session,
+        which was introduced with that name: the next one is introduced afresh.
+        """
+        await self.rset(reason="starttls")
+        await self._drop_upstream()
+        client = self.session.client
+        client.helo, client.esmtp, client.login = None, False, None
+
+    def tls_started(self) -> None:
+        tls = self.session.client.tls
+        if tls is not None:
+            metrics.STARTTLS.labels(tls.version or "unknown").inc()
+            self.log.info("STARTTLS: %s, cipher %s (%s bits)", tls.version, tls.cipher, tls.bits)
+
+    async def auth(
+        self,
+        mechanism: str,
+        initial: str | None,
+        respond: Callable[[Reply], Awaitable[bytes | None]],
+    ) -> Reply:
+        """AUTH passthrough: relay the SASL exchange to the upstream, which decides.
+
+        `respond` sends a 334 challenge to the client and returns its answer line
+        (without CRLF), or None when the client went away or sent no proper line.
+        No line of the exchange is ever logged: it carries credentials.
+        """
+        client = self.session.client
+        try:
+            if self.upstream is None or not self.upstream.usable:
+                self.upstream = await self.runtime.services.upstream.open(client)
+            if mechanism not in self.upstream.auth_mechanisms():
+                offered = " ".join(sorted(self.upstream.auth_mechanisms())) or "none"
+                self.log.warning(
+                    "auth: upstream does not offer %s (it offers: %s); enable SASL on the "
+                    "upstream listener (smtpd_sasl_auth_enable, smtpd_tls_auth_only = no)",
+                    mechanism,
+                    offered,
+                )
+                metrics.AUTH_PASSTHROUGH.labels("error").inc()
+                return AUTH_MECH if offered != "none" else AUTH_TEMP
+            command = f"AUTH {mechanism}" + (f" {initial}" if initial is not None else "")
+            answers = [initial] if initial is not None else []
+            reply = await self.upstream.auth(command.encode("ascii"))
+            while reply.code == 334:
+                line = await respond(reply)
+                if line is None:
+                    # The client is gone or sent garbage: end the upstream exchange too.
+                    await self._drop_upstream()
+                    metrics.AUTH_PASSTHROUGH.labels("aborted").inc()
+                    return AUTH_ABORTED
+                answers.append(line.decode("ascii", "replace"))
+                reply = await self.upstream.auth(line)
+        except UpstreamError as exc:
+            await self._drop_upstream()
+            metrics.AUTH_PASSTHROUGH.labels("error").inc()
+            if exc.reply is not None:
+                return exc.reply
+            self.log.warning("auth: upstream failed: %s: %s", exc.kind, exc.detail)
+            return AUTH_TEMP
+        if reply.code == 235:
+            client.login = _login_name(mechanism, answers) or ""
+            self.session.relay_permitted = True
+            metrics.AUTH_PASSTHROUGH.labels("success").inc()
+            self.log.info("auth: %s succeeded, sasl_username=%s", mechanism, client.login)
+        else:
+            metrics.AUTH_PASSTHROUGH.labels("aborted" if answers[-1:] == ["*"] else "failure").inc()
+            self.log.info("auth: %s failed: %s", mechanism, reply)
+        return reply
 
     async def mail(self, arg: PathArg) -> Reply:
         size = arg.keywords.get("SIZE")
@@ -440,7 +521,31 @@ class SessionFlow:
                 ("X-Spam-Score", f"{score:.1f}"),
                 ("X-Spam-Symbols", names or "none"),
             ]
+        trace = self._trace()
+        if trace is not None:
+            headers.append(trace)
         return render_headers(headers)
+
+    def _trace(self) -> tuple[str, str] | None:
+        """Our Received line when the client used TLS, which XCLIENT cannot tell Postfix.
+
+        Postfix's own Received line names the real client (XCLIENT), but from
+        Postfix's point of view the hop was plaintext; this one records the
+        protocol and cipher the client really used, in Postfix's wording.
+        """
+        c = self.session.client
+        if c.tls is None:
+            return None
+        name = "unknown" if c.name.startswith("[") else c.name
+        proto = c.proto + "S" + ("A" if c.login else "")
+        bits = f"{c.tls.bits}/{c.tls.bits} bits" if c.tls.bits else "unknown bits"
+        value = (
+            f"from {c.helo or 'unknown'} ({name} [{c.address}])\r\n"
+            f"\t(using {c.tls.version} with cipher {c.tls.cipher} ({bits}))\r\n"
+            f"\tby {self.config.hostname} (spamgate) with {proto} id {self.session.id};\r\n"
+            f"\t{email.utils.formatdate(localtime=True)}"
+        )
+        return ("Received", value)
 
     async def _dispose(self, verdict: Verdict, content: bytes) -> Reply:
         await self._abort_upstream_txn()
@@ -556,3 +661,24 @@ class SessionFlow:
         for observer in observers:
             name = getattr(observer, "label", type(observer).__name__)
             background.spawn(observer.on_transaction_end(event), f"{name} outcome")
+
+
+def _login_name(mechanism: str, answers: list[str]) -> str | None:
+    """The SASL user name from a PLAIN or LOGIN exchange, for XCLIENT LOGIN later.
+
+    PLAIN carries "authzid NUL authcid NUL password" (RFC 4616); LOGIN's first
+    answer is the user name. The password is never kept.
+    """
+    if not answers:
+        return None
+    try:
+        first = base64.b64decode(answers[0], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if mechanism == "PLAIN":
+        parts = first.split(b"\0")
+        if len(parts) != 3:
+            return None
+        authzid, authcid = parts[0], parts[1]
+        return (authzid or authcid).decode("utf-8", "replace")
+    return first.decode("utf-8", "replace")

@@ -51,7 +51,7 @@ PROTOCOL_ERRORS = Counter(
     "spamgate_protocol_errors_total",
     "Client protocol violations, by kind.",
     # bare_newline, line_too_long, pipelining, pregreet, unknown_command, syntax,
-    # too_many_errors, timeout, message_too_big, too_many_recipients
+    # too_many_errors, timeout, message_too_big, too_many_recipients, proxy_header
     ["kind"],
     registry=REGISTRY,
 )
@@ -142,17 +142,32 @@ AUTH_RESULTS = Counter(
     registry=REGISTRY,
 )
 
+# -- TLS and AUTH passthrough -------------------------------------------------------
+STARTTLS = Counter(
+    "spamgate_starttls_total",
+    "Inbound STARTTLS handshakes by result (the TLS version, or failure).",
+    ["result"],  # TLSv1.2, TLSv1.3, failure
+    registry=REGISTRY,
+)
+AUTH_PASSTHROUGH = Counter(
+    "spamgate_auth_passthrough_total",
+    "AUTH exchanges relayed to the upstream, by result (success, failure, aborted, error).",
+    ["result"],
+    registry=REGISTRY,
+)
+
 # -- upstream ----------------------------------------------------------------------
 UPSTREAM_LATENCY = Histogram(
     "spamgate_upstream_duration_seconds",
-    "Upstream reply latency by command (connect, xclient, ehlo, mail, rcpt, data, rset).",
+    "Upstream reply latency by command (connect, starttls, xclient, ehlo, auth, mail, rcpt, "
+    "data, rset).",
     ["command"],
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 UPSTREAM_ERRORS = Counter(
     "spamgate_upstream_errors_total",
-    "Upstream failures by kind (connect, timeout, disconnect, protocol, xclient).",
+    "Upstream failures by kind (connect, timeout, disconnect, protocol, xclient, tls, auth).",
     ["kind"],
     registry=REGISTRY,
 )

@@ -50,12 +50,20 @@ class Pipeline:
         ctx: CheckContext,
         logger: logging.LoggerAdapter | None = None,
         trace: Trace | None = None,
+        *,
+        skip: frozenset[str] = frozenset(),
     ) -> Outcome:
-        """Run the stage's checks; `trace` sees every check's verdict (spamgate explain)."""
+        """Run the stage's checks; `trace` sees every check's verdict (spamgate explain).
+
+        Checks labelled in `skip` ("all": every one) do not run: what AUTH passthrough
+        clients are spared ([auth] skip_checks).
+        """
         outcome = Outcome()
         lg = logger or log
         stage = ctx.stage.value
         for check in self._by_stage[ctx.stage]:
+            if skip and ("all" in skip or check.label in skip):
+                continue
             started = time.perf_counter()
             verdict = await self._run_one(check, ctx, lg)
             if trace is not None:

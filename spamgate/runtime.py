@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from .pipeline import Pipeline
 from .relay import RelayPolicy
 from .services import Services
 from .settings import ConfigError
+from .tls import server_context
 
 log = logging.getLogger("spamgate")
 
@@ -32,6 +34,10 @@ class Policy:
     pipeline: Pipeline
     relay: RelayPolicy
     digest: str
+    # The STARTTLS certificate, loaded with this snapshot (a reload renews it).
+    tls: ssl.SSLContext | None = None
+    # Check labels authenticated (AUTH passthrough) clients skip; "all" skips every one.
+    auth_skip: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, config: Config, services: Services) -> Policy:
@@ -43,6 +49,13 @@ class Policy:
                 checks.extend(kind.from_config(config, services))
             except ConfigError as exc:
                 problems += [p for p in exc.problems if p not in problems]
+        known = {kind.name for kind in CHECK_TYPES} | {c.label for c in checks} | {"all"}
+        unknown = [name for name in config.auth.skip_checks if name not in known]
+        if unknown:
+            names = ", ".join(f'"{n}"' for n in unknown)
+            problems.append(
+                config.where().at("auth", "skip_checks", f"[auth] skip_checks: unknown {names}")
+            )
         if problems:
             raise ConfigError(problems)
         return cls(
@@ -50,6 +63,8 @@ class Policy:
             pipeline=Pipeline(checks, monitor=config.server.mode == "monitor"),
             relay=RelayPolicy(config.server.relay_domains, config.server.mynetworks),
             digest=config_digest(config),
+            tls=server_context(config),
+            auth_skip=frozenset(config.auth.skip_checks),
         )
 
 
@@ -58,6 +73,10 @@ def sources(config: Config) -> list[str]:
     files = [config.path] if config.path else []
     for kind in CHECK_TYPES:
         files += [f for f in kind.sources(config) if f not in files]
+    # A renewed certificate is a new configuration, picked up like a rule file.
+    for name in (config.tls.cert_file, config.tls.key_file):
+        if name and config.resolve_path(name) not in files:
+            files.append(config.resolve_path(name))
     return files
 
 

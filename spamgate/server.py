@@ -21,8 +21,9 @@ import signal
 import time
 from collections.abc import Callable, Iterable
 
-from . import metrics
-from .config import Config, load
+from . import daemon, metrics
+from .config import Config, Listener, load
+from .daemon import PrivilegeError, drop_privileges
 from .runtime import Policy, Runtime, sources
 from .services import Services
 from .settings import ConfigError, parse_hostport
@@ -59,6 +60,7 @@ class Server:
         watched = file_state(sources(config))
         self.runtime = Runtime(Policy.build(config, self.services), self.services)
         self.servers: list[asyncio.base_events.Server] = []
+        self.listeners: list[Listener] = []
         self.addresses: list[tuple[str, int]] = []
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -67,16 +69,20 @@ class Server:
         self._watched: FileState = watched
         self._watcher: asyncio.Task[None] | None = None
 
-    def _factory(self) -> SMTPSession:
-        return SMTPSession(self.runtime)
+    def _factory(self, index: int) -> Callable[[], SMTPSession]:
+        # The listener's options are looked up per connection, so a reload can
+        # change them for an address that is already bound.
+        return lambda: SMTPSession(self.runtime, self.listeners[index])
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for item in self.config.server.listen:
+        self.listeners = list(self.config.listeners)
+        for index, listener in enumerate(self.listeners):
+            item = listener.address
             host, port = parse_hostport(item)
             try:
                 server = await loop.create_server(
-                    self._factory, host, port, reuse_address=True, backlog=1024
+                    self._factory(index), host, port, reuse_address=True, backlog=1024
                 )
             except OSError as exc:
                 await self.close_listeners()
@@ -125,6 +131,7 @@ class Server:
                 return False
             if config.state != self.config.state:
                 log.warning("reload: [state] changes take effect only after a restart")
+            self._update_listeners(config)
             self._watched = seen
             self.runtime.reload_problems = []
             self.runtime.swap(policy)
@@ -137,6 +144,19 @@ class Server:
                 policy.digest,
             )
             return True
+
+    def _update_listeners(self, config: Config) -> None:
+        """Take new options for bound addresses; adding or removing one needs a restart."""
+        unmatched = list(config.listeners)
+        for index, old in enumerate(self.listeners):
+            match = next((lst for lst in unmatched if lst.address == old.address), None)
+            if match is None:
+                log.warning("reload: still listening on %s until restart", old.address)
+                continue
+            unmatched.remove(match)
+            self.listeners[index] = match
+        for lst in unmatched:
+            log.warning("reload: not listening on %s: listeners change on restart", lst.address)
 
     async def _watch(self, path: str) -> None:
         """Reload when a watched file changed and then stayed the same for one interval."""
@@ -198,9 +218,25 @@ class Server:
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload(path)))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._sighup(path)))
         await self.start()
+        try:
+            # Bound to port 25 (as root, or with CAP_NET_BIND_SERVICE): root is no
+            # longer needed, and sessions must never run with it.
+            drop_privileges(self.config.server.user)
+        except PrivilegeError as exc:
+            await self.close_listeners()
+            raise StartupError(str(exc)) from None
+        daemon.notify(f"READY=1\nMAINPID={os.getpid()}")
         if on_ready is not None:
             on_ready(self)
         await stop.wait()
+        daemon.notify("STOPPING=1")
         await self.stop()
+
+    async def _sighup(self, path: str | None) -> None:
+        daemon.notify("RELOADING=1")
+        try:
+            await self.reload(path)
+        finally:
+            daemon.notify("READY=1")

@@ -8,11 +8,14 @@ records it needs (`dns_server.zone(...)`) before it connects.
 from __future__ import annotations
 
 import os
+import ssl
 import textwrap
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
+import trustme
 
 from spamgate.config import loads
 from spamgate.server import Server
@@ -33,6 +36,45 @@ def need_binary(path: str, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} ({path}) is missing in CI: .ci/run must install it")
     pytest.skip(f"{what} not installed ({path})")
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """A throw-away certificate authority; every test certificate comes from it."""
+    return trustme.CA()
+
+
+@dataclass
+class TlsFiles:
+    cert: str
+    key: str
+    ca: trustme.CA
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a careful client uses: verifies the chain and the name."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        self.ca.configure_trust(ctx)
+        return ctx
+
+    @property
+    def toml(self) -> str:
+        return f'[tls]\ncert_file = "{self.cert}"\nkey_file = "{self.key}"\n'
+
+
+def issue(ca: trustme.CA, directory, name: str = "gate.test", tag: str = "") -> TlsFiles:
+    """A certificate for `name` and its key, written as PEM files in `directory`."""
+    leaf = ca.issue_cert(name, "127.0.0.1")
+    cert, key = directory / f"{name}{tag}.crt", directory / f"{name}{tag}.key"
+    with open(cert, "wb") as fh:
+        for blob in leaf.cert_chain_pems:
+            fh.write(blob.bytes())
+    leaf.private_key_pem.write_to_path(str(key))
+    return TlsFiles(str(cert), str(key), ca)
+
+
+@pytest.fixture
+def tls_files(ca: trustme.CA, tmp_path) -> TlsFiles:
+    return issue(ca, tmp_path)
 
 
 def need_postfix() -> None:
@@ -101,8 +143,11 @@ class Gate:
         self.server = server
         self.host, self.port = server.addresses[0]
 
-    async def client(self, source: str | None = None) -> tuple[RawClient, object]:
-        return await RawClient.connect(self.port, self.host, source=source)
+    async def client(
+        self, source: str | None = None, listener: int = 0, greet: bool = True
+    ) -> tuple[RawClient, object]:
+        host, port = self.server.addresses[listener]
+        return await RawClient.connect(port, host, source=source, greet=greet)
 
     async def stop(self) -> None:
         await self.server.stop(grace=0.5)

@@ -8,9 +8,10 @@ the final dot, a delay before a reply, or a dropped connection in the middle of 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass, field
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 
 @dataclass
@@ -24,6 +25,8 @@ class Received:
     content: bytes
     xclient: list[str]  # XCLIENT argument lines in force for this session
     helo: str | None
+    tls: bool = False  # the session with the sink was encrypted (upstream STARTTLS)
+    login: str | None = None  # user name authenticated with AUTH on this session
 
 
 @dataclass
@@ -37,11 +40,34 @@ class SinkBehaviour:
     offer_xclient: bool = True
     # Refuse RCPT for addresses starting with this local part.
     refuse_local: str | None = None
+    # Offer STARTTLS with this context (upstream TLS tests).
+    tls_context: ssl.SSLContext | None = None
+    # user -> password accepted by AUTH PLAIN/LOGIN (AUTH passthrough tests).
+    accounts: dict[str, str] = field(default_factory=dict)
+    # Offer AUTH in the EHLO reply.
+    offer_auth: bool = True
+
+
+def _authenticator(server, session, envelope, mechanism, auth_data) -> AuthResult:
+    accounts = server.sink.behaviour.accounts
+    if isinstance(auth_data, LoginPassword):
+        user, password = auth_data.login.decode(), auth_data.password.decode()
+        if accounts.get(user) == password:
+            return AuthResult(success=True, auth_data=auth_data)
+    return AuthResult(success=False, handled=False)
 
 
 class SinkSMTP(SMTP):
     def __init__(self, sink: Sink) -> None:
-        super().__init__(sink, hostname="sink.test", enable_SMTPUTF8=True, data_size_limit=None)
+        super().__init__(
+            sink,
+            hostname="sink.test",
+            enable_SMTPUTF8=True,
+            data_size_limit=None,
+            tls_context=sink.behaviour.tls_context,
+            authenticator=_authenticator,
+            auth_require_tls=False,
+        )
         self.sink = sink
         self.xclient: list[str] = []
         self.rcpt_params: list[list[str]] = []
@@ -70,14 +96,39 @@ class SinkSMTP(SMTP):
             "250-CHUNKING",
             "250-ETRN",
             "250-VRFY",
-            "250-AUTH PLAIN LOGIN",
             "250-XFORWARD NAME ADDR",
         ]
+        if self.sink.behaviour.offer_auth:
+            lines.append("250-AUTH PLAIN LOGIN")
+        if self.tls_context is not None and self._tls_protocol is None:
+            lines.append("250-STARTTLS")
         if self.sink.behaviour.offer_xclient:
             lines.append("250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN")
         lines.append("250 HELP")
         for line in lines:
             await self.push(line)
+
+    def _login(self) -> str | None:
+        auth = self.session.auth_data
+        if self.session.authenticated and isinstance(auth, LoginPassword):
+            return auth.login.decode()
+        for line in reversed(self.xclient):
+            for attr in line.split():
+                if attr.startswith("LOGIN="):
+                    return attr[len("LOGIN=") :]
+        return None
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        self.sink.commands.append("STARTTLS")
+        if "STARTTLS" in self.sink.behaviour.replies:
+            await self.push(self.sink.behaviour.replies["STARTTLS"])
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # Only the mechanism is recorded: the rest is a credential.
+        self.sink.commands.append(f"AUTH {arg.split()[0] if arg else ''}".rstrip())
+        await super().smtp_AUTH(arg)
 
     async def smtp_HELO(self, hostname: str) -> None:
         self.sink.commands.append(f"HELO {hostname}")
@@ -161,6 +212,8 @@ class SinkSMTP(SMTP):
                     content=bytes(data),
                     xclient=list(self.xclient),
                     helo=self.session.host_name,
+                    tls=self._tls_protocol is not None,
+                    login=self._login(),
                 )
             )
         self._set_post_data_state()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from dataclasses import dataclass
 
 
@@ -72,6 +73,18 @@ class RawClient:
             line = line.encode()
         await self.send(line + b"\r\n")
         return await self.reply(timeout)
+
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str = "gate.test") -> Reply:
+        """STARTTLS, and on 220 the handshake; the reply to STARTTLS is returned."""
+        r = await self.cmd("STARTTLS")
+        if r.code == 220:
+            await self.writer.start_tls(context, server_hostname=server_hostname)
+        return r
+
+    @property
+    def tls_version(self) -> str | None:
+        obj = self.writer.get_extra_info("ssl_object")
+        return obj.version() if obj is not None else None
 
     async def closed(self, timeout: float = 5) -> bool:
         """True when the server has closed the connection (EOF)."""

@@ -15,13 +15,17 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 
+from aiosmtpd.proxy_protocol import AF, V2_CMD, V2_SIGNATURE, get_proxy
 from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
+from aiosmtpd.smtp import TLSSetupException
 
 from .. import metrics
+from ..config import Listener
 from ..flow import SessionFlow
 from ..model import Client, Session, TLSInfo
 from ..reply import Reply
@@ -46,6 +50,13 @@ CONTENT_REPLIES = {
     DataProblem.BARE_CR: Reply(550, "5.5.2", ("Error: bare <CR> received",)),
 }
 _NON_SMTP = {"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "USER"}
+MUST_STARTTLS = Reply(530, "5.7.0", ("Must issue a STARTTLS command first",))
+TLS_ACTIVE = Reply(554, "5.5.1", ("Error: TLS already active",))
+# RFC 4954 §4: servers accept AUTH lines of at least 12288 octets.
+AUTH_LINE_MAX = 12288
+_BASE64 = re.compile(r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$|^=$")
+
+Address = tuple[str, int]
 
 
 class _NullHandle:
@@ -67,14 +78,10 @@ class SMTPSession(_AiosmtpdSMTP):
     # The StreamReader buffer size; spamgate's own line limits apply per line.
     line_length_limit = 65536
 
-    def __init__(
-        self,
-        runtime: Runtime,
-        *,
-        tls_context: ssl.SSLContext | None = None,
-        proxy_protocol_timeout: float | None = None,
-    ) -> None:
+    def __init__(self, runtime: Runtime, listener: Listener | None = None) -> None:
         cfg = runtime.config
+        self.listener = listener or Listener(cfg.listeners[0].address)
+        tls_context: ssl.SSLContext | None = runtime.policy.tls
         super().__init__(
             _NoHooks(),
             hostname=cfg.hostname,
@@ -82,8 +89,11 @@ class SMTPSession(_AiosmtpdSMTP):
             enable_SMTPUTF8=cfg.smtp.smtputf8,
             tls_context=tls_context,
             timeout=cfg.limits.idle_timeout,
-            proxy_protocol_timeout=proxy_protocol_timeout,
             loop=asyncio.get_running_loop(),
+        )
+        # Read here, not by aiosmtpd (whose client loop this class replaces).
+        self._proxy_timeout = (
+            cfg.server.proxy_protocol_timeout if self.listener.proxy_protocol else None
         )
         self.runtime = runtime
         self.cfg = cfg
@@ -104,6 +114,7 @@ class SMTPSession(_AiosmtpdSMTP):
             "NOOP": self._noop,
             "QUIT": self._quit,
             "STARTTLS": self._starttls,
+            "AUTH": self._auth,
             "VRFY": self._vrfy,
         }
 
@@ -158,11 +169,12 @@ class SMTPSession(_AiosmtpdSMTP):
             self._close()
             return
         if self._proxy_timeout is not None:
-            proxied = await self._read_proxy_header()
+            proxied = await self._read_proxy_header(peer)
             if proxied is None:
+                metrics.SESSIONS_REFUSED.labels("proxy").inc()
                 self._close()
                 return
-            peer = proxied
+            peer, sock = proxied
         address = ipaddress.ip_address(peer[0])
         if address.version == 6 and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
@@ -193,6 +205,15 @@ class SMTPSession(_AiosmtpdSMTP):
             raise
         except (ConnectionError, OSError):
             reason = "connection lost"
+        except Exception:
+            # A bug, not the client's doing: say so in the log and to the client,
+            # rather than leaving a silent disconnect behind.
+            reason = "internal error"
+            log.exception("sid=%s session failed", self.model.id)
+            if self.transport is not None and not self.transport.is_closing():
+                self._writer.write(
+                    Reply(421, "4.3.0", (f"{self.hostname} Error: internal error",)).render()
+                )
         finally:
             await self._finish(reason, address)
 
@@ -212,9 +233,39 @@ class SMTPSession(_AiosmtpdSMTP):
             self.runtime.release(address)
             self._close()
 
-    async def _read_proxy_header(self) -> tuple[str, int] | None:
-        """Issue 7 fills this in (PROXY v1/v2); without support, refuse."""
-        return None
+    async def _read_proxy_header(self, peer: Address) -> tuple[Address, Address] | None:
+        """The real client and the address it connected to, from a PROXY v1/v2 header.
+
+        aiosmtpd parses the header; this decides what it means. Like Postfix
+        (haproxy_srvr.c), a header that names no client (v1 UNKNOWN, v2 UNSPEC or
+        UNIX) is refused: the proxy's own address must never stand in for the
+        client, as it may well be in mynetworks. A v2 LOCAL header (the balancer's
+        own health check) is a connection from the balancer itself.
+        """
+        assert self._proxy_timeout is not None
+        where = f"[{peer[0]}]:{peer[1]}"
+        try:
+            async with asyncio.timeout(self._proxy_timeout):
+                data = await get_proxy(self._reader)
+        except TimeoutError:
+            log.warning("PROXY: no header from %s within %gs; closed", where, self._proxy_timeout)
+            return None
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            log.info("PROXY: %s closed before sending a header", where)
+            return None
+        if not data.valid:
+            log.warning("PROXY: bad header from %s (%s); closed", where, data.error or "invalid")
+            return None
+        sock = self.transport.get_extra_info("sockname") if self.transport else None
+        if data.version == 2 and data.command == V2_CMD.LOCAL:
+            return peer, (sock[0], sock[1]) if sock else ("0.0.0.0", 0)
+        if data.family not in (AF.INET, AF.INET6) or data.src_addr is None:
+            log.warning("PROXY: header from %s names no client address; closed", where)
+            return None
+        return (str(data.src_addr), int(data.src_port or 0)), (
+            str(data.dst_addr),
+            int(data.dst_port or 0),
+        )
 
     async def _converse(self) -> str:
         assert self.flow is not None and self.model is not None
@@ -285,6 +336,18 @@ class SMTPSession(_AiosmtpdSMTP):
             return
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
+        if self._proxy_timeout is None and (
+            verb == "PROXY" or (line == b"\r\n" and self._buffer_startswith(V2_SIGNATURE[2:]))
+        ):
+            # A balancer sends PROXY headers here but this listener does not expect
+            # them: going on would take the balancer for the client.
+            metrics.PROTOCOL_ERRORS.labels("proxy_header").inc()
+            log.warning(
+                "PROXY header on %s, which has proxy_protocol = false; closed",
+                self.listener.address,
+            )
+            await self._send(Reply(521, "5.5.1", ("Protocol error: unexpected PROXY header",)))
+            return
         arg_or_none = arg.strip() or None
         if self._no_service and verb != "QUIT":
             await self._send(Reply(503, "5.5.1", ("Error: no SMTP service here",)))
@@ -300,6 +363,13 @@ class SMTPSession(_AiosmtpdSMTP):
             await self._send(NOT_IMPLEMENTED if known else UNKNOWN)
             return
         await handler(arg_or_none)
+
+    def _buffer_startswith(self, prefix: bytes) -> bool:
+        return bytes(self._reader._buffer[: len(prefix)]) == prefix  # type: ignore[attr-defined]
+
+    @property
+    def _tls_active(self) -> bool:
+        return self._tls_protocol is not None
 
     def _out_of_sync(self) -> bool:
         return self.cfg.smtp.forbid_unauth_pipelining and self._pending_input()
@@ -327,8 +397,10 @@ class SMTPSession(_AiosmtpdSMTP):
         lines = [self.hostname, "PIPELINING", f"SIZE {self.cfg.limits.message_size}", "8BITMIME"]
         if self.cfg.smtp.smtputf8:
             lines.append("SMTPUTF8")
-        if self.tls_context is not None and self._tls_protocol is None:
+        if self.tls_context is not None and not self._tls_active:
             lines.append("STARTTLS")
+        if self.listener.auth_passthrough and self._tls_active:
+            lines.append("AUTH " + " ".join(m.upper() for m in self.cfg.auth.mechanisms))
         lines += ["ENHANCEDSTATUSCODES", "DSN"]
         await self._send(Reply(250, None, tuple(lines)))
 
@@ -346,6 +418,9 @@ class SMTPSession(_AiosmtpdSMTP):
             return
         if self.model.transaction is not None:
             await self._send(Reply(503, "5.5.1", ("Error: nested MAIL command",)))
+            return
+        if self.listener.require_tls and not self._tls_active:
+            await self._send(MUST_STARTTLS)
             return
         allowed = set(commands.MAIL_PARAMS)
         if not self.cfg.smtp.smtputf8:
@@ -454,25 +529,96 @@ class SMTPSession(_AiosmtpdSMTP):
 
     async def _starttls(self, arg: str | None) -> None:
         assert self.model is not None and self.flow is not None
-        if self.tls_context is None or self._tls_protocol is not None:
+        if self.tls_context is None:
             await self._send(NOT_IMPLEMENTED)
+            return
+        if self._tls_active:
+            await self._send(TLS_ACTIVE)
             return
         if arg is not None:
             await self._send(Reply(501, "5.5.4", ("Syntax: STARTTLS",)))
             return
-        # aiosmtpd sends 220, upgrades, and flushes plaintext pipelined after the
-        # command (CVE-2011-0411 / CVE-2024-34083); we forget HELO and the
-        # transaction, as RFC 3207 §4.2 requires.
-        await self.flow.rset(reason="starttls")
-        await self.smtp_STARTTLS("")
-        client = self.model.client
-        client.helo, client.esmtp = None, False
+        await self.flow.starttls()
+        # aiosmtpd sends 220, upgrades, and once the handshake is done discards
+        # any plaintext pipelined after the command (CVE-2011-0411,
+        # CVE-2024-34083): such bytes were never encrypted, so they never count.
+        try:
+            await self.smtp_STARTTLS("")
+        except TLSSetupException as exc:
+            metrics.STARTTLS.labels("failure").inc()
+            log.info(
+                "sid=%s STARTTLS handshake failed: %s", self.model.id, exc.__cause__ or "closed"
+            )
+            self._close()
+            return
         obj = self.transport.get_extra_info("ssl_object") if self.transport else None
         if obj is not None:
             cipher = obj.cipher()
-            client.tls = TLSInfo(
+            self.model.client.tls = TLSInfo(
                 obj.version() or "", cipher[0] if cipher else "", cipher[2] if cipher else None
             )
+        self.flow.tls_started()
+
+    async def _auth(self, arg: str | None) -> None:
+        """AUTH passthrough: the upstream checks the password; we relay each line."""
+        assert self.flow is not None and self.model is not None
+        client = self.model.client
+        if not self.listener.auth_passthrough:
+            await self._send(NOT_IMPLEMENTED)
+            return
+        if not self._tls_active:
+            await self._send(MUST_STARTTLS)
+            return
+        if client.helo is None:
+            await self._send(Reply(503, "5.5.1", ("Error: send HELO/EHLO first",)))
+            return
+        if client.login is not None:
+            await self._send(Reply(503, "5.5.1", ("Error: already authenticated",)))
+            return
+        if self.model.transaction is not None:
+            await self._send(Reply(503, "5.5.1", ("Error: MAIL transaction in progress",)))
+            return
+        mechanism, _, initial = (arg or "").partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if not mechanism:
+            await self._send(Reply(501, "5.5.4", ("Syntax: AUTH mechanism",)))
+            return
+        if mechanism not in {m.upper() for m in self.cfg.auth.mechanisms}:
+            await self._send(Reply(504, "5.5.4", ("Unsupported authentication mechanism",)))
+            return
+        if initial and not _BASE64.match(initial):
+            await self._send(Reply(501, "5.5.2", ("Invalid base64 data in initial response",)))
+            return
+        # An initial response (RFC 4954, "=" when empty) goes upstream as it came.
+        await self._send(await self.flow.auth(mechanism, initial or None, self._auth_answer))
+
+    async def _auth_answer(self, challenge: Reply) -> bytes | None:
+        """Send one 334 challenge, read the client's answer line (never logged)."""
+        if self.transport is None or self.transport.is_closing():
+            return None
+        self._writer.write(b"334 " + challenge.text.encode("ascii", "replace") + b"\r\n")
+        await self._writer.drain()
+        try:
+            async with asyncio.timeout(self.cfg.limits.idle_timeout):
+                line = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            await self._skip_long_line()
+            return None
+        except TimeoutError:
+            metrics.PROTOCOL_ERRORS.labels("timeout").inc()
+            self._writer.write(Reply(421, "4.4.2", (f"{self.hostname} {TIMEOUT}",)).render())
+            self._close()
+            return None
+        except asyncio.IncompleteReadError:
+            self._close()
+            return None
+        answer = line[:-2]
+        if not line.endswith(b"\r\n") or len(line) > AUTH_LINE_MAX:
+            return None
+        # Only base64 or "*" (cancel) goes upstream: nothing that could read as a command.
+        if answer != b"*" and not _BASE64.match(answer.decode("latin-1")):
+            return None
+        return answer
 
     # -- shutdown --------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ class UpstreamError(Exception):
 
     def __init__(self, kind: str, detail: str, reply: Reply | None = None) -> None:
         super().__init__(detail)
-        self.kind = kind  # connect, timeout, disconnect, protocol, xclient, refused
+        self.kind = kind  # connect, timeout, disconnect, protocol, xclient, refused, tls, auth
         self.detail = detail
         # Set when the upstream refused the whole session with a reply worth relaying
         # (a 421 or a 5xx answer to XCLIENT about the real client).
@@ -50,6 +50,14 @@ class UpstreamSession(abc.ABC):
     @property
     @abc.abstractmethod
     def usable(self) -> bool: ...
+
+    def auth_mechanisms(self) -> frozenset[str]:
+        """SASL mechanisms the upstream offers (AUTH passthrough); none by default."""
+        return frozenset()
+
+    async def auth(self, line: bytes) -> Reply:
+        """Send one line of an AUTH exchange (the command, or a client response)."""
+        raise UpstreamError("auth", "this upstream does not take AUTH")
 
 
 class Upstream(abc.ABC):

@@ -8,6 +8,7 @@ the core cares about: an upstream reply to relay, or an `UpstreamError`.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 
 import aiosmtplib
@@ -57,15 +58,39 @@ def _reply(resp: SMTPResponse) -> Reply:
     return Reply.from_upstream(resp.code, resp.message)
 
 
+class _TlsFailed(Exception):
+    """STARTTLS towards the upstream did not happen; `open` decides what that means."""
+
+
 class SmtpUpstream(Upstream):
     name = "smtp"
 
-    def __init__(self, settings: UpstreamSettings, hostname: str) -> None:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        hostname: str,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.settings = settings
         self.host, self.port = parse_hostport(settings.address)
         self.helo_name = settings.helo_name or hostname
+        self.tls_context = tls_context
+        self.tls_name = settings.tls_server_name or self.host
 
     async def open(self, client: Client) -> SmtpSession:
+        try:
+            return await self._open(client, tls=self.tls_context is not None)
+        except _TlsFailed as exc:
+            if self.settings.tls == "required":
+                metrics.UPSTREAM_ERRORS.labels("tls").inc()
+                raise UpstreamError("tls", f"upstream TLS required: {exc}") from None
+            # Opportunistic, as Postfix's "may": a failed handshake falls back to
+            # plaintext on a new connection rather than refusing mail.
+            log.warning("upstream STARTTLS failed (%s); continuing without TLS", exc)
+            metrics.UPSTREAM_ERRORS.labels("tls").inc()
+            return await self._open(client, tls=False)
+
+    async def _open(self, client: Client, *, tls: bool) -> SmtpSession:
         s = self.settings
         smtp = aiosmtplib.SMTP(
             hostname=self.host,
@@ -90,7 +115,12 @@ class SmtpUpstream(Upstream):
         metrics.UPSTREAM_LATENCY.labels("connect").observe(time.perf_counter() - started)
         session = SmtpSession(smtp, s)
         try:
-            await session.introduce(client, self.helo_name, xclient=s.xclient)
+            await session.introduce(
+                client,
+                self.helo_name,
+                xclient=s.xclient,
+                tls=(self.tls_context, self.tls_name, s.tls == "required") if tls else None,
+            )
         except BaseException:
             await session.close()
             raise
@@ -116,6 +146,10 @@ class SmtpSession(UpstreamSession):
     @property
     def usable(self) -> bool:
         return self.smtp.is_connected
+
+    @property
+    def tls_active(self) -> bool:
+        return self.smtp.get_transport_info("sslcontext") is not None
 
     async def _command(self, name: str, *args: bytes, timeout: float | None = None) -> Reply:
         started = time.perf_counter()
@@ -150,9 +184,36 @@ class SmtpSession(UpstreamSession):
         else:
             self.smtp.last_helo_response = SMTPResponse(reply.code, reply.text)
 
-    async def introduce(self, client: Client, our_name: str, *, xclient: bool) -> None:
-        """EHLO, then XCLIENT with the real client and its own HELO/EHLO again."""
+    async def starttls(self, context: ssl.SSLContext, server_name: str, required: bool) -> None:
+        """STARTTLS, then EHLO again (RFC 3207 §4.2: what was learnt before is void)."""
+        if not self.smtp.supports_extension("starttls"):
+            if required:
+                raise _TlsFailed("the upstream does not offer STARTTLS")
+            return
+        started = time.perf_counter()
+        try:
+            await self.smtp.starttls(tls_context=context, server_hostname=server_name)
+        except aiosmtplib.SMTPResponseException as exc:
+            raise _TlsFailed(f"STARTTLS refused: {exc.code} {exc.message}") from None
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as exc:
+            self.smtp.close()
+            raise _TlsFailed(f"handshake failed: {exc}") from None
+        metrics.UPSTREAM_LATENCY.labels("starttls").observe(time.perf_counter() - started)
+
+    async def introduce(
+        self,
+        client: Client,
+        our_name: str,
+        *,
+        xclient: bool,
+        tls: tuple[ssl.SSLContext, str, bool] | None = None,
+    ) -> None:
+        """EHLO (STARTTLS, EHLO), then XCLIENT with the real client and its own EHLO."""
         await self._hello(our_name, True)
+        if tls is not None:
+            await self.starttls(*tls)
+            if self.tls_active:
+                await self._hello(our_name, True)
         if not xclient:
             return
         offered = self.smtp.esmtp_extensions.get("xclient")
@@ -174,6 +235,13 @@ class SmtpSession(UpstreamSession):
             raise UpstreamError("xclient", f"upstream refused XCLIENT: {reply}")
         # Any other refusal is about the real client (e.g. 421, 554): relay it.
         raise UpstreamError("refused", f"upstream refused the client at XCLIENT: {reply}", reply)
+
+    def auth_mechanisms(self) -> frozenset[str]:
+        return frozenset(self.smtp.esmtp_extensions.get("auth", "").upper().split())
+
+    async def auth(self, line: bytes) -> Reply:
+        # One raw line, never logged: it carries credentials. Errors name the step only.
+        return await self._command("auth", line)
 
     async def mail(self, sender: str, params: tuple[str, ...], smtputf8: bool) -> Reply:
         enc = "utf-8" if smtputf8 else "ascii"
