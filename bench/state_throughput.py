@@ -3,16 +3,15 @@
     python bench/state_throughput.py [--messages 3000] [--concurrency 20] [--runs 3]
 
 Everything runs on loopback and is started and stopped here: Postfix's smtp-sink
-as the upstream (without XCLIENT, which smtp-sink does not answer as Postfix
-does), a private redis-server (no persistence), one spamgate process per mode
-(`spamgate run`), and Postfix's smtp-source as the load (one message per
-connection, HELO, tiny body, all from 127.0.0.1). With limits on, every one of the
-nine limits is set far above the load, so each message makes three store
-operations (connect, RCPT, DATA) and none is refused; all sessions share one
-client IP, the worst case for key contention. The modes run in turns (off,
-memory, redis, off, ...) so that other load on the machine falls on all alike.
-Bounded: at most 50k messages and 200 connections per run, 120 s per run.
-Prints the median msgs/s per mode.
+as the upstream (with XCLIENT, as in front of Postfix), a private redis-server
+(no persistence), one spamgate process per mode (`spamgate run`), and Postfix's
+smtp-source as the load (one message per connection, HELO, tiny body, all from
+127.0.0.1). With limits on, every one of the nine limits is set far above the
+load, so each message makes three store operations (connect, RCPT, DATA) and
+none is refused; all sessions share one client IP, the worst case for key
+contention. The modes run in turns (off, memory, redis, off, ...) so that other
+load on the machine falls on all alike. Bounded: at most 50k messages and 200
+connections per run, 120 s per run. Prints the median msgs/s per mode.
 """
 
 from __future__ import annotations
@@ -92,7 +91,6 @@ quarantine = "{workdir}/quarantine"
 
 [upstream]
 address = "127.0.0.1:{upstream}"
-xclient = false  # smtp-sink answers XCLIENT with 250, not Postfix's 220
 
 [dns]
 reverse_lookup = false
