@@ -13,6 +13,7 @@ says 421 to the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -27,6 +28,7 @@ from .runtime import Policy, Runtime, sources
 from .services import Services
 from .settings import ConfigError, parse_hostport
 from .smtp.protocol import SMTPSession
+from .state import StoreUnavailable
 
 log = logging.getLogger("spamgate")
 
@@ -105,6 +107,9 @@ class Server:
             self.config.upstream.address,
             self.config.server.mode,
         )
+        log.info("state store: %s", self.services.state.describe())
+        with contextlib.suppress(StoreUnavailable):  # logged; serving goes on regardless
+            await self.services.state.ping()
 
     async def reload(self, path: str | None, *, reason: str = "SIGHUP") -> bool:
         """Load and validate config and tables; swap only if all is well."""
@@ -124,6 +129,8 @@ class Server:
                     log.error("reload refused: %s", problem)
                 log.error("reload (%s) refused; still running the previous configuration", reason)
                 return False
+            if config.state != self.config.state:
+                log.warning("reload: [state] changes take effect only after a restart")
             self._update_listeners(config)
             self._watched = seen
             self.runtime.reload_problems = []
