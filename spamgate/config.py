@@ -308,6 +308,43 @@ class MetricsSettings:
     )
 
 
+def _redis_url(value: str) -> str | None:
+    if not value:
+        return None
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parse_url(value)
+    except ValueError as exc:
+        return f'"{value}" is not a Redis URL ({exc})'
+    return None
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    redis: str = setting(
+        "",
+        'Redis shared by all instances, "redis://host:port/db"; empty: in-process (not shared).',
+        check=_redis_url,
+    )
+    key_prefix: str = setting("spamgate:", "Prefix of every Redis key spamgate writes.")
+    timeout: float = setting(
+        0.5, "Seconds to connect to Redis or wait for one answer.", check=positive
+    )
+    retry_interval: float = setting(
+        2.0, "Seconds between reconnection attempts while Redis is unreachable.", check=positive
+    )
+    on_unavailable: Literal["open", "tempfail"] = setting(
+        "open",
+        'While Redis is unreachable: "open" skips the stateful checks, "tempfail" says 451 4.3.0.',
+    )
+    memory_max_keys: int = setting(
+        200000,
+        "Entries the in-process store keeps at most; the least recently used go first.",
+        check=positive,
+    )
+
+
 @dataclass(frozen=True)
 class ScoringSettings:
     reject: float = setting(15.0, "Total score at or above which mail is refused (550 5.7.1).")
@@ -332,6 +369,7 @@ CORE_SECTIONS: dict[str, type] = {
     "dns": DnsSettings,
     "metrics": MetricsSettings,
     "scoring": ScoringSettings,
+    "state": StateSettings,
 }
 
 
@@ -350,6 +388,7 @@ class Config:
     dns: DnsSettings = field(default_factory=DnsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    state: StateSettings = field(default_factory=StateSettings)
     sections: dict[str, Any] = field(default_factory=dict)
     hostname: str = "localhost"
     base_dir: str = "."
@@ -438,6 +477,7 @@ def loads(text: str, path: str = "<config>") -> Config:
         dns=built["dns"],
         metrics=built["metrics"],
         scoring=built["scoring"],
+        state=built["state"],
         sections={k: v for k, v in built.items() if k not in CORE_SECTIONS},
         hostname=server.hostname or socket.getfqdn(),
         base_dir=base_dir,

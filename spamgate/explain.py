@@ -23,6 +23,7 @@ from .reply import Reply
 from .runtime import Policy, Runtime
 from .services import Services
 from .smtp.commands import PathArg
+from .state import MemoryStore
 from .tables import Query, Table
 from .tables.keys import NULL_SENDER, parse_ip
 from .upstream.base import Upstream, UpstreamSession
@@ -121,7 +122,11 @@ async def explain(
             config, dns=dataclasses.replace(config.dns, reverse_lookup=False)
         )
     dry, hold = DryUpstream(), DryUpstream()
-    services = dataclasses.replace(Services.build(config), upstream=dry, quarantine=hold)
+    # A throwaway state store too: explaining must not use up, or greylist for, a
+    # real client's quota in the store the running instances share.
+    services = dataclasses.replace(
+        Services.build(config), upstream=dry, quarantine=hold, state=MemoryStore()
+    )
     runtime = Runtime(Policy.build(config, services), services)
     client = Client(address=address, port=0, name=client_name or "[UNAVAILABLE]")
     flow = SessionFlow(runtime, Session(id="EXPLAIN", client=client))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import metrics
-from .checks.base import CheckContext
+from .checks.base import CheckContext, TransactionEnd
 from .message import Message, render_headers
 from .model import Recipient, Session, Stage, Transaction
 from .reply import OK, TEMP_UPSTREAM, Reply
@@ -626,6 +626,7 @@ class SessionFlow:
             else:
                 outcome = "aborted"
         metrics.TRANSACTIONS.labels(outcome).inc()
+        self._notify(txn, outcome)
         c = self.session.client
         to = ",".join(f"<{r.address}>" for r in txn.recipients) or "-"
         parts = [
@@ -647,6 +648,24 @@ class SessionFlow:
         self.log.info(" ".join(parts))
         self.session.transaction = None
         self._txn_state = _TxnState()
+
+    def _notify(self, txn: Transaction, outcome: str) -> None:
+        """Tell the policy's observers how the transaction ended, off the reply path."""
+        observers = self.policy.pipeline.observers
+        if not observers:
+            return
+        event = TransactionEnd(
+            client=self.session.client.address,
+            trusted=self.session.relay_permitted,
+            sender=txn.mail_from,
+            recipients=tuple(r.address for r in txn.accepted_recipients),
+            outcome=outcome,
+            score=self._score(),
+        )
+        background = self.runtime.services.background
+        for observer in observers:
+            name = getattr(observer, "label", type(observer).__name__)
+            background.spawn(observer.on_transaction_end(event), f"{name} outcome")
 
 
 def _login_name(mechanism: str, answers: list[str]) -> str | None:

@@ -290,6 +290,39 @@ UPSTREAM_UP = Gauge(
     multiprocess_mode="livemostrecent",
 )
 
+# -- shared state (rate limits, greylisting, reputation) ----------------------------
+STATE_UP = Gauge(
+    "spamgate_state_store_up",
+    "1 while the state store answers; 0 while it is unreachable ([state] on_unavailable).",
+    registry=REGISTRY,
+    # The latest answer of any live worker: "min" would also count a worker (or the
+    # parent) that never asked, whose value is 0.
+    multiprocess_mode="livemostrecent",
+)
+STATE_ERRORS = Counter(
+    "spamgate_state_store_errors_total",
+    "State store operations that failed (error) or were not tried while it was down (skipped).",
+    ["op", "kind"],  # op: hit, first_seen, mark, marked, unmark, ping
+    registry=REGISTRY,
+)
+STATE_LATENCY = Histogram(
+    "spamgate_state_store_duration_seconds",
+    "Latency of Redis state store operations.",
+    ["op"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+STATE_EVICTIONS = Counter(
+    "spamgate_state_store_evictions_total",
+    "Live entries the in-process store dropped to stay within [state] memory_max_keys.",
+    registry=REGISTRY,
+)
+BACKGROUND_DROPPED = Counter(
+    "spamgate_background_dropped_total",
+    "Transaction outcomes not learned from because too many were still pending.",
+    registry=REGISTRY,
+)
+
 # -- configuration and build --------------------------------------------------------
 RELOADS = Counter(
     "spamgate_config_reloads_total",

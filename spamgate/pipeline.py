@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from . import metrics
-from .checks.base import Check, CheckContext, CheckError
+from .checks.base import Check, CheckContext, CheckError, TransactionObserver
 from .model import Stage
 from .reply import Reply
 from .verdict import Action, Outcome, Verdict
@@ -38,6 +38,10 @@ class Pipeline:
         self._by_stage: dict[Stage, list[Check]] = {
             stage: [c for c in self.checks if stage in c.stages] for stage in Stage
         }
+        # Checks the flow tells how each transaction ended.
+        self.observers: list[TransactionObserver] = [
+            c for c in self.checks if isinstance(c, TransactionObserver)
+        ]
 
     def for_stage(self, stage: Stage) -> list[Check]:
         return self._by_stage[stage]

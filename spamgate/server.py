@@ -13,6 +13,7 @@ says 421 to the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -29,6 +30,7 @@ from .runtime import Policy, Runtime, sources
 from .services import Services
 from .settings import ConfigError, parse_hostport
 from .smtp.protocol import SMTPSession
+from .state import StoreUnavailable
 
 log = logging.getLogger("spamgate")
 
@@ -111,6 +113,9 @@ class Server:
             self.config.upstream.address,
             self.config.server.mode,
         )
+        log.info("state store: %s", self.services.state.describe())
+        with contextlib.suppress(StoreUnavailable):  # logged; serving goes on regardless
+            await self.services.state.ping()
 
     def _start_exporter(self, listen: str) -> None:
         host, port = parse_hostport(listen)
@@ -153,6 +158,8 @@ class Server:
                 return False
             if config.metrics != self.config.metrics:
                 log.warning("[metrics] changes take effect at the next restart")
+            if config.state != self.config.state:
+                log.warning("reload: [state] changes take effect only after a restart")
             self._update_listeners(config)
             self._watched = seen
             self.runtime.reload_problems = []

@@ -1,7 +1,8 @@
 """Long-lived shared parts that checks and the core use: built once per process.
 
 Unlike the configuration snapshot (`Policy`), these survive a reload: the DNS cache
-stays warm and pooled connections stay open. Checks receive them in `from_config`.
+stays warm, pooled connections stay open, and what the state store learned (rate
+counters, greylisting, reputation) is kept. Checks receive them in `from_config`.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import concurrent.futures
 from dataclasses import dataclass, field
 
+from .background import Background
 from .config import Config
 from .model import IPAddress
 from .resolver import Resolver
+from .state import MemoryStore, StateStore, build_store
 from .upstream import Upstream, build_upstream
 from .upstream.maildir import MaildirUpstream
 
@@ -28,6 +31,9 @@ class Services:
     quarantine: MaildirUpstream
     resolver: Resolver
     threads: concurrent.futures.ThreadPoolExecutor = field(default_factory=_worker_threads)
+    # [state] is read once at start: a reload does not switch stores.
+    state: StateStore = field(default_factory=MemoryStore)
+    background: Background = field(default_factory=Background)
 
     @classmethod
     def build(cls, config: Config) -> Services:
@@ -37,6 +43,7 @@ class Services:
                 config.resolve_path(config.server.quarantine), config.hostname
             ),
             resolver=Resolver(config.dns),
+            state=build_store(config.state),
         )
 
     async def client_name(self, address: IPAddress) -> str:
@@ -44,6 +51,8 @@ class Services:
         return await self.resolver.verified_name(address)
 
     async def aclose(self) -> None:
+        await self.background.drain()
+        await self.state.aclose()
         await self.upstream.aclose()
         await self.resolver.aclose()
         self.threads.shutdown(wait=False, cancel_futures=True)

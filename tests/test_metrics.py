@@ -52,6 +52,7 @@ CLOSED_LABELS = {
     "method",
     "type",
     "hash",
+    "op",
     "le",
 }
 BUILD_LABELS = {"version", "python", "aiosmtpd", "aiosmtplib", "dnspython", "pyspf", "dkimpy"}

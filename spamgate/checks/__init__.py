@@ -6,9 +6,12 @@ This list is the only place a check is registered: a new check is a module with 
 
 from __future__ import annotations
 
-from .base import Check, CheckContext
+from .base import Check, CheckContext, TransactionEnd, TransactionObserver
 from .content import BodyRules, HeaderRules
 from .dnsbl import DnsblCheck, DnsblSettings
+from .greylist import GreylistCheck, GreylistSettings
+from .ratelimit import RateLimitCheck, RateLimitSettings
+from .reputation import ReputationCheck, ReputationSettings
 from .rhsbl import RhsblCheck, RhsblSettings
 from .rules import ClientRules, HeloRules, RecipientRules, RulesSettings, SenderRules
 from .spf import SpfCheck, SpfSettings
@@ -21,9 +24,17 @@ CHECK_TYPES: list[type[Check]] = [
     HeloRules,
     SenderRules,
     RecipientRules,
+    # Before DNS at connect: a client blocked for its rejections costs no lookup,
+    # and ReputationResult(known_good) is recorded before the DNSBL check reads it.
+    ReputationCheck,
+    # Rate limits count only what the checks before them let through; a
+    # connection flood is cut before it costs DNS lookups.
+    RateLimitCheck,
     DnsblCheck,
     RhsblCheck,
     SpfCheck,
+    # Last at RCPT: never defer what another check would refuse anyway.
+    GreylistCheck,
     HeaderRules,
     BodyRules,
 ]
@@ -34,6 +45,16 @@ CHECK_SECTIONS: dict[str, type] = {
     "dnsbl": DnsblSettings,
     "rhsbl": RhsblSettings,
     "spf": SpfSettings,
+    "ratelimit": RateLimitSettings,
+    "greylist": GreylistSettings,
+    "reputation": ReputationSettings,
 }
 
-__all__ = ["CHECK_SECTIONS", "CHECK_TYPES", "Check", "CheckContext"]
+__all__ = [
+    "CHECK_SECTIONS",
+    "CHECK_TYPES",
+    "Check",
+    "CheckContext",
+    "TransactionEnd",
+    "TransactionObserver",
+]
