@@ -46,11 +46,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tools.plot_dashboard import DASHBOARD, panels, substitute
-
 from . import scripted
 from .conftest import config_text, need_binary
 from .dnsserver import DnsServer
+from .plotscript import DASHBOARD, panels, substitute
 from .scripted import LISTED, ZONES, write_rules
 from .sink import Sink
 from .smtpclient import RawClient
@@ -59,10 +58,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
 RULE_FILES = [
-    ROOT / "prometheus" / "spamgate-recording.yml",
-    ROOT / "prometheus" / "spamgate-alerts.yml",
+    ROOT / "grafana" / "prometheus" / "spamgate-recording.yml",
+    ROOT / "grafana" / "prometheus" / "spamgate-alerts.yml",
 ]
-RULE_TESTS = sorted((ROOT / "prometheus" / "tests").glob("*.yml"))
+RULE_TESTS = sorted((ROOT / "grafana" / "prometheus" / "tests").glob("*.yml"))
 JOB = "spamgate"
 # What Grafana would put in for its variables when the test evaluates a panel.
 VARIABLES = {"job": JOB, "instance": ".+", "__rate_interval": "1m", "__range": "10m"}
@@ -74,7 +73,7 @@ LIVE_ALERTS = {
     "SpamgateDown": "spamgate is stopped",
 }
 HISTORY_ALERTS = {
-    "SpamgateRejectionRateUnusual": "needs a day of history (prometheus/tests/*.yml)",
+    "SpamgateRejectionRateUnusual": "needs a day of history (grafana/prometheus/tests/*.yml)",
 }
 
 
@@ -493,7 +492,7 @@ def test_alert_unit_tests() -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=ROOT / "prometheus" / "tests",
+        cwd=ROOT / "grafana" / "prometheus" / "tests",
     )
     assert out.returncode == 0, out.stdout + out.stderr
     tested = set(re.findall(r"alertname: (\w+)", "".join(p.read_text() for p in RULE_TESTS)))
@@ -645,7 +644,7 @@ async def test_traffic_as_prometheus_sees_it(
             await c.close()
         await prom.wait_for(alert_expr(prom, "SpamgateUpstreamFailing"))
         if png:
-            from tools.plot_dashboard import plot
+            from .plotscript import plot
 
             await asyncio.sleep(3)
             await asyncio.to_thread(

@@ -6,7 +6,7 @@ matplotlib, so the picture shows exactly what the shipped panels show.
 
 Against any Prometheus that scrapes spamgate:
 
-    python tools/plot_dashboard.py --prometheus http://127.0.0.1:9090 \\
+    python grafana/plot_dashboard.py --prometheus http://127.0.0.1:9090 \\
         --start 2026-01-01T10:00:00Z --end 2026-01-01T11:00:00Z --out dashboard.png
 
 The picture in docs/monitoring.md comes from the real Prometheus of
