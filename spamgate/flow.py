@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import metrics
 from .checks.base import CheckContext
-from .message import Message, render_headers
+from .message import Message, Outgoing, render_headers
 from .model import Recipient, Session, Stage, Transaction
 from .reply import OK, TEMP_UPSTREAM, Reply
 from .smtp.commands import PathArg
@@ -377,11 +377,16 @@ class SessionFlow:
         self._end_txn(reply)
         return reply
 
-    async def message(self, content: bytes) -> Reply:
+    async def message(self, msg: Message) -> Reply:
         """End of data: decide, then relay to the upstream and relay its answer."""
+        try:
+            return await self._message(msg)
+        finally:
+            msg.close()  # a spooled message's file goes now, whatever happened
+
+    async def _message(self, msg: Message) -> Reply:
         txn = self.txn
         assert txn is not None
-        msg = Message(content)
         txn.message = msg
         metrics.MESSAGE_SIZE.observe(msg.size)
         outcome = await self._run(Stage.EOD, message=msg)
@@ -404,7 +409,7 @@ class SessionFlow:
             )
             self._end_txn(verdict.reply)
             return verdict.reply
-        final = self._prepend_headers() + content
+        final = msg.relayed(self._prepend_headers())
         if disposal is not None:
             return await self._dispose(disposal, final)
         assert self.upstream is not None
@@ -442,13 +447,13 @@ class SessionFlow:
             ]
         return render_headers(headers)
 
-    async def _dispose(self, verdict: Verdict, content: bytes) -> Reply:
+    async def _dispose(self, verdict: Verdict, content: Outgoing) -> Reply:
         await self._abort_upstream_txn()
         txn = self.txn
         assert txn is not None
         if verdict.action is Action.DISCARD:
             self.log.info("discarded%s", f" (rule {verdict.rule})" if verdict.rule else "")
-            self._end_txn(DISCARDED, size=len(content), outcome="discarded")
+            self._end_txn(DISCARDED, size=content.size, outcome="discarded")
             return DISCARDED
         quarantine = self.runtime.services.quarantine
         try:
@@ -459,10 +464,10 @@ class SessionFlow:
             reply = await session.data(content)
         except UpstreamError as exc:
             reply = self._upstream_failed(exc, "quarantine")
-            self._end_txn(reply, size=len(content))
+            self._end_txn(reply, size=content.size)
             return reply
         self.log.info("quarantined%s: %s", f" (rule {verdict.rule})" if verdict.rule else "", reply)
-        self._end_txn(reply, size=len(content), outcome="quarantined")
+        self._end_txn(reply, size=content.size, outcome="quarantined")
         return reply
 
     async def rset(self, reason: str = "rset") -> Reply:

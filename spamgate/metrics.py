@@ -51,7 +51,7 @@ PROTOCOL_ERRORS = Counter(
     "spamgate_protocol_errors_total",
     "Client protocol violations, by kind.",
     # bare_newline, line_too_long, pipelining, pregreet, unknown_command, syntax,
-    # too_many_errors, timeout, message_too_big, too_many_recipients
+    # too_many_errors, timeout, message_too_big, header_too_big, too_many_recipients
     ["kind"],
     registry=REGISTRY,
 )
@@ -145,7 +145,7 @@ AUTH_RESULTS = Counter(
 # -- upstream ----------------------------------------------------------------------
 UPSTREAM_LATENCY = Histogram(
     "spamgate_upstream_duration_seconds",
-    "Upstream reply latency by command (connect, xclient, ehlo, mail, rcpt, data, rset).",
+    "Upstream reply latency by command (connect, xclient, ehlo, mail, rcpt, data, dot, rset).",
     ["command"],
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,

@@ -8,9 +8,14 @@ the final dot, a delay before a reply, or a dropped connection in the middle of 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP
+
+# spamgate's own Authentication-Results field, first in every relayed message.
+_AR_FIRST = re.compile(rb"\AAuthentication-Results: [^\r]*\r\n(?:[ \t][^\r]*\r\n)*")
 
 
 @dataclass
@@ -24,6 +29,14 @@ class Received:
     content: bytes
     xclient: list[str]  # XCLIENT argument lines in force for this session
     helo: str | None
+    size: int = 0  # bytes of content, unstuffed (kept even when the content is not)
+    digest: str = ""  # its SHA-256, hex
+
+    @property
+    def original(self) -> bytes:
+        """The content without the Authentication-Results field spamgate puts first:
+        what the client sent, plus any other headers spamgate added."""
+        return _AR_FIRST.sub(b"", self.content, count=1)
 
 
 @dataclass
@@ -37,6 +50,8 @@ class SinkBehaviour:
     offer_xclient: bool = True
     # Refuse RCPT for addresses starting with this local part.
     refuse_local: str | None = None
+    # False: count and hash the content, keep none of it (memory measurements).
+    keep_content: bool = True
 
 
 class SinkSMTP(SMTP):
@@ -138,14 +153,18 @@ class SinkSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         data = bytearray()
+        size, digest = 0, hashlib.sha256()
         while True:
             line = await self._reader.readuntil(b"\r\n")
             if line == b".\r\n":
                 break
             if line.startswith(b"."):
                 line = line[1:]
-            data += line
-            if b.drop_in_data_after is not None and len(data) >= b.drop_in_data_after:
+            size += len(line)
+            digest.update(line)
+            if b.keep_content:
+                data += line
+            if b.drop_in_data_after is not None and size >= b.drop_in_data_after:
                 self.transport.close()
                 return
         reply = b.replies.get("DOT", "250 2.0.0 Ok: queued as SINK")
@@ -161,6 +180,8 @@ class SinkSMTP(SMTP):
                     content=bytes(data),
                     xclient=list(self.xclient),
                     helo=self.session.host_name,
+                    size=size,
+                    digest=digest.hexdigest(),
                 )
             )
         self._set_post_data_state()
