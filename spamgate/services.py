@@ -7,6 +7,7 @@ stays warm and pooled connections stay open. Checks receive them in `from_config
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing
 from dataclasses import dataclass, field
 
 from .config import Config
@@ -22,12 +23,23 @@ def _worker_threads() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="spamgate-sync")
 
 
+def _worker_processes(size: int) -> concurrent.futures.ProcessPoolExecutor:
+    # For pure-Python work on large inputs (DKIM canonicalisation of a big message):
+    # in a thread it would hold the GIL, and so the event loop, for as long as one
+    # regular expression runs over the whole body. "forkserver": workers start from
+    # a clean process, not a fork of this one with its threads, sockets and loop.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["spamgate.dkimverify"])
+    return concurrent.futures.ProcessPoolExecutor(size, mp_context=context)
+
+
 @dataclass
 class Services:
     upstream: Upstream
     quarantine: MaildirUpstream
     resolver: Resolver
     threads: concurrent.futures.ThreadPoolExecutor = field(default_factory=_worker_threads)
+    _processes: concurrent.futures.ProcessPoolExecutor | None = field(default=None, init=False)
 
     @classmethod
     def build(cls, config: Config) -> Services:
@@ -43,7 +55,19 @@ class Services:
         """The client's verified reverse name, `[UNAVAILABLE]` or `[TEMPUNAVAIL]`."""
         return await self.resolver.verified_name(address)
 
+    def processes(self, size: int) -> concurrent.futures.ProcessPoolExecutor:
+        """The worker processes, started on first use; `size` counts only then (a
+        reload does not resize them). A pool whose worker died is replaced."""
+        pool = self._processes
+        if pool is None or getattr(pool, "_broken", False):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+            pool = self._processes = _worker_processes(size)
+        return pool
+
     async def aclose(self) -> None:
         await self.upstream.aclose()
         await self.resolver.aclose()
         self.threads.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)

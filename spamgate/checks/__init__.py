@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import Check, CheckContext
 from .content import BodyRules, HeaderRules
+from .dkim import DkimCheck, DkimSettings
 from .dnsbl import DnsblCheck, DnsblSettings
 from .rhsbl import RhsblCheck, RhsblSettings
 from .rules import ClientRules, HeloRules, RecipientRules, RulesSettings, SenderRules
@@ -15,7 +16,8 @@ from .spf import SpfCheck, SpfSettings
 
 # Ordered: within one stage, checks run in this order and the first final verdict
 # wins. Cheap local lookups come before network lookups, so an admin's allowlist
-# (OK in a client table) spares the DNS round trips.
+# (OK in a client table) spares the DNS round trips; at end of data the rules come
+# before DKIM, which costs CPU.
 CHECK_TYPES: list[type[Check]] = [
     ClientRules,
     HeloRules,
@@ -26,6 +28,7 @@ CHECK_TYPES: list[type[Check]] = [
     SpfCheck,
     HeaderRules,
     BodyRules,
+    DkimCheck,
 ]
 
 # Settings sections owned by checks: TOML table name -> dataclass.
@@ -34,6 +37,7 @@ CHECK_SECTIONS: dict[str, type] = {
     "dnsbl": DnsblSettings,
     "rhsbl": RhsblSettings,
     "spf": SpfSettings,
+    "dkim": DkimSettings,
 }
 
 __all__ = ["CHECK_SECTIONS", "CHECK_TYPES", "Check", "CheckContext"]
