@@ -226,7 +226,7 @@ async def _converse(
     for line in added.splitlines():
         out.write(f"  added header: {line}\n")
     if dry.delivered.removed:
-        out.write(f"  removed {dry.delivered.removed} header field(s) (see the log)\n")
+        out.write(f"  removed {dry.delivered.removed} forged Authentication-Results field(s)\n")
     note = f"; {len(refused)} recipient(s) refused" if refused else ""
     return f"accepted, would be relayed{note}"
 

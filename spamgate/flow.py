@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import metrics
+from . import authresults, metrics
 from .checks.base import CheckContext
-from .message import Message, Outgoing, render_headers
+from .message import Header, Message, Outgoing, render_headers
 from .model import Recipient, Session, Stage, Transaction
 from .reply import OK, TEMP_UPSTREAM, Reply
 from .smtp.commands import PathArg
@@ -409,7 +409,13 @@ class SessionFlow:
             )
             self._end_txn(verdict.reply)
             return verdict.reply
-        final = msg.relayed(self._prepend_headers())
+        final = msg.relayed(self._prepend_headers(), self._forged)
+        if final.removed:
+            self.log.info(
+                "removed %d %s header field(s) claiming to be ours (RFC 8601 §5)",
+                final.removed,
+                authresults.NAME,
+            )
         if disposal is not None:
             return await self._dispose(disposal, final)
         assert self.upstream is not None
@@ -428,8 +434,16 @@ class SessionFlow:
         self._end_txn(reply, size=msg.size)
         return reply
 
+    def _forged(self, header: Header) -> bool:
+        """An Authentication-Results field that arrived claiming our authserv-id."""
+        return header.name.lower() == authresults.NAME.lower() and authresults.claims(
+            header.unfolded(), self.config.hostname
+        )
+
     def _prepend_headers(self) -> bytes:
-        headers = list(self.session.headers)
+        # Authentication-Results first, as RFC 8601 §5 asks: above what it reports on.
+        ar = authresults.build(self.config.hostname, self.session, self.txn)
+        headers = [(authresults.NAME, ar), *self.session.headers]
         txn = self.txn
         if txn is not None:
             headers += txn.headers
