@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 from dataclasses import dataclass, field
 
 from .config import Config
@@ -28,9 +29,13 @@ def _worker_processes(size: int) -> concurrent.futures.ProcessPoolExecutor:
     # in a thread it would hold the GIL, and so the event loop, for as long as one
     # regular expression runs over the whole body. "forkserver": workers start from
     # a clean process, not a fork of this one with its threads, sockets and loop.
+    # They run at a lower priority: when the cores are busy, the event loop, which
+    # every session waits on, gets them first; verification can wait a little.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["spamgate.dkimverify"])
-    return concurrent.futures.ProcessPoolExecutor(size, mp_context=context)
+    return concurrent.futures.ProcessPoolExecutor(
+        size, mp_context=context, initializer=os.nice, initargs=(10,)
+    )
 
 
 @dataclass
