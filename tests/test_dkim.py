@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 from collections.abc import AsyncIterator
 
+import dkim.canonicalization
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import spamgate.checks.dkim
 import spamgate.dkimverify
@@ -234,3 +238,11 @@ async def test_a_large_message_is_verified_in_a_worker_process(make, monkeypatch
         ("fail", "body hash did not verify"),
     ]
     spooled.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b" ", b"\t", b"a", b"\r\n", b"  ", b"\t "])).map(b"".join))
+def test_our_whitespace_compression_is_dkimpys(content: bytes) -> None:
+    # dkimpy's own, which spamgate.dkimverify replaces (it matches every single space)
+    assert spamgate.dkimverify.compress_whitespace(content) == re.sub(b"[\t ]+", b" ", content)
+    assert dkim.canonicalization.compress_whitespace is spamgate.dkimverify.compress_whitespace
