@@ -97,7 +97,21 @@ def build(authserv_id: str, session: Session, txn: Transaction | None) -> str:
         )
     if not results:
         return f"{authserv_id}; none"
-    return authserv_id + "".join(f";\r\n\t{r}" for r in results)
+    return authserv_id + "".join(f";\r\n\t{_fold(str(r))}" for r in results)
+
+
+def _fold(text: str, width: int = 76) -> str:
+    """A long result folded at spaces (RFC 5322 §2.2.3): CRLF goes before a space,
+    which stays, so unfolding gives back the text exactly, quoted strings and
+    comments included. Every value is bounded, so no line nears 998 bytes."""
+    words = text.split(" ")
+    lines = [words[0]]
+    for word in words[1:]:
+        if len(lines[-1]) + 1 + len(word) > width:
+            lines.append(word)
+        else:
+            lines[-1] += " " + word
+    return "\r\n ".join(lines)
 
 
 def claims(value: str, authserv_id: str) -> bool:

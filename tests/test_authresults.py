@@ -4,6 +4,7 @@ sink received and parsed with authres, field by field; forged ones removed."""
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import re
 
@@ -11,9 +12,12 @@ import authres
 import authres.dmarc
 import pytest
 
-from spamgate.authresults import authserv_id_of, claims
+from spamgate.authresults import authserv_id_of, build, claims
+from spamgate.checks.dkim import DkimResults
 from spamgate.config import loads
+from spamgate.dkimverify import SignatureResult
 from spamgate.explain import explain
+from spamgate.model import Client, Session, Transaction
 
 from .conftest import GateFactory, config_text
 from .dkimkeys import Signer, message
@@ -224,3 +228,32 @@ async def test_explain_shows_the_header(dns_server: DnsServer, tmp_path) -> None
     text = out.getvalue()
     assert "added header: Authentication-Results: gate.test; none" in text
     assert "removed 1 forged Authentication-Results field(s)" in text
+
+
+def test_long_results_are_folded_and_unfold_exactly() -> None:
+    sig = SignatureResult(
+        "neutral",
+        "a-rather-long-subdomain.of-an-organisation.example",
+        "s" * 60 + "." + "t" * 60,
+        '"quoted local"@a-rather-long-subdomain.of-an-organisation.example',
+        "rsa-sha256",
+        "abc/+DEF",
+        "a reason with words: " + "word " * 40,
+    )
+    txn = Transaction("a@example.org")
+    txn.results.put(DkimResults((sig,)))
+    session = Session("s", Client(ipaddress.ip_address("192.0.2.1"), 25))
+    value = build("gate.test", session, txn)
+    # folded at spaces: a line is short, or one word that cannot be broken
+    assert all(len(line) <= 78 or " " not in line.strip() for line in value.split("\r\n"))
+    parsed = PARSER.parse_value(re.sub(r"\r\n(?=[ \t])", "", value))
+    [dkim] = parsed.results
+    assert props(dkim) == {
+        "header.d": sig.domain,
+        "header.i": "@a-rather-long-subdomain.of-an-organisation.example",
+        "header.s": sig.selector,
+        "header.a": "rsa-sha256",
+        "header.b": "abc/+DEF",
+    }
+    unfolded = re.sub(r"\r\n(?=[ \t])", "", value)
+    assert f"({sig.reason[:200].strip()})" in unfolded  # comments are cut at 200
