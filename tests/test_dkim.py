@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import re
+import signal
 from collections.abc import AsyncIterator
 
 import dkim.canonicalization
@@ -18,6 +20,7 @@ import spamgate.dkimverify
 from spamgate import metrics
 from spamgate.checks.base import CheckContext
 from spamgate.checks.dkim import DkimResults
+from spamgate.checks.dmarc import DmarcResults
 from spamgate.config import loads
 from spamgate.message import Message
 from spamgate.model import Client, Session, Stage, Transaction
@@ -246,3 +249,52 @@ def test_our_whitespace_compression_is_dkimpys(content: bytes) -> None:
     # dkimpy's own, which spamgate.dkimverify replaces (it matches every single space)
     assert spamgate.dkimverify.compress_whitespace(content) == re.sub(b"[\t ]+", b" ", content)
     assert dkim.canonicalization.compress_whitespace is spamgate.dkimverify.compress_whitespace
+
+
+async def test_a_dead_worker_process_is_replaced(dns_server: DnsServer) -> None:
+    publish(dns_server)
+    dns_server.zone(
+        "good.test",
+        {RSA.name: {"TXT": RSA.record}, "_dmarc": {"TXT": "v=DMARC1; p=reject"}},
+    )
+    config = loads(
+        config_text(
+            None,
+            "[spf]\nenabled = true\n[dkim]\nenabled = true\ninline_size = 0\n"
+            "[dmarc]\nenabled = true\n",
+            dns=dns_server,
+        )
+    )
+    services = Services.build(config)
+    pipeline = Policy.build(config, services).pipeline
+    small = RSA.sign(message())
+    big = RSA.sign(message(body=b"".join(b"line %d\r\n" % i for i in range(600000))))
+
+    async def run(signed: bytes) -> tuple[Transaction, object]:
+        client = Client(ipaddress.ip_address("127.0.0.2"), 4000, helo="mx.other.test")
+        session = Session("t1", client)
+        txn = Transaction("bounce@other.test")  # SPF does not align: DMARC rests on DKIM
+        session.transaction = txn
+        outcome = await pipeline.run(CheckContext(Stage.EOD, session, txn, message=Message(signed)))
+        return txn, outcome
+
+    try:
+        txn, _ = await run(small)
+        assert [s.result for s in txn.results.get(DkimResults).signatures] == ["pass"]
+        pool = services._processes
+        assert pool is not None
+        # the worker dies in the middle of verifying a large message
+        task = asyncio.ensure_future(run(big))
+        await asyncio.sleep(0.15)
+        for pid in list(pool._processes):  # the workers, not the forkserver
+            os.kill(pid, signal.SIGKILL)
+        txn, outcome = await task
+        # no DKIM result: DMARC cannot tell whether it would have passed; no refusal
+        assert txn.results.get(DkimResults) is None
+        assert txn.results.get(DmarcResults).result == "temperror"
+        assert outcome.final is None
+        txn, _ = await run(small)  # on a new pool
+        assert [s.result for s in txn.results.get(DkimResults).signatures] == ["pass"]
+        assert services._processes is not pool
+    finally:
+        await services.aclose()
