@@ -239,6 +239,8 @@ class SmtpSession(UpstreamSession):
             protocol.write(dot_stuff(block, last))
             last = (last + block[-2:])[-2:]
             # Flow control: wait while the socket's buffer is over its high-water mark.
+            # aiosmtplib's protocol has no public drain; _drain_helper is the stdlib
+            # FlowControlMixin method it copies (pinned: aiosmtplib<6; tests cover it).
             async with asyncio.timeout(self.settings.command_timeout):
                 await protocol._drain_helper()
         if last != b"\r\n":
