@@ -114,6 +114,11 @@ class ServerSettings:
     quarantine: str = setting(
         "spamgate-quarantine", "Maildir where HOLD (quarantined) messages are written."
     )
+    spool_dir: str = setting(
+        "",
+        "Directory for messages larger than [limits] spool_size while they are in "
+        "flight (removed once relayed); empty: the system's temporary directory.",
+    )
     reload_interval: float = setting(
         2.0,
         "Seconds between looks at the config and rule files; a change reloads them "
@@ -228,6 +233,14 @@ class UpstreamSettings:
 class LimitSettings:
     message_size: int = setting(
         10240000, "Largest message in bytes (SIZE and actual size; 552 5.3.4).", check=positive
+    )
+    spool_size: int = setting(
+        1048576,
+        "Messages larger than this are held on disk ([server] spool_dir), not in memory.",
+        check=positive,
+    )
+    header_size: int = setting(
+        1048576, "Largest header block of a message in bytes (552 5.3.4).", check=positive
     )
     recipients: int = setting(1000, "Recipients per message (452 4.5.3).", check=positive)
     command_line_length: int = setting(

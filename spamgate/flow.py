@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import metrics
+from . import authresults, metrics
 from .checks.base import CheckContext, TransactionEnd
-from .message import Message, render_headers
+from .message import Header, Message, Outgoing, render_headers
 from .model import Recipient, Session, Stage, Transaction
 from .reply import OK, TEMP_UPSTREAM, Reply
 from .smtp.commands import PathArg
@@ -463,11 +463,16 @@ class SessionFlow:
         self._end_txn(reply)
         return reply
 
-    async def message(self, content: bytes) -> Reply:
+    async def message(self, msg: Message) -> Reply:
         """End of data: decide, then relay to the upstream and relay its answer."""
+        try:
+            return await self._message(msg)
+        finally:
+            msg.close()  # a spooled message's file goes now, whatever happened
+
+    async def _message(self, msg: Message) -> Reply:
         txn = self.txn
         assert txn is not None
-        msg = Message(content)
         txn.message = msg
         metrics.MESSAGE_SIZE.observe(msg.size)
         outcome = await self._run(Stage.EOD, message=msg)
@@ -490,7 +495,13 @@ class SessionFlow:
             )
             self._end_txn(verdict.reply)
             return verdict.reply
-        final = self._prepend_headers() + content
+        final = msg.relayed(self._prepend_headers(), self._forged)
+        if final.removed:
+            self.log.info(
+                "removed %d %s header field(s) claiming to be ours (RFC 8601 §5)",
+                final.removed,
+                authresults.NAME,
+            )
         if disposal is not None:
             return await self._dispose(disposal, final)
         assert self.upstream is not None
@@ -509,8 +520,16 @@ class SessionFlow:
         self._end_txn(reply, size=msg.size)
         return reply
 
+    def _forged(self, header: Header) -> bool:
+        """An Authentication-Results field that arrived claiming our authserv-id."""
+        return header.name.lower() == authresults.NAME.lower() and authresults.claims(
+            header.unfolded(), self.config.hostname
+        )
+
     def _prepend_headers(self) -> bytes:
-        headers = list(self.session.headers)
+        # Authentication-Results first, as RFC 8601 §5 asks: above what it reports on.
+        ar = authresults.build(self.config.hostname, self.session, self.txn)
+        headers = [(authresults.NAME, ar), *self.session.headers]
         txn = self.txn
         if txn is not None:
             headers += txn.headers
@@ -552,13 +571,13 @@ class SessionFlow:
         )
         return ("Received", value)
 
-    async def _dispose(self, verdict: Verdict, content: bytes) -> Reply:
+    async def _dispose(self, verdict: Verdict, content: Outgoing) -> Reply:
         await self._abort_upstream_txn()
         txn = self.txn
         assert txn is not None
         if verdict.action is Action.DISCARD:
             self.log.info("discarded%s", f" (rule {verdict.rule})" if verdict.rule else "")
-            self._end_txn(DISCARDED, size=len(content), outcome="discarded")
+            self._end_txn(DISCARDED, size=content.size, outcome="discarded")
             return DISCARDED
         quarantine = self.runtime.services.quarantine
         try:
@@ -569,10 +588,10 @@ class SessionFlow:
             reply = await session.data(content)
         except UpstreamError as exc:
             reply = self._upstream_failed(exc, "quarantine")
-            self._end_txn(reply, size=len(content))
+            self._end_txn(reply, size=content.size)
             return reply
         self.log.info("quarantined%s: %s", f" (rule {verdict.rule})" if verdict.rule else "", reply)
-        self._end_txn(reply, size=len(content), outcome="quarantined")
+        self._end_txn(reply, size=content.size, outcome="quarantined")
         return reply
 
     async def rset(self, reason: str = "rset") -> Reply:

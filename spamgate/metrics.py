@@ -162,6 +162,8 @@ SESSIONS_REFUSED = Counter(
 PROTOCOL_ERRORS = Counter(
     "spamgate_protocol_errors_total",
     "Client protocol violations, by kind.",
+    # bare_newline, line_too_long, pipelining, pregreet, unknown_command, syntax,
+    # too_many_errors, timeout, message_too_big, header_too_big, too_many_recipients
     ["kind"],
     registry=REGISTRY,
 )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from .base import Check, CheckContext, TransactionEnd, TransactionObserver
 from .content import BodyRules, HeaderRules
+from .dkim import DkimCheck, DkimSettings
+from .dmarc import DmarcCheck, DmarcSettings
 from .dnsbl import DnsblCheck, DnsblSettings
 from .greylist import GreylistCheck, GreylistSettings
 from .ratelimit import RateLimitCheck, RateLimitSettings
@@ -18,7 +20,8 @@ from .spf import SpfCheck, SpfSettings
 
 # Ordered: within one stage, checks run in this order and the first final verdict
 # wins. Cheap local lookups come before network lookups, so an admin's allowlist
-# (OK in a client table) spares the DNS round trips.
+# (OK in a client table) spares the DNS round trips; at end of data the rules come
+# before DKIM (which costs CPU), and DMARC comes after DKIM, whose results it reads.
 CHECK_TYPES: list[type[Check]] = [
     ClientRules,
     HeloRules,
@@ -37,6 +40,8 @@ CHECK_TYPES: list[type[Check]] = [
     GreylistCheck,
     HeaderRules,
     BodyRules,
+    DkimCheck,
+    DmarcCheck,
 ]
 
 # Settings sections owned by checks: TOML table name -> dataclass.
@@ -48,6 +53,8 @@ CHECK_SECTIONS: dict[str, type] = {
     "ratelimit": RateLimitSettings,
     "greylist": GreylistSettings,
     "reputation": ReputationSettings,
+    "dkim": DkimSettings,
+    "dmarc": DmarcSettings,
 }
 
 __all__ = [

@@ -30,6 +30,7 @@ from ..flow import SessionFlow
 from ..model import Client, Session, TLSInfo
 from ..reply import Reply
 from ..runtime import Runtime
+from ..spool import Spool
 from . import commands
 from .dataread import DataProblem, DataTimeout, read_data
 
@@ -46,6 +47,7 @@ SHUTTING_DOWN = "Error: service shutting down"
 CONTENT_REPLIES = {
     DataProblem.TOO_BIG: Reply(552, "5.3.4", ("Error: message file too big",)),
     DataProblem.LINE_TOO_LONG: Reply(500, "5.5.2", ("Error: message line too long",)),
+    DataProblem.HEADER_TOO_BIG: Reply(552, "5.3.4", ("Error: message header size exceeds limit",)),
     DataProblem.BARE_LF: Reply(550, "5.5.2", ("Error: bare <LF> received",)),
     DataProblem.BARE_CR: Reply(550, "5.5.2", ("Error: bare <CR> received",)),
 }
@@ -492,6 +494,13 @@ class SMTPSession(_AiosmtpdSMTP):
                 max_line=limits.text_line_length,
                 bare_newline=self.cfg.smtp.bare_newline,
                 timeout=limits.data_timeout,
+                spool=Spool(
+                    limits.spool_size,
+                    self.cfg.resolve_path(self.cfg.server.spool_dir)
+                    if self.cfg.server.spool_dir
+                    else None,
+                    limits.header_size,
+                ),
             )
         except DataTimeout:
             metrics.PROTOCOL_ERRORS.labels("timeout").inc()
@@ -506,7 +515,7 @@ class SMTPSession(_AiosmtpdSMTP):
             reply = CONTENT_REPLIES[result.problem]
             await self._send(await self.flow.refuse_content(reply, result.problem.value))
             return
-        self._message_task = asyncio.ensure_future(self.flow.message(result.content))
+        self._message_task = asyncio.ensure_future(self.flow.message(result.message))
         reply = await asyncio.shield(self._message_task)
         self._message_task = None
         await self._send(reply)
