@@ -13,6 +13,7 @@ says 421 to the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -24,10 +25,13 @@ from collections.abc import Callable, Iterable
 from . import daemon, metrics
 from .config import Config, Listener, load
 from .daemon import PrivilegeError, drop_privileges
+from .exporter import Exporter
+from .health import Health
 from .runtime import Policy, Runtime, sources
 from .services import Services
 from .settings import ConfigError, parse_hostport
 from .smtp.protocol import SMTPSession
+from .state import StoreUnavailable
 
 log = logging.getLogger("spamgate")
 
@@ -77,6 +81,8 @@ class Server:
         self.addresses: list[tuple[str, int]] = []
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self.exporter: Exporter | None = None
+        self.health: Health | None = None
         # The files behind the running policy (or the last refused attempt), as seen
         # just before they were read: a later change to any of them means reload.
         self._watched: FileState = watched
@@ -117,6 +123,8 @@ class Server:
                 name = sock.getsockname()
                 self.addresses.append((name[0], name[1]))
         metrics.RELOAD_OK.set(1)
+        if self.config.metrics.listen:
+            self._start_exporter(self.config.metrics.listen)
         if self.config.path and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(self.config.path))
         log.info(
@@ -126,6 +134,30 @@ class Server:
             self.config.server.mode,
             loop_name(loop),
         )
+        log.info("state store: %s", self.services.state.describe())
+        with contextlib.suppress(StoreUnavailable):  # logged; serving goes on regardless
+            await self.services.state.ping()
+
+    def _start_exporter(self, listen: str) -> None:
+        host, port = parse_hostport(listen)
+        self.health = Health(self, asyncio.get_running_loop())
+        exporter = Exporter(
+            host,
+            port,
+            metrics.scrape_registry(),
+            health=self.health.live,
+            ready=self.health.ready,
+        )
+        try:
+            exporter.start()
+        except OSError as exc:
+            for server in self.servers:
+                server.close()
+            self.servers.clear()
+            raise StartupError(f"cannot listen on {listen} for metrics: {exc.strerror}") from None
+        self.exporter = exporter
+        h, p = exporter.address
+        log.info("metrics on http://%s/metrics", f"[{h}]:{p}" if ":" in h else f"{h}:{p}")
 
     async def reload(self, path: str | None, *, reason: str = "SIGHUP") -> bool:
         """Load and validate config and tables; swap only if all is well."""
@@ -145,6 +177,10 @@ class Server:
                     log.error("reload refused: %s", problem)
                 log.error("reload (%s) refused; still running the previous configuration", reason)
                 return False
+            if config.metrics != self.config.metrics:
+                log.warning("[metrics] changes take effect at the next restart")
+            if config.state != self.config.state:
+                log.warning("reload: [state] changes take effect only after a restart")
             self._update_listeners(config)
             self._watched = seen
             self.runtime.reload_problems = []
@@ -223,6 +259,9 @@ class Server:
                 break
             await asyncio.sleep(0.02)
         await self.services.aclose()
+        if self.exporter is not None:
+            await asyncio.to_thread(self.exporter.stop)
+            self.exporter = None
         self._stopped.set()
 
     async def serve_forever(
