@@ -67,15 +67,18 @@ class Server:
         *,
         sockets: list[socket.socket] | None = None,
         share: int = 1,
+        exporter: bool = True,
     ) -> None:
         """`sockets`: one bound, listening socket per listener (a worker's, from the
         supervisor); None binds them here. `share`: how many workers share the
-        limits (each worker takes its part of max_sessions)."""
+        limits (each worker takes its part of max_sessions). `exporter`: serve
+        [metrics] listen here (False in workers: the supervisor serves the sum)."""
         self.config = config
         self.services = Services.build(config)
         watched = file_state(sources(config))
         self.runtime = Runtime(Policy.build(config, self.services), self.services, share=share)
         self._sockets = sockets
+        self._serve_metrics = exporter
         self.servers: list[asyncio.base_events.Server] = []
         self.listeners: list[Listener] = []
         self.addresses: list[tuple[str, int]] = []
@@ -123,7 +126,7 @@ class Server:
                 name = sock.getsockname()
                 self.addresses.append((name[0], name[1]))
         metrics.RELOAD_OK.set(1)
-        if self.config.metrics.listen:
+        if self.config.metrics.listen and self._serve_metrics:
             self._start_exporter(self.config.metrics.listen)
         if self.config.path and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(self.config.path))

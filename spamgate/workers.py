@@ -15,7 +15,10 @@ root (ports below 1024 are bound by then) and forks the workers, each a complete
   kernel queued for it meanwhile wait in its backlog), sooner or later depending
   on how quickly it died;
 * systemd hears READY=1 from the supervisor (NotifyAccess=main) once every worker
-  listens.
+  listens;
+* with `[metrics] listen`, the supervisor serves /metrics, the sum over all
+  workers (prometheus_client's multiprocess mode, set up before the first fork),
+  and /readyz, ready while every worker serves.
 
 Limits are counted by each worker for its own sessions: `max_sessions` is shared
 out (each worker takes its part), `sessions_per_client` applies per worker.
@@ -30,17 +33,20 @@ import ctypes.util
 import errno
 import logging
 import os
+import pwd
 import select
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import daemon
+from . import daemon, metrics
 from .config import Config, load
 from .daemon import PrivilegeError, drop_privileges
+from .exporter import Exporter
 from .settings import ConfigError, parse_hostport
 
 log = logging.getLogger("spamgate")
@@ -127,6 +133,8 @@ class Supervisor:
     sockets: list[list[socket.socket]] = field(default_factory=list)
     _signals: list[int] = field(default_factory=list)
     _stopping: bool = False
+    _metrics_dir: str | None = None
+    _exporter: Exporter | None = None
 
     # -- startup -------------------------------------------------------------------
 
@@ -134,6 +142,9 @@ class Supervisor:
         count = self.config.server.workers
         daemon.raise_fd_limit(self.config.limits.max_sessions)
         self.sockets = bind_listeners(self.config, count)
+        if self.config.metrics.listen:
+            self._metrics_dir = _metrics_directory(self.config.server.user)
+            metrics.enable_multiprocess(self._metrics_dir)
         drop_privileges(self.config.server.user)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -156,11 +167,42 @@ class Supervisor:
             ", ".join(str(w.pid) for w in self.workers),
             ", ".join(addresses),
         )
+        if self.config.metrics.listen and not self._start_exporter():
+            self._stop_all()
+            return 1
         daemon.notify(f"READY=1\nMAINPID={os.getpid()}")
         try:
             return self._supervise(wake_r)
         finally:
             signal.set_wakeup_fd(-1)
+            if self._exporter is not None:
+                self._exporter.stop()
+            metrics.remove_multiprocess_files()
+
+    def _start_exporter(self) -> bool:
+        """/metrics (the sum over the workers), /healthz and /readyz, served here."""
+        host, port = parse_hostport(self.config.metrics.listen)
+        exporter = Exporter(
+            host, port, metrics.scrape_registry(), health=self._live, ready=self._ready
+        )
+        try:
+            exporter.start()
+        except OSError as exc:
+            log.error("cannot listen on %s for metrics: %s", self.config.metrics.listen, exc)
+            return False
+        self._exporter = exporter
+        h, p = exporter.address
+        log.info("metrics on http://%s/metrics (all workers)", f"{h}:{p}")
+        return True
+
+    def _live(self) -> tuple[bool, str]:
+        return True, f"supervisor of {len(self.workers)} workers"
+
+    def _ready(self) -> tuple[bool, str]:
+        down = [w.index for w in self.workers if not w.pid or w.ready_fd >= 0]
+        if down or self._stopping:
+            return False, "stopping" if self._stopping else f"workers not serving: {down}"
+        return True, f"{len(self.workers)} workers serving"
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -214,7 +256,7 @@ class Supervisor:
 
         async def main() -> int:
             try:
-                server = Server(self.config, sockets=mine, share=len(self.workers))
+                server = Server(self.config, sockets=mine, share=len(self.workers), exporter=False)
             except ConfigError as exc:
                 for problem in exc.problems:
                     log.error("worker %d: %s", index, problem)
@@ -278,6 +320,7 @@ class Supervisor:
                 lived,
                 delay,
             )
+            metrics.worker_exited(pid)
             worker.pid = 0
             worker.restart_at = time.monotonic() + delay
             if worker.ready_fd >= 0:
@@ -335,6 +378,7 @@ class Supervisor:
                     if pid == 0:
                         continue
                 live.remove(worker)
+                metrics.worker_exited(worker.pid)
                 worker.pid = 0
             time.sleep(0.05)
         for worker in live:
@@ -347,6 +391,19 @@ class Supervisor:
             for sock in group:
                 sock.close()
         log.info("spamgate supervisor: stopped")
+
+
+def _metrics_directory(user: str) -> str:
+    """A private directory for the workers' metric files (prometheus_client's
+    multiprocess mode), writable by the user the workers run as."""
+    directory = tempfile.mkdtemp(
+        prefix="spamgate-metrics-", dir=os.environ.get("RUNTIME_DIRECTORY") or None
+    )
+    if user and os.geteuid() == 0:
+        with contextlib.suppress(KeyError):
+            pw = pwd.getpwnam(user)
+            os.chown(directory, pw.pw_uid, pw.pw_gid)
+    return directory
 
 
 def _status(status: int) -> str:

@@ -26,6 +26,7 @@ from .conftest import config_text
 from .sink import Sink
 from .smtpclient import RawClient
 from .test_daemon import Notifications, free_port, ids, world_dir  # noqa: F401 - fixture
+from .test_multiprocess import get, scrape
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BODY = b"Subject: workers\r\n\r\nhello\r\n"
@@ -217,3 +218,39 @@ def test_max_sessions_shared_out() -> None:
     addresses = [f"127.0.0.{n}" for n in range(1, 4)]
     admitted = [runtime.admit(ipaddress.ip_address(a)) for a in addresses]
     assert admitted == [None, None, "max_sessions"]  # this worker's part: 2 of 3
+
+
+async def test_metrics_sum_over_workers(sink: Sink, running) -> None:
+    """The supervisor serves /metrics: every worker's sessions, counted once each."""
+    port, metrics_port = free_port(), free_port()
+    extra = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+    gate = running(workers_config(sink, port, extra))
+    proc = await gate.start()
+    await gate.wait_log(r"metrics on http://127\.0\.0\.1:\d+/metrics \(all workers\)")
+    workers = children(proc.pid)
+    assert await send(port, 20) == [250] * 20
+    served = set(await gate.wait_log(r"spamgate\.session\[(\d+)\]: sid=\w+ client=", 20))
+    assert served == {str(p) for p in workers}  # both did some of it
+    samples = await asyncio.to_thread(scrape, metrics_port)
+    assert get(samples, "spamgate_sessions_total") == 20
+    assert get(samples, "spamgate_transactions_total", outcome="accepted") == 20
+    ready = await asyncio.to_thread(status, metrics_port, "/readyz")
+    assert ready == (200, "ok\n2 workers serving\n")
+    # a worker that dies takes its live gauges with it; its counts stay in the sum
+    os.kill(workers[0], signal.SIGKILL)
+    await gate.wait_log(r"worker \d started again")
+    samples = await asyncio.to_thread(scrape, metrics_port)
+    assert get(samples, "spamgate_sessions_total") == 20
+    assert await gate.stop() == 0
+    assert not list(pathlib.Path("/tmp").glob(f"spamgate-metrics-*/*_{workers[1]}.db"))
+
+
+def status(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
