@@ -262,13 +262,13 @@ class ListPolicy:
             answer = await resolver.lookup(name, "A", timeout=timeout)
         except DnsError as exc:
             out = ZoneAnswer(zone, name, "error", detail=f"lookup failed ({exc.kind})")
-            metrics.DNSBL_RESULTS.labels(zone, out.status).inc()
+            metrics.child(metrics.DNSBL_RESULTS, zone, out.status).inc()
             return out
         return self._answer(zone, name, answer)
 
     def _answer(self, zone: str, name: str, answer: DnsAnswer) -> ZoneAnswer:
         out = self._read(zone, name, answer.addresses)
-        metrics.DNSBL_RESULTS.labels(zone, out.status).inc()
+        metrics.child(metrics.DNSBL_RESULTS, zone, out.status).inc()
         return out
 
     def _read(self, zone: str, name: str, addresses: list[str]) -> ZoneAnswer:

@@ -387,7 +387,7 @@ class SessionFlow:
             if reply.code < 500
             else "rejected"
         )
-        metrics.RECIPIENTS.labels(outcome).inc()
+        metrics.child(metrics.RECIPIENTS, outcome).inc()
         if not rcpt.accepted:
             self.log.info("rcpt <%s> refused: %s", arg.address, reply)
         return reply
@@ -649,7 +649,7 @@ class SessionFlow:
                 outcome = "upstream_rejected"
             else:
                 outcome = "aborted"
-        metrics.TRANSACTIONS.labels(outcome).inc()
+        metrics.child(metrics.TRANSACTIONS, outcome).inc()
         self._notify(txn, outcome)
         c = self.session.client
         to = ",".join(f"<{r.address}>" for r in txn.recipients) or "-"

@@ -124,7 +124,6 @@ class Resolver:
         self._front_size = settings.cache_size
         # client address -> (verified name or marker, until when)
         self._names: dict[IPAddress, tuple[str, float]] = {}
-        self._cached_metric: dict[str, object] = {}
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -146,10 +145,7 @@ class Resolver:
         return answer
 
     def _count_cached(self, rdtype: str) -> None:
-        counter = self._cached_metric.get(rdtype)
-        if counter is None:
-            counter = self._cached_metric[rdtype] = metrics.DNS_QUERIES.labels(rdtype, "cached")
-        counter.inc()  # type: ignore[attr-defined]
+        metrics.child(metrics.DNS_QUERIES, rdtype, "cached").inc()
 
     def _remember(self, key: tuple[str, str], answer: DnsAnswer) -> None:
         front = self._front

@@ -150,7 +150,7 @@ class SpfEngine:
         """check_host() for `sender` (empty: postmaster@`helo`, RFC 7208 §2.4),
         counted under `method` (spf, spf_helo) in spamgate_auth_results_total."""
         outcome = await self._check(ip, sender, helo)
-        metrics.AUTH_RESULTS.labels(method, outcome.result).inc()
+        metrics.child(metrics.AUTH_RESULTS, method, outcome.result).inc()
         return outcome
 
     async def _check(self, ip: str, sender: str, helo: str) -> SpfOutcome:

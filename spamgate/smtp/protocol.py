@@ -164,6 +164,11 @@ class SMTPSession(_AiosmtpdSMTP):
         self._quit_seen = False
         self._no_service = False  # after a 554 greeting: 503 to all but QUIT
         self._message_task: asyncio.Task[Reply] | None = None
+        # The command-read watchdog (_read_line): the pending read's deadline (loop
+        # time, 0 when not reading), the one timer, and whether it fired.
+        self._read_deadline = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timed_out = False
         self._commands: dict[str, Callable[[str | None], Awaitable[None]]] = {
             "HELO": self._helo,
             "EHLO": self._ehlo,
@@ -289,6 +294,9 @@ class SMTPSession(_AiosmtpdSMTP):
             if self.flow is not None:
                 await asyncio.shield(self.flow.close(reason))
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()  # it holds the session until it would fire
+                self._watchdog = None
             self.runtime.sessions.discard(self)
             self.runtime.release(address)
             self._close()
@@ -348,8 +356,7 @@ class SMTPSession(_AiosmtpdSMTP):
         limits = self.cfg.limits
         while not self._closing and self.transport is not None:
             try:
-                async with asyncio.timeout(limits.idle_timeout):
-                    line = await self._reader.readuntil(b"\n")
+                line = await self._read_line(limits.idle_timeout)
             except TimeoutError:
                 metrics.PROTOCOL_ERRORS.labels("timeout").inc()
                 await self._send(Reply(421, "4.4.2", (f"{self.hostname} {TIMEOUT}",)))
@@ -370,6 +377,51 @@ class SMTPSession(_AiosmtpdSMTP):
                 await self._send(Reply(421, "4.3.2", (f"{self.hostname} {SHUTTING_DOWN}",)))
                 return "shutdown"
         return "quit" if self._quit_seen else "closed"
+
+    async def _read_line(self, timeout: float) -> bytes:
+        """`readuntil(b"\n")`, raising TimeoutError after `timeout` seconds.
+
+        What `asyncio.timeout` does, for the one read a session waits on most,
+        without a new timer per command: a session keeps one watchdog timer, moved
+        only when it fires early (the deadline moves with every read), so a command
+        costs a float assignment instead of a timer scheduled and cancelled.
+        """
+        reader = self._reader
+        if b"\n" in reader._buffer:  # type: ignore[attr-defined]
+            return await reader.readuntil(b"\n")  # already here: nothing to time
+        loop = self.loop
+        deadline = loop.time() + timeout
+        self._read_deadline = deadline
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.when() > deadline:
+            if watchdog is not None:
+                watchdog.cancel()
+            self._watchdog = loop.call_at(deadline, self._watch)
+        try:
+            return await reader.readuntil(b"\n")
+        except asyncio.CancelledError:
+            task = self._handler_coroutine
+            if self._timed_out and task is not None:
+                self._timed_out = False
+                if task.uncancel() == 0:  # ours alone: a timeout, not a shutdown
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._read_deadline = 0.0
+
+    def _watch(self) -> None:
+        """The watchdog fired: time the read out, or wait on for a later deadline."""
+        self._watchdog = None
+        deadline = self._read_deadline
+        if not deadline:
+            return  # not waiting for a command now; the next read sets a new one
+        if self.loop.time() < deadline:
+            self._watchdog = self.loop.call_at(deadline, self._watch)
+            return
+        task = self._handler_coroutine
+        if task is not None and not task.done():
+            self._timed_out = True
+            task.cancel()
 
     async def _skip_long_line(self) -> None:
         while True:

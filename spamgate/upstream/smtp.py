@@ -141,9 +141,9 @@ class SmtpUpstream(Upstream):
                 elif exc.reply is not None and exc.reply.code >= 500:
                     raise  # about the real client, as a new connection would say
                 continue  # closed or timed out meanwhile: the next one, or a new one
-            metrics.UPSTREAM_CONNECTIONS.labels("reused").inc()
+            metrics.child(metrics.UPSTREAM_CONNECTIONS, "reused").inc()
             return pooled
-        metrics.UPSTREAM_CONNECTIONS.labels("new").inc()
+        metrics.child(metrics.UPSTREAM_CONNECTIONS, "new").inc()
         try:
             return await self._open(client, tls=self.tls_context is not None)
         except _TlsFailed as exc:
@@ -360,7 +360,7 @@ class SmtpSession(UpstreamSession):
             self.broken = True
             metrics.UPSTREAM_ERRORS.labels("disconnect").inc()
             raise UpstreamError("disconnect", f"{name}: {exc}") from None
-        metrics.UPSTREAM_LATENCY.labels(name).observe(time.perf_counter() - started)
+        metrics.child(metrics.UPSTREAM_LATENCY, name).observe(time.perf_counter() - started)
         if resp.code >= 400:
             self.errors += 1
         if name in _JUNK:
