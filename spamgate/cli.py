@@ -10,20 +10,24 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 from . import __version__
 from .config import load
 from .settings import ConfigError
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, *, with_pid: bool = False) -> None:
+    """Log to stderr; `with_pid` (several workers) names the process, as Postfix's
+    `smtpd[1234]:` does, so a session's lines can be told from another worker's."""
     from .daemon import JournalFormatter, on_journal
 
+    name = "%(name)s[%(process)d]" if with_pid else "%(name)s"
     handler = logging.StreamHandler(sys.stderr)
     if on_journal():  # under systemd: the journal stamps the time and keeps the level
-        handler.setFormatter(JournalFormatter())
+        handler.setFormatter(JournalFormatter(name))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     # aiosmtpd logs every connection on "mail.log" and PROXY errors on "mail.debug";
     # our own lines say it better, with the session id.
@@ -32,15 +36,24 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import raise_fd_limit
     from .server import Server, StartupError
 
-    _setup_logging(args.log_level)
     try:
         config = load(args.config)
     except ConfigError as exc:
+        _setup_logging(args.log_level)
         for problem in exc.problems:
             print(f"spamgate: {problem}", file=sys.stderr)
         return 1
+    workers = config.server.workers
+    _setup_logging(args.log_level, with_pid=workers > 1)
+    factory = loop_factory(config.server.uvloop)
+    if workers > 1:
+        from . import workers as supervisor
+
+        return supervisor.run(config, args.config, factory)
+    raise_fd_limit(config.limits.max_sessions)
 
     async def main() -> int:
         try:
@@ -57,9 +70,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return asyncio.run(main())
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(main())
     except KeyboardInterrupt:
         return 0
+
+
+def loop_factory(want_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when asked for and installed; None: asyncio's default."""
+    if not want_uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        logging.getLogger("spamgate").info("uvloop is not installed; using asyncio's loop")
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_check(args: argparse.Namespace) -> int:

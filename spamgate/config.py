@@ -84,7 +84,17 @@ class ServerSettings:
     mode: Literal["enforce", "monitor"] = setting(
         "enforce", 'Set "monitor" to log and count what checks would refuse, refusing nothing.'
     )
-    workers: int = setting(1, "Worker processes sharing the listeners.", check=positive)
+    workers: int = setting(
+        1,
+        "Worker processes, each with its own socket per listener (SO_REUSEPORT) and "
+        "a share of max_sessions; one process uses one core.",
+        check=positive,
+    )
+    uvloop: bool = setting(
+        True,
+        "Run on uvloop when it is installed (less CPU per message); false: asyncio's "
+        "own event loop.",
+    )
     shutdown_grace: float = setting(
         30.0, "Seconds sessions may take to finish after SIGTERM.", check=non_negative
     )
@@ -210,8 +220,16 @@ class UpstreamSettings:
     )
     pool_size: int = setting(
         0,
-        "Idle upstream connections kept for reuse (XCLIENT again); 0 disables.",
+        "Idle upstream connections kept for the next client sessions (XCLIENT again; "
+        "Postfix needs smtpd_authorized_xclient_hosts = static:all, docs/performance.md); "
+        "0 disables.",
         check=non_negative,
+    )
+    pool_idle_timeout: float = setting(
+        5.0,
+        "Seconds an idle pooled connection is kept (below Postfix's smtpd_timeout, "
+        "10 s under stress).",
+        check=positive,
     )
     tls: Literal["off", "opportunistic", "required"] = setting(
         "off",
@@ -259,10 +277,16 @@ class LimitSettings:
         20, "Errors a client may make without delivering mail (then 421).", check=positive
     )
     max_sessions: int = setting(
-        5000, "Concurrent sessions in all (421 4.7.0 at connect).", check=positive
+        5000,
+        "Concurrent sessions in all (421 4.7.0 at connect); with several workers, "
+        "each takes its share.",
+        check=positive,
     )
     sessions_per_client: int = setting(
-        50, "Concurrent sessions per client IP (421 4.7.0 at connect).", check=positive
+        50,
+        "Concurrent sessions per client IP (421 4.7.0 at connect); counted by each "
+        "worker for itself.",
+        check=positive,
     )
 
 

@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import pwd
+import resource
 import socket
 import sys
 
@@ -125,11 +126,43 @@ _PRIORITY = {
 class JournalFormatter(logging.Formatter):
     """`<priority>logger: message`: the journal keeps the level, and adds the time."""
 
-    def __init__(self) -> None:
-        super().__init__("%(name)s: %(message)s")
+    def __init__(self, name: str = "%(name)s") -> None:
+        super().__init__(f"{name}: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         priority = _PRIORITY.get(record.levelno, 6)
         text = super().format(record)
         # One journal entry per record: continuation lines (tracebacks) keep the level.
         return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+
+
+# Descriptors a process needs besides its sessions (listeners, logs, DNS, pool).
+FD_MARGIN = 256
+
+
+def raise_fd_limit(max_sessions: int) -> None:
+    """Raise the open-files limit to its hard maximum; warn if even that is too low.
+
+    A session holds two descriptors (client and upstream), so 5,000 sessions need
+    10,000 and more: far above the usual soft limit of 1,024, which would turn a
+    spam run into "too many open files" on accept.
+    """
+    needed = 2 * max_sessions + FD_MARGIN
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = needed if hard == resource.RLIM_INFINITY else hard
+            if target > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+    except (OSError, ValueError) as exc:  # a sandbox that forbids it (systemd: LimitNOFILE)
+        log.debug("cannot raise the open-files limit: %s", exc)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open-files limit %d is below the %d that [limits] max_sessions = %d needs "
+            "(two per session); raise it (systemd: LimitNOFILE=)",
+            soft,
+            needed,
+            max_sessions,
+        )

@@ -81,6 +81,7 @@ class SessionFlow:
         self._pending_stage: Stage | None = None
         self._disposal_stage: Stage | None = None
         self._connect_marks = (0, 0)  # session symbols, headers after connect
+        self._txn_lines = 0  # transaction lines logged
         # Sees every check's verdict (spamgate explain); see Pipeline.run.
         self.trace: Trace | None = None
 
@@ -178,7 +179,7 @@ class SessionFlow:
         s.relay_permitted = self.policy.relay.trusted(s.client.address)
         if self.config.dns.reverse_lookup:
             s.client.name = await self.runtime.services.client_name(s.client.address)
-        self.log.info("connect from %s:%d", s.client.display, s.client.port)
+        self.log.debug("connect from %s:%d", s.client.display, s.client.port)
         outcome = await self._run(Stage.CONNECT)
         self._connect_marks = (len(s.symbols), len(s.headers))
         return self._early(outcome, Stage.CONNECT, greeting=True)
@@ -386,7 +387,7 @@ class SessionFlow:
             if reply.code < 500
             else "rejected"
         )
-        metrics.RECIPIENTS.labels(outcome).inc()
+        metrics.child(metrics.RECIPIENTS, outcome).inc()
         if not rcpt.accepted:
             self.log.info("rcpt <%s> refused: %s", arg.address, reply)
         return reply
@@ -606,7 +607,11 @@ class SessionFlow:
             self._end_txn(None, outcome=None, reason=reason)
         await self._drop_upstream()
         s = self.session
-        self.log.info(
+        # The transaction lines tell a session that ended normally; this one is
+        # for the others (no transaction, errors, timeouts, lost connections).
+        normal = self._txn_lines > 0 and reason == "quit" and s.errors == 0
+        self.log.log(
+            logging.DEBUG if normal else logging.INFO,
             "disconnect from %s: %s, messages=%d, errors=%d, %.3fs",
             s.client.display,
             reason,
@@ -644,7 +649,7 @@ class SessionFlow:
                 outcome = "upstream_rejected"
             else:
                 outcome = "aborted"
-        metrics.TRANSACTIONS.labels(outcome).inc()
+        metrics.child(metrics.TRANSACTIONS, outcome).inc()
         self._notify(txn, outcome)
         c = self.session.client
         to = ",".join(f"<{r.address}>" for r in txn.recipients) or "-"
@@ -665,6 +670,7 @@ class SessionFlow:
         if reply is not None:
             parts.append(f'reply="{reply}"')
         self.log.info(" ".join(parts))
+        self._txn_lines += 1
         self.session.transaction = None
         self._txn_state = _TxnState()
 

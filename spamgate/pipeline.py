@@ -121,7 +121,9 @@ class Pipeline:
             lg.exception("check %s failed", check.label)
             return self._failed(check, "exception", f"{type(exc).__name__}: {exc}", lg)
         finally:
-            metrics.CHECK_DURATION.labels(check.label).observe(time.perf_counter() - started)
+            metrics.child(metrics.CHECK_DURATION, check.label).observe(
+                time.perf_counter() - started
+            )
         return verdict
 
     @staticmethod

@@ -8,6 +8,7 @@ upstream reply can be relayed without re-parsing.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -71,6 +72,11 @@ class Reply:
 
     def render(self, *, enhanced: bool = True) -> bytes:
         """Wire form, CRLF-terminated; continuation lines use `code-`."""
+        if enhanced:
+            return _rendered(self)
+        return self._render(enhanced)
+
+    def _render(self, enhanced: bool) -> bytes:
         out = []
         last = len(self.lines) - 1
         for i, line in enumerate(self.lines):
@@ -85,6 +91,12 @@ class Reply:
 
     def __str__(self) -> str:
         return self.render().decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", " / ")
+
+
+@functools.lru_cache(maxsize=1024)
+def _rendered(reply: Reply) -> bytes:
+    """The same few replies go out for every message: rendered once each."""
+    return reply._render(True)
 
 
 def default_enhanced(code: int) -> str:

@@ -96,9 +96,11 @@ def config_digest(config: Config) -> str:
 class Runtime:
     """What all sessions of this process share."""
 
-    def __init__(self, policy: Policy, services: Services) -> None:
+    def __init__(self, policy: Policy, services: Services, share: int = 1) -> None:
         self.policy = policy
         self.services = services
+        # Workers sharing the limits: this process takes 1/share of max_sessions.
+        self.share = share
         self.active = 0
         self.per_client: collections.Counter[IPAddress] = collections.Counter()
         self.closing = False
@@ -130,7 +132,7 @@ class Runtime:
         limits = self.policy.config.limits
         if self.closing:
             return "shutdown"
-        if self.active >= limits.max_sessions:
+        if self.active >= -(-limits.max_sessions // self.share):
             return "max_sessions"
         if self.per_client[address] >= limits.sessions_per_client:
             return "per_client"

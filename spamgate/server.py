@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
 
@@ -33,6 +34,10 @@ from .smtp.protocol import SMTPSession
 from .state import StoreUnavailable
 
 log = logging.getLogger("spamgate")
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 class StartupError(Exception):
@@ -56,11 +61,24 @@ def file_state(paths: Iterable[str]) -> FileState:
 
 
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        sockets: list[socket.socket] | None = None,
+        share: int = 1,
+        exporter: bool = True,
+    ) -> None:
+        """`sockets`: one bound, listening socket per listener (a worker's, from the
+        supervisor); None binds them here. `share`: how many workers share the
+        limits (each worker takes its part of max_sessions). `exporter`: serve
+        [metrics] listen here (False in workers: the supervisor serves the sum)."""
         self.config = config
         self.services = Services.build(config)
         watched = file_state(sources(config))
-        self.runtime = Runtime(Policy.build(config, self.services), self.services)
+        self.runtime = Runtime(Policy.build(config, self.services), self.services, share=share)
+        self._sockets = sockets
+        self._serve_metrics = exporter
         self.servers: list[asyncio.base_events.Server] = []
         self.listeners: list[Listener] = []
         self.addresses: list[tuple[str, int]] = []
@@ -85,9 +103,14 @@ class Server:
             item = listener.address
             host, port = parse_hostport(item)
             try:
-                server = await loop.create_server(
-                    self._factory(index), host, port, reuse_address=True, backlog=1024
-                )
+                if self._sockets is not None:
+                    server = await loop.create_server(
+                        self._factory(index), sock=self._sockets[index], backlog=1024
+                    )
+                else:
+                    server = await loop.create_server(
+                        self._factory(index), host, port, reuse_address=True, backlog=1024
+                    )
             except OSError as exc:
                 await self.close_listeners()
                 if exc.errno == errno.EADDRINUSE:
@@ -103,15 +126,16 @@ class Server:
                 name = sock.getsockname()
                 self.addresses.append((name[0], name[1]))
         metrics.RELOAD_OK.set(1)
-        if self.config.metrics.listen:
+        if self.config.metrics.listen and self._serve_metrics:
             self._start_exporter(self.config.metrics.listen)
         if self.config.path and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(self.config.path))
         log.info(
-            "spamgate listening on %s, upstream %s, mode %s",
+            "spamgate listening on %s, upstream %s, mode %s, loop %s",
             ", ".join(f"{h}:{p}" for h, p in self.addresses),
             self.config.upstream.address,
             self.config.server.mode,
+            loop_name(loop),
         )
         log.info("state store: %s", self.services.state.describe())
         with contextlib.suppress(StoreUnavailable):  # logged; serving goes on regardless
@@ -244,31 +268,44 @@ class Server:
         self._stopped.set()
 
     async def serve_forever(
-        self, path: str | None, on_ready: Callable[[Server], None] | None = None
+        self,
+        path: str | None,
+        on_ready: Callable[[Server], None] | None = None,
+        *,
+        supervised: bool = False,
     ) -> None:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads. `supervised`: a worker under
+        spamgate.workers, whose supervisor bound the sockets, dropped root and
+        speaks to systemd."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._sighup(path)))
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(self._sighup(path, supervised))
+        )
         await self.start()
-        try:
-            # Bound to port 25 (as root, or with CAP_NET_BIND_SERVICE): root is no
-            # longer needed, and sessions must never run with it.
-            drop_privileges(self.config.server.user)
-        except PrivilegeError as exc:
-            await self.close_listeners()
-            raise StartupError(str(exc)) from None
-        daemon.notify(f"READY=1\nMAINPID={os.getpid()}")
+        if not supervised:
+            try:
+                # Bound to port 25 (as root, or with CAP_NET_BIND_SERVICE): root is
+                # no longer needed, and sessions must never run with it.
+                drop_privileges(self.config.server.user)
+            except PrivilegeError as exc:
+                await self.close_listeners()
+                raise StartupError(str(exc)) from None
+            daemon.notify(f"READY=1\nMAINPID={os.getpid()}")
         if on_ready is not None:
             on_ready(self)
         await stop.wait()
-        daemon.notify("STOPPING=1")
+        if not supervised:
+            daemon.notify("STOPPING=1")
         await self.stop()
 
-    async def _sighup(self, path: str | None) -> None:
-        daemon.notify("RELOADING=1")
+    async def _sighup(self, path: str | None, supervised: bool = False) -> None:
+        if not supervised:
+            daemon.notify("RELOADING=1")
         try:
             await self.reload(path)
         finally:
-            daemon.notify("READY=1")
+            if not supervised:
+                daemon.notify("READY=1")

@@ -28,6 +28,18 @@ from .smtpclient import RawClient
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# SPAMGATE_TEST_LOOP=uvloop runs every test on uvloop, spamgate's default loop in
+# production (.ci/run runs the suite on both); unset: asyncio's own loop.
+TEST_LOOP = os.environ.get("SPAMGATE_TEST_LOOP", "asyncio")
+if TEST_LOOP == "uvloop":
+    import uvloop
+
+    def pytest_asyncio_loop_factories(config, item):  # pytest-asyncio >= 1.4 hook
+        return {"uvloop": uvloop.new_event_loop}
+
+elif TEST_LOOP != "asyncio":
+    raise RuntimeError(f"SPAMGATE_TEST_LOOP={TEST_LOOP!r}: use asyncio or uvloop")
+
 
 def need_binary(path: str, what: str) -> None:
     """Skip locally when a system binary is missing; fail in CI, which installs it."""

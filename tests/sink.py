@@ -59,6 +59,11 @@ class SinkBehaviour:
     accounts: dict[str, str] = field(default_factory=dict)
     # Offer AUTH in the EHLO reply.
     offer_auth: bool = True
+    # Like Postfix with smtpd_authorized_xclient_hosts = the proxy only: once XCLIENT
+    # named another client, XCLIENT is no longer offered and is refused (550 5.7.0).
+    xclient_chain: bool = True
+    # Command name -> reply given once, the next time that command comes (then gone).
+    once: dict[str, str] = field(default_factory=dict)
     # False: count and hash the content, keep none of it (memory measurements).
     keep_content: bool = True
 
@@ -119,6 +124,8 @@ class SinkSMTP(SMTP):
             lines.append("250-STARTTLS")
         if self.sink.behaviour.offer_xclient:
             lines.append("250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN")
+        if self.xclient and not self.sink.behaviour.xclient_chain:
+            lines = [line for line in lines if "XCLIENT" not in line]
         lines.append("250 HELP")
         for line in lines:
             await self.push(line)
@@ -152,7 +159,10 @@ class SinkSMTP(SMTP):
 
     async def smtp_XCLIENT(self, arg: str) -> None:
         self.sink.commands.append(f"XCLIENT {arg}")
-        reply = self.sink.behaviour.replies.get("XCLIENT", "220 sink.test ESMTP")
+        b = self.sink.behaviour
+        reply = b.once.pop("XCLIENT", None) or b.replies.get("XCLIENT", "220 sink.test ESMTP")
+        if self.xclient and not b.xclient_chain:
+            reply = "550 5.7.0 Error: insufficient authorization"
         if reply.startswith("2"):  # Postfix says 220, smtp-sink 250
             self.xclient.append(arg)
             self.session.host_name = None
@@ -249,12 +259,15 @@ class Sink:
         self.messages: list[Received] = []
         self.commands: list[str] = []
         self.connections = 0
+        self.sessions: list[SinkSMTP] = []  # one per connection, in order
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
 
     def _factory(self) -> SinkSMTP:
         self.connections += 1
-        return SinkSMTP(self)
+        session = SinkSMTP(self)
+        self.sessions.append(session)
+        return session
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -176,3 +176,57 @@ async def test_logs_for_the_journal(world_dir) -> None:
     assert all(line.startswith("<") for line in lines), lines
     if os.geteuid() == 0:
         assert "<4>spamgate: running as root: set [server] user" in "\n".join(lines)
+
+
+@pytest.mark.parametrize("uvloop", [True, False])
+async def test_event_loop_choice(sink: Sink, world_dir, uvloop: bool) -> None:
+    """uvloop by default ([server] uvloop), asyncio's own loop when turned off."""
+    port = free_port()
+    config = world_dir / "spamgate.toml"
+    config.write_text(
+        f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "gate.test"\n'
+        f'relay_domains = ["example.test"]\n{"" if uvloop else "uvloop = false"}\n'
+        f'[upstream]\naddress = "{sink.address}"\n[dns]\nreverse_lookup = false\n'
+    )
+    stderr_path = world_dir / "stderr"
+    proc = await start(config, {}, stderr_path)
+    try:
+        for _ in range(200):
+            if "listening on" in stderr_path.read_text():
+                break
+            await asyncio.sleep(0.05)
+        c, _ = await RawClient.connect(port)
+        replies = await c.mail("a@example.org", ["u@example.test"], BODY)
+        assert replies[-1].code == 250
+        await c.cmd("QUIT")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    expected = "uvloop" if uvloop else "asyncio"
+    assert f"mode enforce, loop {expected}" in stderr_path.read_text()
+
+
+def test_open_files_limit_raised_and_checked() -> None:
+    """Two descriptors a session: the soft limit goes up to the hard one, and a hard
+    limit too low for max_sessions is said at startup."""
+    import resource
+    import subprocess
+
+    code = (
+        "import logging, resource\n"
+        "from spamgate.daemon import raise_fd_limit\n"
+        "logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        "raise_fd_limit(5000)\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096)),
+        check=True,
+    )
+    assert out.stdout.strip() == "(4096, 4096)"
+    assert "open-files limit 4096 is below the 10256" in out.stderr

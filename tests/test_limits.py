@@ -204,6 +204,22 @@ async def test_idle_timeout(gate_factory: GateFactory, sink: Sink) -> None:
     assert sink.messages == [] and data_commands(sink) == 0
 
 
+async def test_idle_timeout_counts_from_each_command(gate_factory: GateFactory) -> None:
+    """Commands that keep coming keep the session; silence after them ends it."""
+    gate = await gate_factory(limits(idle_timeout=0.5))
+    c, _ = await gate.client()
+    started = time.monotonic()
+    for _ in range(6):  # 1.8 s in all, each gap well within the timeout
+        assert (await c.cmd("NOOP")).code == 250
+        await asyncio.sleep(0.3)
+    assert time.monotonic() - started > 1.5
+    quiet = time.monotonic()
+    r = await c.reply(timeout=5)
+    assert (r.code, r.enhanced) == (421, "4.4.2")
+    assert 0.15 < time.monotonic() - quiet < 1.2  # 0.5 s after the last NOOP
+    assert await c.closed()
+
+
 async def test_idle_timeout_is_for_a_whole_line(gate_factory: GateFactory) -> None:
     """A client trickling a command byte by byte does not keep the session alive."""
     gate = await gate_factory(limits(idle_timeout=0.4))

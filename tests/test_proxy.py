@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from .conftest import GateFactory
 from .sink import Sink
@@ -423,3 +426,31 @@ async def test_a_bug_in_a_session_is_logged_and_answered(gate_factory, monkeypat
     assert (banner.code, banner.enhanced) == (421, "4.3.0")
     assert await c.closed()
     assert "session failed" in caplog.text and "RuntimeError: simulated bug" in caplog.text
+
+
+async def test_one_info_line_per_normal_session(
+    gate_factory: GateFactory, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session that delivered and said QUIT is its transaction line; sessions
+    without a transaction, or ending otherwise, also get their disconnect line."""
+    caplog.set_level(logging.INFO, logger="spamgate.session")
+    gate = await gate_factory()
+    c, _ = await gate.client()
+    await c.mail("a@example.org", ["u@example.test"], BODY)
+    await c.cmd("QUIT")
+    await c.closed()
+    await asyncio.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if r.name == "spamgate.session"]
+    assert len(lines) == 1 and "outcome=accepted" in lines[0], lines
+    caplog.clear()
+    c, _ = await gate.client()  # connects, says EHLO, then goes away
+    await c.cmd("EHLO quiet.example.test")
+    await c.close()
+    await asyncio.sleep(0.1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "spamgate.session"]
+    assert len(lines) == 1, lines
+    assert (
+        lines[0]
+        .split(", messages=")[0]
+        .endswith(("disconnect from unknown[127.0.0.1]: disconnected", "connection lost"))
+    ), lines

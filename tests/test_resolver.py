@@ -73,6 +73,25 @@ async def test_cache_honours_ttls_including_negative_answers(dns_server: DnsServ
     assert sample("spamgate_dns_queries_total", type="A", result="cached") - cached_before == 4
 
 
+async def test_cached_answers_expire_with_their_ttl(dns_server: DnsServer) -> None:
+    """The text-keyed front of the cache keeps an answer exactly as long as dnspython's."""
+    dns_server.zone("short.test", {"@": {"A": "127.0.0.1"}}, ttl=1, negative_ttl=1)
+    r = make_resolver(dns_server)
+    first = await r.lookup("short.test", "A")
+    assert time.time() < first.expires <= time.time() + 1
+    assert (await r.lookup("gone.short.test", "A")).expires <= time.time() + 1
+    for _ in range(3):
+        assert r.cached("short.test", "A") == first
+        assert (await r.lookup("gone.short.test", "A")).status == "nxdomain"
+    assert dns_server.count("short.test", "A") == 1
+    assert dns_server.count("gone.short.test") == 1
+    await asyncio.sleep(1.1)
+    assert r.cached("short.test", "A") is None
+    assert r.cached("gone.short.test", "A") is None
+    assert (await r.lookup("short.test", "A")).addresses == ["127.0.0.1"]
+    assert dns_server.count("short.test", "A") == 2
+
+
 async def test_a_thousand_identical_lookups_are_one_query(dns_server: DnsServer) -> None:
     dns_server.zone("bl.test", {"2.0.0.127": {"A": "127.0.0.2"}})
     dns_server.delay = 0.2
@@ -189,11 +208,29 @@ async def test_verified_name(dns_server: DnsServer, address: str, name: str) -> 
     assert await r.verified_name(ipaddress.ip_address(address)) == name
 
 
+async def test_verified_name_kept_while_its_answers_last(dns_server: DnsServer) -> None:
+    dns_server.zone("0.0.127.in-addr.arpa", {"1": {"PTR": "mx.short.test."}}, ttl=300)
+    dns_server.zone("short.test", {"mx": {"A": "127.0.0.1"}}, ttl=1)
+    r = make_resolver(dns_server)
+    address = ipaddress.ip_address("127.0.0.1")
+    assert await r.verified_name(address) == "mx.short.test"
+    asked = dns_server.total
+    assert await r.verified_name(address) == "mx.short.test"
+    assert dns_server.total == asked
+    # the forward answer (TTL 1 s) goes, and with it the name: the address moved
+    dns_server.zone("short.test", {"mx": {"A": "127.0.0.9"}}, ttl=1)
+    await asyncio.sleep(1.1)
+    assert await r.verified_name(address) == UNAVAILABLE
+    assert dns_server.count("mx.short.test", "A") == 2
+
+
 async def test_verified_name_when_dns_fails(dns_server: DnsServer) -> None:
     reverse_zone(dns_server)
     r = make_resolver(dns_server, timeout=0.2, lifetime=0.4)
     dns_server.fail("mx.good.test")
     assert await r.verified_name(ipaddress.ip_address("127.0.0.1")) == TEMPUNAVAIL
+    dns_server.failing.clear()  # recovered: a temporary failure is not kept
+    assert await r.verified_name(ipaddress.ip_address("127.0.0.1")) == "mx.good.test"
     dns_server.down = True
     started = time.monotonic()
     assert await r.verified_name(ipaddress.ip_address("127.0.0.8")) == TEMPUNAVAIL

@@ -156,9 +156,57 @@ async def test_a_warm_cache_asks_nothing_and_runs_once(
     cold = await engine.check("127.0.0.2", "a@mx.test", "h.test")
     assert cold.rounds == 3  # TXT; MX with both hosts' addresses at once; done
     asked = dns_server.total
-    warm = await engine.check("127.0.0.2", "b@mx.test", "h.test")
+    warm = await engine.check("127.0.0.2", "b@mx.test", "other.test")  # another HELO
     assert (warm.result, warm.rounds) == ("pass", 1)
     assert dns_server.total == asked
+
+
+async def test_results_remembered_within_the_ttls(dns_server: DnsServer) -> None:
+    """The same client, sender domain and HELO: the same result, no pyspf run, until
+    the first answer the result came from expires (here the include's, TTL 1 s)."""
+    dns_server.zone("memo.test", {"@": {"TXT": "v=spf1 include:_spf.inc.test -all"}})
+    dns_server.zone("inc.test", {"_spf": {"TXT": "v=spf1 ip4:127.0.0.2 -all"}}, ttl=1)
+    resolver = Resolver(DnsSettings(nameservers=[dns_server.address], timeout=0.3, lifetime=0.6))
+    with concurrent.futures.ThreadPoolExecutor(1) as threads:
+        engine = SpfEngine(resolver, threads, budget=2.0)
+        first = await engine.check("127.0.0.2", "a@memo.test", "h.test")
+        assert (first.result, first.rounds) == ("pass", 3)  # TXT, the include, done
+        again = await engine.check("127.0.0.2", "b@memo.test", "h.test")
+        assert (again.result, again.rounds) == ("pass", 0)  # remembered
+        # another client, or another HELO name, is another question
+        other = await engine.check("127.0.0.3", "a@memo.test", "h.test")
+        assert (other.result, other.rounds) == ("fail", 1)
+        assert (await engine.check("127.0.0.2", "a@memo.test", "h2.test")).rounds == 1
+        # the include changes; its TTL runs out: the new record decides
+        dns_server.zone("inc.test", {"_spf": {"TXT": "v=spf1 ip4:127.0.0.3 -all"}}, ttl=1)
+        await asyncio.sleep(1.1)
+        later = await engine.check("127.0.0.2", "a@memo.test", "h.test")
+        assert (later.result, later.rounds) == ("fail", 2)
+        assert dns_server.count("_spf.inc.test", "TXT") == 2
+
+
+async def test_results_not_remembered_after_dns_errors_or_with_macros(
+    dns_server: DnsServer,
+) -> None:
+    dns_server.zone(
+        "macro.test",
+        {"@": {"TXT": "v=spf1 exists:%{l}.ok.macro.test -all"}, "good.ok": {"A": "127.0.0.1"}},
+    )
+    dns_server.zone("flaky.test", {"@": {"TXT": "v=spf1 include:down.test -all"}})
+    dns_server.fail("down.test")
+    resolver = Resolver(DnsSettings(nameservers=[dns_server.address], timeout=0.3, lifetime=0.6))
+    with concurrent.futures.ThreadPoolExecutor(1) as threads:
+        engine = SpfEngine(resolver, threads, budget=2.0)
+        # %{l}: the local part decides, so each sender is evaluated
+        assert (await engine.check("127.0.0.2", "good@macro.test", "h.test")).result == "pass"
+        bad = await engine.check("127.0.0.2", "bad@macro.test", "h.test")
+        assert (bad.result, bad.rounds) == ("fail", 2)
+        again = await engine.check("127.0.0.2", "good@macro.test", "h.test")
+        assert (again.result, again.rounds) == ("pass", 1)
+        # a DNS failure is never the answer for later
+        assert (await engine.check("127.0.0.2", "a@flaky.test", "h.test")).result == "temperror"
+        retry = await engine.check("127.0.0.2", "a@flaky.test", "h.test")
+        assert retry.result == "temperror" and retry.rounds > 0
 
 
 async def test_the_budget_bounds_a_slow_dns(dns_server: DnsServer) -> None:

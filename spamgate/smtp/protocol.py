@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Callable
 
 from aiosmtpd.proxy_protocol import AF, V2_CMD, V2_SIGNATURE, get_proxy
 from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
-from aiosmtpd.smtp import TLSSetupException
+from aiosmtpd.smtp import TLSSetupException, login_always_fail
+from aiosmtpd.smtp import __ident__ as _AIOSMTPD_IDENT
 
 from .. import metrics
 from ..config import Listener
@@ -72,8 +73,66 @@ class _NoHooks:
     """aiosmtpd requires a handler object; every decision is made in SessionFlow."""
 
 
+_NO_HOOKS = _NoHooks()
+
+
 def new_session_id() -> str:
     return secrets.token_hex(5).upper()
+
+
+def _fast_aiosmtpd_init(
+    proto: _AiosmtpdSMTP,
+    *,
+    hostname: str,
+    data_size_limit: int,
+    enable_SMTPUTF8: bool,
+    tls_context: ssl.SSLContext | None,
+    timeout: float,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """The state aiosmtpd's `SMTP.__init__` (1.4.x) sets up, for our use of it.
+
+    Its own __init__ runs `inspect.getmembers` and `dir()` over the protocol and the
+    handler on every connection to find AUTH mechanisms, handler hooks and smtp_*
+    methods: about 220 µs, a tenth of a message's CPU. None of them is used here
+    (this class replaces the command loop, AUTH and the hooks), so they are empty,
+    and the rest is what aiosmtpd would set with these arguments and no handler
+    hooks. tests/test_protocol_init.py compares the two, attribute by attribute.
+    """
+    asyncio.StreamReaderProtocol.__init__(
+        proto,
+        asyncio.StreamReader(loop=loop, limit=proto.line_length_limit),
+        client_connected_cb=proto._cb_client_connected,
+        loop=loop,
+    )
+    proto.__ident__ = _AIOSMTPD_IDENT  # type: ignore[attr-defined]
+    proto.loop = loop
+    proto.event_handler = _NO_HOOKS
+    proto.data_size_limit = data_size_limit
+    proto.enable_SMTPUTF8 = enable_SMTPUTF8
+    proto._decode_data = False
+    proto.hostname = hostname
+    proto.tls_context = tls_context
+    proto.require_starttls = tls_context and False
+    proto._timeout_duration = timeout
+    proto._timeout_handle = None
+    proto._tls_handshake_okay = True
+    proto._tls_protocol = None
+    proto._original_transport = None
+    proto.session = None
+    proto.envelope = None
+    proto.transport = None
+    proto._handler_coroutine = None
+    proto._auth_require_tls = True
+    proto._proxy_timeout = None
+    proto._authenticator = None
+    proto._auth_callback = login_always_fail
+    proto._auth_required = False
+    proto._auth_methods = {}
+    proto._handle_hooks = {}
+    proto._ehlo_hook_ver = None
+    proto._smtp_methods = {}
+    proto._enforce_call_limit = False
 
 
 class SMTPSession(_AiosmtpdSMTP):
@@ -83,13 +142,12 @@ class SMTPSession(_AiosmtpdSMTP):
     def __init__(self, runtime: Runtime, listener: Listener | None = None) -> None:
         cfg = runtime.config
         self.listener = listener or Listener(cfg.listeners[0].address)
-        tls_context: ssl.SSLContext | None = runtime.policy.tls
-        super().__init__(
-            _NoHooks(),
+        _fast_aiosmtpd_init(
+            self,
             hostname=cfg.hostname,
             data_size_limit=cfg.limits.message_size,
             enable_SMTPUTF8=cfg.smtp.smtputf8,
-            tls_context=tls_context,
+            tls_context=runtime.policy.tls,
             timeout=cfg.limits.idle_timeout,
             loop=asyncio.get_running_loop(),
         )
@@ -106,6 +164,11 @@ class SMTPSession(_AiosmtpdSMTP):
         self._quit_seen = False
         self._no_service = False  # after a 554 greeting: 503 to all but QUIT
         self._message_task: asyncio.Task[Reply] | None = None
+        # The command-read watchdog (_read_line): the pending read's deadline (loop
+        # time, 0 when not reading), the one timer, and whether it fired.
+        self._read_deadline = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timed_out = False
         self._commands: dict[str, Callable[[str | None], Awaitable[None]]] = {
             "HELO": self._helo,
             "EHLO": self._ehlo,
@@ -231,6 +294,9 @@ class SMTPSession(_AiosmtpdSMTP):
             if self.flow is not None:
                 await asyncio.shield(self.flow.close(reason))
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()  # it holds the session until it would fire
+                self._watchdog = None
             self.runtime.sessions.discard(self)
             self.runtime.release(address)
             self._close()
@@ -290,8 +356,7 @@ class SMTPSession(_AiosmtpdSMTP):
         limits = self.cfg.limits
         while not self._closing and self.transport is not None:
             try:
-                async with asyncio.timeout(limits.idle_timeout):
-                    line = await self._reader.readuntil(b"\n")
+                line = await self._read_line(limits.idle_timeout)
             except TimeoutError:
                 metrics.PROTOCOL_ERRORS.labels("timeout").inc()
                 await self._send(Reply(421, "4.4.2", (f"{self.hostname} {TIMEOUT}",)))
@@ -312,6 +377,51 @@ class SMTPSession(_AiosmtpdSMTP):
                 await self._send(Reply(421, "4.3.2", (f"{self.hostname} {SHUTTING_DOWN}",)))
                 return "shutdown"
         return "quit" if self._quit_seen else "closed"
+
+    async def _read_line(self, timeout: float) -> bytes:
+        """`readuntil(b"\n")`, raising TimeoutError after `timeout` seconds.
+
+        What `asyncio.timeout` does, for the one read a session waits on most,
+        without a new timer per command: a session keeps one watchdog timer, moved
+        only when it fires early (the deadline moves with every read), so a command
+        costs a float assignment instead of a timer scheduled and cancelled.
+        """
+        reader = self._reader
+        if b"\n" in reader._buffer:  # type: ignore[attr-defined]
+            return await reader.readuntil(b"\n")  # already here: nothing to time
+        loop = self.loop
+        deadline = loop.time() + timeout
+        self._read_deadline = deadline
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.when() > deadline:
+            if watchdog is not None:
+                watchdog.cancel()
+            self._watchdog = loop.call_at(deadline, self._watch)
+        try:
+            return await reader.readuntil(b"\n")
+        except asyncio.CancelledError:
+            task = self._handler_coroutine
+            if self._timed_out and task is not None:
+                self._timed_out = False
+                if task.uncancel() == 0:  # ours alone: a timeout, not a shutdown
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._read_deadline = 0.0
+
+    def _watch(self) -> None:
+        """The watchdog fired: time the read out, or wait on for a later deadline."""
+        self._watchdog = None
+        deadline = self._read_deadline
+        if not deadline:
+            return  # not waiting for a command now; the next read sets a new one
+        if self.loop.time() < deadline:
+            self._watchdog = self.loop.call_at(deadline, self._watch)
+            return
+        task = self._handler_coroutine
+        if task is not None and not task.done():
+            self._timed_out = True
+            task.cancel()
 
     async def _skip_long_line(self) -> None:
         while True:

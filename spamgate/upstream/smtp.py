@@ -10,11 +10,26 @@ event loop (about 150 ms for 5 MB, during which no other session moves), and it
 holds several copies. Our content is already canonical (CRLF only), so `data()`
 below sends DATA, then streams the message block by block, dot-stuffed with a
 `bytes.replace`, waiting for the socket to drain between blocks, then the final dot.
+
+With `[upstream] pool_size`, a connection whose client session ended cleanly is
+kept and handed to the next client session, which introduces its own client with
+XCLIENT and EHLO: no connect, greeting, EHLO of our own or QUIT per session (a
+quarter of spamgate's CPU per message, bench/README.md). "Cleanly" is strict,
+because Postfix keeps per-connection state across XCLIENT (smtpd.c: the error and
+junk-command counts are forgiven only by a delivered message): a connection is
+reused only if it is connected, outside a transaction, never authenticated, and
+has had no error reply since its last delivery. Postfix also judges XCLIENT
+against the identity in force, so a second XCLIENT on one connection needs the
+first client to be authorized too (`smtpd_authorized_xclient_hosts = static:all`
+on spamgate's own loopback listener; docs/performance.md). When the upstream
+refuses it, or stops offering XCLIENT after one, the session gets a new
+connection and reuse is switched off for a while, as without a pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 import time
@@ -37,6 +52,16 @@ log = logging.getLogger("spamgate.upstream")
 # re-checks authorization as it applies each one, smtpd.c xclient_cmd).
 _XCLIENT_ORDER = ("NAME", "HELO", "PROTO", "PORT", "LOGIN", "ADDR")
 _XCLIENT_MAX_LINE = 512
+
+# A pooled connection is not reused after this long (Postfix's own client:
+# smtp_connection_reuse_time_limit), nor after this many junk commands (EHLO,
+# RSET) without a delivery: Postfix counts them, and past smtpd_junk_command_limit
+# (100) each one counts as an error.
+REUSE_TIME_LIMIT = 300.0
+JUNK_LIMIT = 20
+# After the upstream refused a second XCLIENT, try reuse again after this long
+# (the admin may have changed smtpd_authorized_xclient_hosts meanwhile).
+RETRY_CHAIN_AFTER = 300.0
 
 
 def xclient_args(client: Client, offered: set[str]) -> list[bytes]:
@@ -61,6 +86,10 @@ def xclient_args(client: Client, offered: set[str]) -> list[bytes]:
     if len(b"XCLIENT " + b" ".join(args)) + 2 > _XCLIENT_MAX_LINE:
         args = [a for a in args if not a.startswith(b"HELO=")] + [b"HELO=[UNAVAILABLE]"]
     return args
+
+
+# Commands Postfix counts as junk (smtpd_junk_command_limit) until a delivery.
+_JUNK = frozenset({"ehlo", "helo", "rset", "noop"})
 
 
 def dot_stuff(block: bytes, last: bytes) -> bytes:
@@ -96,8 +125,25 @@ class SmtpUpstream(Upstream):
         self.helo_name = settings.helo_name or hostname
         self.tls_context = tls_context
         self.tls_name = settings.tls_server_name or self.host
+        self.pool = _Pool(settings.pool_size, settings.pool_idle_timeout)
+        # When the upstream last refused a second XCLIENT on a connection.
+        self._chain_refused_at: float | None = None
 
     async def open(self, client: Client) -> SmtpSession:
+        while (pooled := self.pool.take()) is not None:
+            try:
+                await pooled.reintroduce(client, self.helo_name)
+            except UpstreamError as exc:
+                pooled.broken = True
+                self.pool.retire(pooled)
+                if exc.kind == "xclient":
+                    self.chain_refused()
+                elif exc.reply is not None and exc.reply.code >= 500:
+                    raise  # about the real client, as a new connection would say
+                continue  # closed or timed out meanwhile: the next one, or a new one
+            metrics.child(metrics.UPSTREAM_CONNECTIONS, "reused").inc()
+            return pooled
+        metrics.child(metrics.UPSTREAM_CONNECTIONS, "new").inc()
         try:
             return await self._open(client, tls=self.tls_context is not None)
         except _TlsFailed as exc:
@@ -137,7 +183,7 @@ class SmtpUpstream(Upstream):
             raise UpstreamError("connect", str(exc)) from None
         metrics.UPSTREAM_LATENCY.labels("connect").observe(time.perf_counter() - started)
         metrics.UPSTREAM_UP.set(1)
-        session = SmtpSession(smtp, s)
+        session = SmtpSession(smtp, s, self)
         try:
             await session.introduce(
                 client,
@@ -160,16 +206,137 @@ class SmtpUpstream(Upstream):
             smtp.close()
             return False
 
+    async def aclose(self) -> None:
+        await self.pool.close()
+
+    @property
+    def chaining(self) -> bool:
+        """May a connection be offered to another client (XCLIENT again)?"""
+        refused = self._chain_refused_at
+        return refused is None or time.monotonic() - refused > RETRY_CHAIN_AFTER
+
+    def chain_refused(self) -> None:
+        if self._chain_refused_at is None:
+            log.warning(
+                "upstream refuses XCLIENT on a connection another client used: "
+                "upstream connection reuse (pool_size) is off for %.0fs; allow it with "
+                "smtpd_authorized_xclient_hosts = static:all on spamgate's own listener "
+                "(docs/performance.md)",
+                RETRY_CHAIN_AFTER,
+            )
+        self._chain_refused_at = time.monotonic()
+        self.pool.clear()
+
+    def checkin(self, session: SmtpSession) -> bool:
+        """Keep `session`'s connection for another client; False: it must go."""
+        if self.pool.size == 0 or not (session.reusable and self.chaining):
+            return False
+        if self.settings.xclient and session.xclient_offered is False:
+            # Not offered after the client's XCLIENT: a next one would be refused.
+            self.chain_refused()
+            return False
+        # After HELO (offer unknown), trust the upstream: should it refuse the next
+        # XCLIENT after all, that session gets a new connection and reuse stops.
+        return self.pool.put(session)
+
+
+class _Pool:
+    """Idle upstream sessions, newest last; the oldest are closed after `idle` seconds."""
+
+    def __init__(self, size: int, idle: float) -> None:
+        self.size = size
+        self.idle_timeout = idle
+        self.idle: collections.deque[SmtpSession] = collections.deque()
+        self._reaper: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def take(self) -> SmtpSession | None:
+        now = time.monotonic()
+        while self.idle:
+            session = self.idle.pop()
+            if session.usable and now - session.pooled_at < self.idle_timeout:
+                return session
+            self.retire(session)
+        return None
+
+    def put(self, session: SmtpSession) -> bool:
+        if len(self.idle) >= self.size:
+            return False
+        session.pooled_at = time.monotonic()
+        self.idle.append(session)
+        if self._reaper is None:
+            loop = asyncio.get_running_loop()
+            self._reaper = loop.call_later(self.idle_timeout / 2, self._reap)
+        return True
+
+    def _reap(self) -> None:
+        self._reaper = None
+        now = time.monotonic()
+        while self.idle and now - self.idle[0].pooled_at >= self.idle_timeout:
+            self.retire(self.idle.popleft())
+        if self.idle:
+            loop = asyncio.get_running_loop()
+            self._reaper = loop.call_later(self.idle_timeout / 2, self._reap)
+
+    def retire(self, session: SmtpSession) -> None:
+        """Close a connection that leaves the pool, politely and in the background."""
+        if not session.usable:
+            session.smtp.close()
+            return
+        task = asyncio.ensure_future(session.quit())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def clear(self) -> None:
+        while self.idle:
+            self.retire(self.idle.pop())
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        self.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
 
 class SmtpSession(UpstreamSession):
-    def __init__(self, smtp: aiosmtplib.SMTP, settings: UpstreamSettings) -> None:
+    def __init__(
+        self,
+        smtp: aiosmtplib.SMTP,
+        settings: UpstreamSettings,
+        owner: SmtpUpstream | None = None,
+    ) -> None:
         self.smtp = smtp
         self.settings = settings
+        self.owner = owner
         self.in_transaction = False
+        self.created = self.pooled_at = time.monotonic()
+        # What Postfix counts against this connection since its last delivery
+        # (smtpd.c resets both only when a message was queued).
+        self.errors = 0
+        self.junk = 0
+        self.broken = False  # an error left the connection in an unknown state
+        self.authenticated = False
+        # Whether the last EHLO reply offered XCLIENT (so a next client could use
+        # it); None after HELO, whose reply lists nothing.
+        self.xclient_offered: bool | None = None
 
     @property
     def usable(self) -> bool:
         return self.smtp.is_connected
+
+    @property
+    def reusable(self) -> bool:
+        """Fit for another client: known, clean state, as a new connection would be."""
+        return (
+            self.owner is not None
+            and self.usable
+            and not (self.broken or self.in_transaction or self.authenticated)
+            and self.errors == 0
+            and self.junk < JUNK_LIMIT
+            and time.monotonic() - self.created < REUSE_TIME_LIMIT
+        )
 
     @property
     def tls_active(self) -> bool:
@@ -182,15 +349,22 @@ class SmtpSession(UpstreamSession):
                 *args, timeout=timeout or self.settings.command_timeout
             )
         except aiosmtplib.SMTPTimeoutError as exc:
+            self.broken = True
             metrics.UPSTREAM_ERRORS.labels("timeout").inc()
             raise UpstreamError("timeout", f"{name}: {exc}") from None
         except aiosmtplib.SMTPResponseException as exc:
+            self.broken = True
             metrics.UPSTREAM_ERRORS.labels("protocol").inc()
             raise UpstreamError("protocol", f"{name}: {exc.message}") from None
         except (aiosmtplib.SMTPException, ConnectionError, OSError) as exc:
+            self.broken = True
             metrics.UPSTREAM_ERRORS.labels("disconnect").inc()
             raise UpstreamError("disconnect", f"{name}: {exc}") from None
-        metrics.UPSTREAM_LATENCY.labels(name).observe(time.perf_counter() - started)
+        metrics.child(metrics.UPSTREAM_LATENCY, name).observe(time.perf_counter() - started)
+        if resp.code >= 400:
+            self.errors += 1
+        if name in _JUNK:
+            self.junk += 1
         if resp.code == 421:
             # The upstream is closing; relay its words, then the core ends the session.
             self.smtp.close()
@@ -205,8 +379,10 @@ class SmtpSession(UpstreamSession):
             )
         if esmtp:
             self.smtp.last_ehlo_response = SMTPResponse(reply.code, reply.text)
+            self.xclient_offered = "xclient" in self.smtp.esmtp_extensions
         else:
             self.smtp.last_helo_response = SMTPResponse(reply.code, reply.text)
+            self.xclient_offered = None
 
     async def starttls(self, context: ssl.SSLContext, server_name: str, required: bool) -> None:
         """STARTTLS, then EHLO again (RFC 3207 §4.2: what was learnt before is void)."""
@@ -240,6 +416,17 @@ class SmtpSession(UpstreamSession):
                 await self._hello(our_name, True)
         if not xclient:
             return
+        await self._xclient(client, our_name)
+
+    async def reintroduce(self, client: Client, our_name: str) -> None:
+        """A pooled connection for a new client: XCLIENT and its EHLO (no XCLIENT:
+        our own EHLO again, which also proves the connection is still there)."""
+        if self.settings.xclient:
+            await self._xclient(client, our_name)
+        else:
+            await self._hello(our_name, True)
+
+    async def _xclient(self, client: Client, our_name: str) -> None:
         offered = self.smtp.esmtp_extensions.get("xclient")
         if offered is None:
             metrics.UPSTREAM_ERRORS.labels("xclient").inc()
@@ -265,6 +452,7 @@ class SmtpSession(UpstreamSession):
 
     async def auth(self, line: bytes) -> Reply:
         # One raw line, never logged: it carries credentials. Errors name the step only.
+        self.authenticated = True  # never offered to another client afterwards
         return await self._command("auth", line)
 
     async def mail(self, sender: str, params: tuple[str, ...], smtputf8: bool) -> Reply:
@@ -285,20 +473,28 @@ class SmtpSession(UpstreamSession):
         if reply.code != 354:
             if reply.code >= 400:
                 return reply
+            self.broken = True
             metrics.UPSTREAM_ERRORS.labels("protocol").inc()
             raise UpstreamError("protocol", f"unexpected reply to DATA: {reply.code}")
         try:
             await self._send_content(content)
         except (aiosmtplib.SMTPException, ConnectionError, OSError) as exc:
+            self.broken = True
             metrics.UPSTREAM_ERRORS.labels("disconnect").inc()
             self.smtp.close()
             raise UpstreamError("disconnect", f"data: {exc}") from None
         except TimeoutError:
+            self.broken = True
             metrics.UPSTREAM_ERRORS.labels("timeout").inc()
             self.smtp.close()
             raise UpstreamError("timeout", "data: the upstream stopped reading") from None
         # The final dot: a command line of its own, answered after the whole message.
-        return await self._command("dot", b".", timeout=self.settings.data_timeout)
+        reply = await self._command("dot", b".", timeout=self.settings.data_timeout)
+        if reply.code // 100 == 2:
+            # Postfix forgives the connection's errors and junk commands once a
+            # message is queued (smtpd.c); so does the pool.
+            self.errors = self.junk = 0
+        return reply
 
     async def _send_content(self, content: Outgoing) -> None:
         protocol = self.smtp.protocol
@@ -327,6 +523,12 @@ class SmtpSession(UpstreamSession):
         self.in_transaction = False
 
     async def close(self) -> None:
+        """Back to the pool if it is fit for another client; otherwise QUIT."""
+        if self.owner is not None and self.owner.checkin(self):
+            return
+        await self.quit()
+
+    async def quit(self) -> None:
         if not self.smtp.is_connected:
             return
         try:
