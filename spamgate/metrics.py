@@ -41,10 +41,16 @@ SESSIONS_ACTIVE = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livesum",
 )
+STRESS = Gauge(
+    "spamgate_stress",
+    "1 while sessions are near max_sessions and the stress timeouts apply.",
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
 SESSIONS_REFUSED = Counter(
     "spamgate_sessions_refused_total",
     "Connections refused before the greeting, by reason.",
-    ["reason"],  # max_sessions, per_client, shutdown, pregreet, proxy
+    ["reason"],  # max_sessions, per_client, shutdown, pregreet, proxy, fd_limit
     registry=REGISTRY,
 )
 PROTOCOL_ERRORS = Counter(

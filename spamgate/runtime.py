@@ -107,6 +107,8 @@ class Runtime:
         self.sessions: set = set()
         # Problems that made the last reload fail (empty when it succeeded): health.
         self.reload_problems: list[str] = []
+        # Near max_sessions: shorter timeouts, like Postfix's ${stress} (see `stressed`).
+        self.stressed = False
         self._note_policy(policy)
 
     @property
@@ -134,6 +136,7 @@ class Runtime:
         self.active += 1
         self.per_client[address] += 1
         metrics.SESSIONS_ACTIVE.inc()
+        self._check_stress()
         return None
 
     def release(self, address: IPAddress) -> None:
@@ -142,3 +145,32 @@ class Runtime:
         self.per_client[address] -= 1
         if self.per_client[address] <= 0:
             del self.per_client[address]
+        self._check_stress()
+
+    def _check_stress(self) -> None:
+        """Enter or leave stress as the session count crosses the threshold.
+
+        Under stress every session waits `stress_idle_timeout` / `stress_data_timeout`
+        instead of the usual minutes, so that clients holding sessions open without
+        using them (slowloris) cannot crowd out the ones that send mail. Sessions
+        already waiting are told at once, not at their next command.
+        """
+        limits = self.policy.config.limits
+        threshold = limits.stress_threshold * limits.max_sessions
+        stressed = limits.stress_threshold > 0 and self.active >= threshold
+        if stressed == self.stressed:
+            return
+        self.stressed = stressed
+        metrics.STRESS.set(int(stressed))
+        if stressed:
+            log.warning(
+                "under stress: %d sessions (max_sessions %d); timeouts now %gs idle, %gs data",
+                self.active,
+                limits.max_sessions,
+                limits.stress_idle_timeout,
+                limits.stress_data_timeout,
+            )
+            for session in list(self.sessions):
+                session.stress()
+        else:
+            log.info("no longer under stress: %d sessions", self.active)

@@ -104,6 +104,8 @@ class SMTPSession(_AiosmtpdSMTP):
         self._quit_seen = False
         self._no_service = False  # after a 554 greeting: 503 to all but QUIT
         self._message_task: asyncio.Task[Reply] | None = None
+        # The deadline of the read in progress and when it ends under stress.
+        self._wait: tuple[asyncio.Timeout, float] | None = None
         self._commands: dict[str, Callable[[str | None], Awaitable[None]]] = {
             "HELO": self._helo,
             "EHLO": self._ehlo,
@@ -287,8 +289,9 @@ class SMTPSession(_AiosmtpdSMTP):
     async def _command_loop(self) -> str:
         limits = self.cfg.limits
         while not self._closing and self.transport is not None:
+            idle = limits.stress_idle_timeout if self.runtime.stressed else limits.idle_timeout
             try:
-                async with asyncio.timeout(limits.idle_timeout):
+                async with self._timer(idle, limits.stress_idle_timeout):
                     line = await self._reader.readuntil(b"\n")
             except TimeoutError:
                 metrics.PROTOCOL_ERRORS.labels("timeout").inc()
@@ -489,11 +492,15 @@ class SMTPSession(_AiosmtpdSMTP):
                 max_size=limits.message_size,
                 max_line=limits.text_line_length,
                 bare_newline=self.cfg.smtp.bare_newline,
-                timeout=limits.data_timeout,
+                timeout=lambda: (
+                    limits.stress_data_timeout if self.runtime.stressed else limits.data_timeout
+                ),
+                min_rate=limits.min_data_rate,
+                timer=lambda seconds: self._timer(seconds, limits.stress_data_timeout),
             )
-        except DataTimeout:
+        except DataTimeout as exc:
             metrics.PROTOCOL_ERRORS.labels("timeout").inc()
-            await self.flow.rset(reason="data timeout")
+            await self.flow.rset(reason=exc.reason)
             await self._send(Reply(421, "4.4.2", (f"{self.hostname} {TIMEOUT}",)))
             return
         except asyncio.IncompleteReadError:
@@ -619,6 +626,25 @@ class SMTPSession(_AiosmtpdSMTP):
         if answer != b"*" and not _BASE64.match(answer.decode("latin-1")):
             return None
         return answer
+
+    # -- timeouts and stress --------------------------------------------------------
+
+    def _timer(self, seconds: float, stressed: float) -> asyncio.Timeout:
+        """The deadline of one read, kept so that `stress()` can bring it forward."""
+        timer = asyncio.timeout(seconds)
+        self._wait = (timer, asyncio.get_running_loop().time() + stressed)
+        return timer
+
+    def stress(self) -> None:
+        """The server came under stress: a read already waiting gets the stress
+        timeout too (counted from when it began), not just the next one."""
+        if self._wait is None:
+            return
+        timer, deadline = self._wait
+        with contextlib.suppress(RuntimeError):  # that read is over
+            when = timer.when()
+            if when is None or deadline < when:
+                timer.reschedule(deadline)
 
     # -- shutdown --------------------------------------------------------------------
 
