@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from . import daemon, metrics
 from .config import Config, Listener, load
 from .daemon import PrivilegeError, drop_privileges
+from .fdlimit import FdReserve, raise_soft_limit
+from .reply import Reply
 from .runtime import Policy, Runtime, sources
 from .services import Services
 from .settings import ConfigError, parse_hostport
@@ -66,6 +68,7 @@ class Server:
         # just before they were read: a later change to any of them means reload.
         self._watched: FileState = watched
         self._watcher: asyncio.Task[None] | None = None
+        self._fd_reserve: FdReserve | None = None
 
     def _factory(self, index: int) -> Callable[[], SMTPSession]:
         # The listener's options are looked up per connection, so a reload can
@@ -74,6 +77,7 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        raise_soft_limit(self.config.limits.max_sessions)
         self.listeners = list(self.config.listeners)
         for index, listener in enumerate(self.listeners):
             item = listener.address
@@ -96,6 +100,8 @@ class Server:
             for sock in server.sockets:
                 name = sock.getsockname()
                 self.addresses.append((name[0], name[1]))
+        self._fd_reserve = FdReserve(self._out_of_fds_reply)
+        self._fd_reserve.install(loop, [s for srv in self.servers for s in srv.sockets])
         metrics.RELOAD_OK.set(1)
         if self.config.path and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(self.config.path))
@@ -105,6 +111,10 @@ class Server:
             self.config.upstream.address,
             self.config.server.mode,
         )
+
+    def _out_of_fds_reply(self) -> bytes:
+        text = f"{self.runtime.config.hostname} Error: out of resources, try again later"
+        return Reply(421, "4.3.2", (text,)).render()
 
     async def reload(self, path: str | None, *, reason: str = "SIGHUP") -> bool:
         """Load and validate config and tables; swap only if all is well."""
@@ -202,6 +212,8 @@ class Server:
                 break
             await asyncio.sleep(0.02)
         await self.services.aclose()
+        if self._fd_reserve is not None:
+            self._fd_reserve.close()
         self._stopped.set()
 
     async def serve_forever(
