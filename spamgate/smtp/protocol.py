@@ -159,6 +159,13 @@ class SMTPSession(_AiosmtpdSMTP):
         if self.transport is not None:
             self.transport.close()
 
+    def _abort(self) -> None:
+        """Close at once, without a TLS goodbye the peer would never answer."""
+        self._closing = True
+        for transport in (self._original_transport, self.transport):
+            if transport is not None:
+                transport.abort()
+
     def _pending_input(self) -> bool:
         return bool(self._reader._buffer)  # type: ignore[attr-defined]
 
@@ -549,8 +556,18 @@ class SMTPSession(_AiosmtpdSMTP):
         # aiosmtpd sends 220, upgrades, and once the handshake is done discards
         # any plaintext pipelined after the command (CVE-2011-0411,
         # CVE-2024-34083): such bytes were never encrypted, so they never count.
+        # The handshake gets the idle timeout, like a command line (asyncio's own
+        # limit is 60 s, whatever the configuration or the stress).
+        limits = self.cfg.limits
+        idle = limits.stress_idle_timeout if self.runtime.stressed else limits.idle_timeout
         try:
-            await self.smtp_STARTTLS("")
+            async with self._timer(idle, limits.stress_idle_timeout):
+                await self.smtp_STARTTLS("")
+        except TimeoutError:
+            metrics.STARTTLS.labels("failure").inc()
+            log.info("sid=%s STARTTLS handshake timed out after %gs", self.model.id, idle)
+            self._abort()
+            return
         except TLSSetupException as exc:
             metrics.STARTTLS.labels("failure").inc()
             log.info(
