@@ -477,8 +477,8 @@ def check_commands(
                 if m is None or m.group(1).upper() not in allowed:
                     raise Violation(f"unexpected parameter upstream: {cmd!r}")
             if verb == "RCPT" and not relay:
-                domain = path.rpartition("@")[2].lower()
-                if domain != LOCAL_DOMAIN:
+                mailbox = path[len("TO:<") :].lower()
+                if mailbox != "postmaster" and mailbox.rpartition("@")[2] != LOCAL_DOMAIN:
                     raise Violation(f"relayed for a client that may not relay: {cmd!r}")
 
 
