@@ -56,6 +56,8 @@ REPLY_LINE = re.compile(rb"^[2-5][0-9][0-9](?:[ -][\x20-\x7e\x80-\xff\t]*)?\r\n$
 MARKER = re.compile(rb"X-Fuzz-Id: (\d+)")
 XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+$")
 PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+)?$")
+# "FROM:<path>" or "TO:<path>": one path, a quoted local part may hold "<" or ">".
+UPSTREAM_PATH = re.compile(r'((?:FROM|TO):<(?:"(?:[^"\\]|\\.)*"|[^<>"])*>)')
 MAIL_KEYWORDS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"}
 RCPT_KEYWORDS = {"NOTIFY", "ORCPT"}
 # Header fields spamgate itself may prepend (the rules below add the X-Fuzz- ones).
@@ -468,16 +470,17 @@ def check_commands(
             _check_xclient(cmd, addr, login)
         if cmd.startswith(("MAIL ", "RCPT ")):
             verb = cmd[:4]
-            path, sep, params = cmd[5:].partition(">")
-            if not sep or path.count("<") != 1 or not path.startswith(("FROM:<", "TO:<")):
+            m = UPSTREAM_PATH.match(cmd[5:])
+            if m is None:
                 raise Violation(f"path without brackets upstream: {cmd!r}")
+            path, params = m.group(1), cmd[5 + m.end() :]
             allowed = MAIL_KEYWORDS if verb == "MAIL" else RCPT_KEYWORDS
             for param in params.split():
                 m = PARAM.match(param)
                 if m is None or m.group(1).upper() not in allowed:
                     raise Violation(f"unexpected parameter upstream: {cmd!r}")
             if verb == "RCPT" and not relay:
-                mailbox = path[len("TO:<") :].lower()
+                mailbox = path[len("TO:<") : -1].lower()
                 if mailbox != "postmaster" and mailbox.rpartition("@")[2] != LOCAL_DOMAIN:
                     raise Violation(f"relayed for a client that may not relay: {cmd!r}")
 
