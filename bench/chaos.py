@@ -312,6 +312,7 @@ class Account:
     post_dot_upstream: int = 0  # in the journal; client told 451 after the upstream hop broke
     violations: list[str] = field(default_factory=list)
     results: collections.Counter[str] = field(default_factory=collections.Counter)
+    refusals: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 def account(outcomes: list[Outcome], journal: collections.Counter[int]) -> Account:
@@ -320,6 +321,8 @@ def account(outcomes: list[Outcome], journal: collections.Counter[int]) -> Accou
     for o in outcomes:
         seen.add(o.ident)
         a.results[o.result] += 1
+        if o.result != "accepted":
+            a.refusals[f"{o.stage} {o.reply[:3] or 'lost'}"] += 1
         n = journal.get(o.ident, 0)
         a.duplicates += max(0, n - 1)
         if o.result == "accepted":
@@ -447,6 +450,11 @@ def report_account(title: str, a: Account) -> list[str]:
         f"{a.post_dot_upstream}",
         "  outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(a.results.items())),
     ]
+    if a.refusals:
+        out.append(
+            "  refused or failed (step, code): "
+            + ", ".join(f"{k} {v}" for k, v in a.refusals.most_common(12))
+        )
     out += [f"  VIOLATION {v}" for v in a.violations[:20]]
     return out
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import random
 import re
@@ -128,6 +129,8 @@ class ChaosSMTP(SMTP):
             if reset_at is not None and len(data) >= reset_at:
                 self.journal.fault("RESET in data")
                 self.transport.abort()
+                # What is still buffered is message content, not commands.
+                self._reader._buffer.clear()
                 return
         m = ID.search(bytes(data))
         reply = self._fault("DOT")
@@ -168,6 +171,7 @@ def main() -> None:
     p.add_argument("--faults", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    logging.getLogger("mail.log").setLevel(logging.CRITICAL)  # aiosmtpd's chatter on resets
     rng = random.Random(args.seed) if args.faults else None
     asyncio.run(serve(args.port, Journal(args.journal), rng))
 
