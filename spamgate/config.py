@@ -118,6 +118,11 @@ class ServerSettings:
     quarantine: str = setting(
         "spamgate-quarantine", "Maildir where HOLD (quarantined) messages are written."
     )
+    spool_dir: str = setting(
+        "",
+        "Directory for messages larger than [limits] spool_size while they are in "
+        "flight (removed once relayed); empty: the system's temporary directory.",
+    )
     reload_interval: float = setting(
         2.0,
         "Seconds between looks at the config and rule files; a change reloads them "
@@ -233,6 +238,14 @@ class LimitSettings:
     message_size: int = setting(
         10240000, "Largest message in bytes (SIZE and actual size; 552 5.3.4).", check=positive
     )
+    spool_size: int = setting(
+        1048576,
+        "Messages larger than this are held on disk ([server] spool_dir), not in memory.",
+        check=positive,
+    )
+    header_size: int = setting(
+        1048576, "Largest header block of a message in bytes (552 5.3.4).", check=positive
+    )
     recipients: int = setting(1000, "Recipients per message (452 4.5.3).", check=positive)
     command_line_length: int = setting(
         2048, "Longest command line in bytes, CRLF included (500 5.5.2).", check=positive
@@ -323,6 +336,48 @@ class MetricsSettings:
         'Prometheus endpoint "host:port" (/metrics, /healthz, /readyz); empty: off.',
         check=hostport_or_empty,
     )
+    probe_interval: float = setting(
+        10.0,
+        "Seconds a /readyz check of the upstream is reused, so probes cannot flood the MTA.",
+        check=positive,
+    )
+
+
+def _redis_url(value: str) -> str | None:
+    if not value:
+        return None
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parse_url(value)
+    except ValueError as exc:
+        return f'"{value}" is not a Redis URL ({exc})'
+    return None
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    redis: str = setting(
+        "",
+        'Redis shared by all instances, "redis://host:port/db"; empty: in-process (not shared).',
+        check=_redis_url,
+    )
+    key_prefix: str = setting("spamgate:", "Prefix of every Redis key spamgate writes.")
+    timeout: float = setting(
+        0.5, "Seconds to connect to Redis or wait for one answer.", check=positive
+    )
+    retry_interval: float = setting(
+        2.0, "Seconds between reconnection attempts while Redis is unreachable.", check=positive
+    )
+    on_unavailable: Literal["open", "tempfail"] = setting(
+        "open",
+        'While Redis is unreachable: "open" skips the stateful checks, "tempfail" says 451 4.3.0.',
+    )
+    memory_max_keys: int = setting(
+        200000,
+        "Entries the in-process store keeps at most; the least recently used go first.",
+        check=positive,
+    )
 
 
 @dataclass(frozen=True)
@@ -349,6 +404,7 @@ CORE_SECTIONS: dict[str, type] = {
     "dns": DnsSettings,
     "metrics": MetricsSettings,
     "scoring": ScoringSettings,
+    "state": StateSettings,
 }
 
 
@@ -367,6 +423,7 @@ class Config:
     dns: DnsSettings = field(default_factory=DnsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    state: StateSettings = field(default_factory=StateSettings)
     sections: dict[str, Any] = field(default_factory=dict)
     hostname: str = "localhost"
     base_dir: str = "."
@@ -455,6 +512,7 @@ def loads(text: str, path: str = "<config>") -> Config:
         dns=built["dns"],
         metrics=built["metrics"],
         scoring=built["scoring"],
+        state=built["state"],
         sections={k: v for k, v in built.items() if k not in CORE_SECTIONS},
         hostname=server.hostname or socket.getfqdn(),
         base_dir=base_dir,

@@ -48,9 +48,9 @@ def extract(message: Message, limits: ContentLimits) -> ContentView:
             truncated = True
             break
         headers.append(f"{h.name}: {h.unfolded()}")
-    data = message.content
-    if len(data) > limits.scan_size:
-        data = data[: limits.scan_size]
+    # Only the part that is read is loaded: a spooled message stays on disk.
+    data = message.head(limits.scan_size)
+    if message.size > limits.scan_size:
         truncated = True
     parsed = email.message_from_bytes(data, policy=email.policy.compat32)
     body: list[str] = []

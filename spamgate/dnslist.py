@@ -223,6 +223,12 @@ class ListPolicy:
     def enabled(self) -> bool:
         return bool(self.zones)
 
+    def metric_series(self) -> Iterable[tuple[metrics.Counter, tuple[str, str]]]:
+        """Every zone's result series, created at zero with the check (`Check.metric_series`)."""
+        for zone in self.zones:
+            for result in metrics.DNSBL_RESULTS_SET:
+                yield metrics.DNSBL_RESULTS, (zone, result)
+
     def _zone_sites(self, zone: str) -> Iterable[Site]:
         yield from (s for s in self.sites if s.zone == zone)
         yield from (s for _, s in self.symbols if s.zone == zone)

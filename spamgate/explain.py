@@ -18,11 +18,13 @@ from typing import TextIO
 from .checks.base import Check
 from .config import Config
 from .flow import SessionFlow
+from .message import Message, Outgoing
 from .model import Client, Session, Stage
 from .reply import Reply
 from .runtime import Policy, Runtime
 from .services import Services
 from .smtp.commands import PathArg
+from .state import MemoryStore
 from .tables import Query, Table
 from .tables.keys import NULL_SENDER, parse_ip
 from .upstream.base import Upstream, UpstreamSession
@@ -40,7 +42,7 @@ class DryUpstream(Upstream, UpstreamSession):
     name = "explain"
 
     def __init__(self) -> None:
-        self.delivered: bytes | None = None
+        self.delivered: Outgoing | None = None
 
     async def open(self, client: Client) -> UpstreamSession:
         return self
@@ -51,7 +53,7 @@ class DryUpstream(Upstream, UpstreamSession):
     async def rcpt(self, recipient: str, params: tuple[str, ...], smtputf8: bool) -> Reply:
         return Reply(250, "2.1.5", ("Ok",))
 
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, content: Outgoing) -> Reply:
         self.delivered = content
         return Reply(250, "2.0.0", ("Ok: not delivered (spamgate explain)",))
 
@@ -121,7 +123,11 @@ async def explain(
             config, dns=dataclasses.replace(config.dns, reverse_lookup=False)
         )
     dry, hold = DryUpstream(), DryUpstream()
-    services = dataclasses.replace(Services.build(config), upstream=dry, quarantine=hold)
+    # A throwaway state store too: explaining must not use up, or greylist for, a
+    # real client's quota in the store the running instances share.
+    services = dataclasses.replace(
+        Services.build(config), upstream=dry, quarantine=hold, state=MemoryStore()
+    )
     runtime = Runtime(Policy.build(config, services), services)
     client = Client(address=address, port=0, name=client_name or "[UNAVAILABLE]")
     flow = SessionFlow(runtime, Session(id="EXPLAIN", client=client))
@@ -213,7 +219,7 @@ async def _converse(
         out.write(f"  => {reply}\n")
         return f"refused at DATA: {reply}"
     content = message or SYNTHETIC.format(sender=sender, rcpt=recipients[0]).encode()
-    reply = await flow.message(content)
+    reply = await flow.message(Message(content))
     out.write(f"end of data ({len(content)} bytes)\n  => {reply}\n")
     if reply.code // 100 != 2:
         return f"refused at end of data: {reply}"
@@ -221,9 +227,11 @@ async def _converse(
         return "accepted and quarantined (HOLD)"
     if dry.delivered is None:
         return "accepted and discarded (DISCARD)"
-    added = dry.delivered[: len(dry.delivered) - len(content)].decode("utf-8", "replace")
+    added = dry.delivered.added.decode("utf-8", "replace")
     for line in added.splitlines():
         out.write(f"  added header: {line}\n")
+    if dry.delivered.removed:
+        out.write(f"  removed {dry.delivered.removed} forged Authentication-Results field(s)\n")
     note = f"; {len(refused)} recipient(s) refused" if refused else ""
     return f"accepted, would be relayed{note}"
 

@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import metrics
-from .checks.base import CheckContext
-from .message import Message, render_headers
+from . import authresults, metrics
+from .checks.base import CheckContext, TransactionEnd
+from .message import Header, Message, Outgoing, render_headers
 from .model import Recipient, Session, Stage, Transaction
 from .reply import OK, TEMP_UPSTREAM, Reply
 from .smtp.commands import PathArg
@@ -189,8 +189,10 @@ class SessionFlow:
         metrics.PROTOCOL_ERRORS.labels("pregreet").inc()
         self.log.info("pregreet: client talked before the greeting (action=%s)", action)
         if action == "drop":
+            metrics.VERDICTS.labels("connect", "protocol", "disconnect").inc()
             return Reply(521, "5.5.1", ("Protocol error",))
         if action == "enforce" and self.session.pending is None:
+            metrics.VERDICTS.labels("connect", "protocol", "reject").inc()
             self.session.pending = Verdict(
                 Action.REJECT,
                 Reply(550, "5.5.1", ("Protocol error: talked before greeting",)),
@@ -399,6 +401,7 @@ class SessionFlow:
             return pending.reply
         if not self.session.relay_permitted and not self.policy.relay.is_local(rcpt.address):
             reply = self.policy.relay.denied(rcpt.address)
+            metrics.VERDICTS.labels("rcpt", "relay", "reject").inc()
             self._txn_state.refused.append(reply)
             return reply
         outcome = await self._run(Stage.RCPT, recipient=rcpt)
@@ -453,16 +456,23 @@ class SessionFlow:
     async def refuse_content(self, reply: Reply, kind: str) -> Reply:
         """The protocol layer refused the content itself (size, line ends, lines)."""
         metrics.PROTOCOL_ERRORS.labels(kind).inc()
+        decider = "limits" if kind == "message_too_big" else "protocol"
+        metrics.VERDICTS.labels("eod", decider, "reject" if reply.code >= 500 else "defer").inc()
         await self._abort_upstream_txn()
         self._txn_state.refused.append(reply)
         self._end_txn(reply)
         return reply
 
-    async def message(self, content: bytes) -> Reply:
+    async def message(self, msg: Message) -> Reply:
         """End of data: decide, then relay to the upstream and relay its answer."""
+        try:
+            return await self._message(msg)
+        finally:
+            msg.close()  # a spooled message's file goes now, whatever happened
+
+    async def _message(self, msg: Message) -> Reply:
         txn = self.txn
         assert txn is not None
-        msg = Message(content)
         txn.message = msg
         metrics.MESSAGE_SIZE.observe(msg.size)
         outcome = await self._run(Stage.EOD, message=msg)
@@ -485,7 +495,13 @@ class SessionFlow:
             )
             self._end_txn(verdict.reply)
             return verdict.reply
-        final = self._prepend_headers() + content
+        final = msg.relayed(self._prepend_headers(), self._forged)
+        if final.removed:
+            self.log.info(
+                "removed %d %s header field(s) claiming to be ours (RFC 8601 §5)",
+                final.removed,
+                authresults.NAME,
+            )
         if disposal is not None:
             return await self._dispose(disposal, final)
         assert self.upstream is not None
@@ -504,8 +520,16 @@ class SessionFlow:
         self._end_txn(reply, size=msg.size)
         return reply
 
+    def _forged(self, header: Header) -> bool:
+        """An Authentication-Results field that arrived claiming our authserv-id."""
+        return header.name.lower() == authresults.NAME.lower() and authresults.claims(
+            header.unfolded(), self.config.hostname
+        )
+
     def _prepend_headers(self) -> bytes:
-        headers = list(self.session.headers)
+        # Authentication-Results first, as RFC 8601 §5 asks: above what it reports on.
+        ar = authresults.build(self.config.hostname, self.session, self.txn)
+        headers = [(authresults.NAME, ar), *self.session.headers]
         txn = self.txn
         if txn is not None:
             headers += txn.headers
@@ -547,13 +571,13 @@ class SessionFlow:
         )
         return ("Received", value)
 
-    async def _dispose(self, verdict: Verdict, content: bytes) -> Reply:
+    async def _dispose(self, verdict: Verdict, content: Outgoing) -> Reply:
         await self._abort_upstream_txn()
         txn = self.txn
         assert txn is not None
         if verdict.action is Action.DISCARD:
             self.log.info("discarded%s", f" (rule {verdict.rule})" if verdict.rule else "")
-            self._end_txn(DISCARDED, size=len(content), outcome="discarded")
+            self._end_txn(DISCARDED, size=content.size, outcome="discarded")
             return DISCARDED
         quarantine = self.runtime.services.quarantine
         try:
@@ -564,10 +588,10 @@ class SessionFlow:
             reply = await session.data(content)
         except UpstreamError as exc:
             reply = self._upstream_failed(exc, "quarantine")
-            self._end_txn(reply, size=len(content))
+            self._end_txn(reply, size=content.size)
             return reply
         self.log.info("quarantined%s: %s", f" (rule {verdict.rule})" if verdict.rule else "", reply)
-        self._end_txn(reply, size=len(content), outcome="quarantined")
+        self._end_txn(reply, size=content.size, outcome="quarantined")
         return reply
 
     async def rset(self, reason: str = "rset") -> Reply:
@@ -621,6 +645,7 @@ class SessionFlow:
             else:
                 outcome = "aborted"
         metrics.TRANSACTIONS.labels(outcome).inc()
+        self._notify(txn, outcome)
         c = self.session.client
         to = ",".join(f"<{r.address}>" for r in txn.recipients) or "-"
         parts = [
@@ -642,6 +667,24 @@ class SessionFlow:
         self.log.info(" ".join(parts))
         self.session.transaction = None
         self._txn_state = _TxnState()
+
+    def _notify(self, txn: Transaction, outcome: str) -> None:
+        """Tell the policy's observers how the transaction ended, off the reply path."""
+        observers = self.policy.pipeline.observers
+        if not observers:
+            return
+        event = TransactionEnd(
+            client=self.session.client.address,
+            trusted=self.session.relay_permitted,
+            sender=txn.mail_from,
+            recipients=tuple(r.address for r in txn.accepted_recipients),
+            outcome=outcome,
+            score=self._score(),
+        )
+        background = self.runtime.services.background
+        for observer in observers:
+            name = getattr(observer, "label", type(observer).__name__)
+            background.spawn(observer.on_transaction_end(event), f"{name} outcome")
 
 
 def _login_name(mechanism: str, answers: list[str]) -> str | None:

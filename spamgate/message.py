@@ -3,15 +3,30 @@
 The header block is parsed once, lazily, into raw (name, value) pairs in order, so
 header rules, DKIM and DMARC read the same view. Values keep their folding; callers
 that want one logical line use `unfolded()`.
+
+A large message is not held in memory: `spool.Spool` writes it to a file as it
+arrives and keeps only its header block, so a `Message` is either the whole content
+in memory or the header block plus a `SpoolFile`. Readers that need little take
+`head(n)`; the relay streams `Outgoing.blocks()`; only `content` loads it whole.
+docs/memory.md says what a message in flight costs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import re
+import tempfile
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
 _FOLD = re.compile(r"\r\n(?=[ \t])")
+
+# Reads of a spooled message, and the blocks the relay sends, are this large.
+BLOCK_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,36 +38,114 @@ class Header:
         return _FOLD.sub("", self.value).strip()
 
 
+def _remove(fd: int, path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+class SpoolFile:
+    """A message on disk while it is in flight: created empty, removed on `close()`.
+
+    The file has a name (not an unlinked temporary) so that a DKIM worker process
+    can open it; it is removed when the message is done, or when the object is
+    collected, whichever comes first. Writes and reads block: call them from a
+    worker thread (the `Spool` and `Message` methods below do).
+    """
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.fd, self.path = tempfile.mkstemp(prefix="spamgate-", suffix=".eml", dir=directory)
+        self.size = 0
+        self._finalizer = weakref.finalize(self, _remove, self.fd, self.path)
+
+    def append(self, parts: list[bytes]) -> None:
+        """Write `parts` at the end, in order, without joining them first."""
+        for i in range(0, len(parts), 512):
+            views = [memoryview(p) for p in parts[i : i + 512]]
+            while views:
+                written = os.pwritev(self.fd, views, self.size)
+                self.size += written
+                while views and written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                if views and written:
+                    views[0] = views[0][written:]
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+
 class Message:
-    """The message as received, plus headers that spamgate will prepend."""
+    """The message as received: all of it in memory, or its header block in memory
+    and the whole of it in a `SpoolFile`."""
 
     def __init__(self, content: bytes) -> None:
-        self._content = content
+        self._content: bytes | None = content
+        self._file: SpoolFile | None = None
+        self._size = len(content)
+
+    @classmethod
+    def spooled(cls, header: bytes, file: SpoolFile) -> Message:
+        """A message whose content is in `file`; `header` is its header block as
+        `header_bytes` gives it (ending with the empty line, if there is one)."""
+        msg = cls.__new__(cls)
+        msg._content = None
+        msg._file = file
+        msg._size = file.size
+        msg.__dict__["_split"] = len(header)
+        msg.__dict__["header_bytes"] = header
+        return msg
 
     @property
     def size(self) -> int:
-        return len(self._content)
+        return self._size
+
+    @property
+    def path(self) -> str | None:
+        """The file holding the whole message, or None if it is in memory."""
+        return self._file.path if self._file is not None else None
 
     @property
     def content(self) -> bytes:
-        return self._content
+        """The whole message. For a spooled message this reads the file into memory:
+        prefer `head()` and `blocks()`."""
+        if self._content is not None:
+            return self._content
+        assert self._file is not None
+        return self._file.read(0, self._size)
+
+    def head(self, length: int) -> bytes:
+        """The first `length` bytes (fewer if the message is shorter)."""
+        if self._content is not None:
+            return self._content[:length]
+        assert self._file is not None
+        return self._file.read(0, min(length, self._size))
 
     @cached_property
     def _split(self) -> int:
         """Offset of the body (just after the empty line), or len when none."""
-        data = self._content
+        data = self.content
         if data.startswith(b"\r\n"):
             return 2
         idx = data.find(b"\r\n\r\n")
         return len(data) if idx < 0 else idx + 4
 
-    @property
+    @cached_property
     def header_bytes(self) -> bytes:
-        return self._content[: self._split]
+        return self.head(self._split)
 
     @property
     def body(self) -> bytes:
-        return self._content[self._split :]
+        """The body, in memory (see `content`)."""
+        return self.content[self._split :]
 
     @cached_property
     def headers(self) -> tuple[Header, ...]:
@@ -73,6 +166,104 @@ class Message:
     def get_all(self, name: str) -> list[Header]:
         lname = name.lower()
         return [h for h in self.headers if h.name.lower() == lname]
+
+    def body_blocks(self) -> Iterator[bytes]:
+        """The body in blocks of at most BLOCK_SIZE bytes; blocks on file reads."""
+        start = self._split
+        if self._content is not None:
+            for offset in range(start, self._size, BLOCK_SIZE):
+                yield self._content[offset : offset + BLOCK_SIZE]
+            return
+        assert self._file is not None
+        for offset in range(start, self._size, BLOCK_SIZE):
+            yield self._file.read(offset, min(BLOCK_SIZE, self._size - offset))
+
+    def relayed(self, added: bytes, drop: Callable[[Header], bool] | None = None) -> Outgoing:
+        """The message as it goes on: `added` header fields first, then the header
+        block without the fields `drop` selects, then the body as received."""
+        header = self.header_bytes
+        removed = 0
+        if drop is not None and any(drop(h) for h in self.headers):
+            kept: list[bytes] = []
+            for raw in _iter_raw_fields(header):
+                field = _field(raw)
+                if field is not None and drop(field):
+                    removed += 1
+                else:
+                    kept.append(raw)
+            header = b"".join(kept)
+        return Outgoing(added, header, self, removed)
+
+    def close(self) -> None:
+        """Remove the spool file, if any; the message may not be read afterwards."""
+        if self._file is not None:
+            self._file.close()
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """What is relayed: header fields spamgate adds, the received header block less
+    the fields it removed (`removed` of them), then the body, read block by block."""
+
+    added: bytes
+    header: bytes
+    message: Message
+    removed: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.added) + len(self.header) + self.message.size - self.message._split
+
+    def blocks(self) -> Iterator[bytes]:
+        """Every byte, in order; blocks on file reads (run it in a thread)."""
+        if self.added:
+            yield self.added
+        if self.header:
+            yield self.header
+        yield from self.message.body_blocks()
+
+    async def ablocks(self) -> AsyncIterator[bytes]:
+        """As `blocks()`, reading a spooled body in a worker thread."""
+        if self.message.path is None:
+            for block in self.blocks():
+                yield block
+            return
+        it = self.blocks()
+        while True:
+            block = await asyncio.to_thread(next, it, None)
+            if block is None:
+                return
+            yield block
+
+    def to_bytes(self) -> bytes:
+        """The whole message in memory (explain, small tests)."""
+        return b"".join(self.blocks())
+
+
+def _iter_raw_fields(block: bytes) -> list[bytes]:
+    """The header block's fields, each with its own CRLFs, so that joining them
+    gives back the block (the empty line that ends it is its own item)."""
+    fields: list[bytes] = []
+    for line in block.split(b"\r\n")[:-1]:
+        line += b"\r\n"
+        if line[:1] in (b" ", b"\t") and fields and fields[-1] != b"\r\n":
+            fields[-1] += line
+        else:
+            fields.append(line)
+    rest = block[sum(len(f) for f in fields) :]
+    if rest:
+        fields.append(rest)
+    return fields
+
+
+def _field(raw: bytes) -> Header | None:
+    name, sep, value = raw.partition(b":")
+    if not sep or not name or b" " in name.strip() or name != name.rstrip():
+        return None
+    return Header(
+        name.decode("ascii", "replace"),
+        value.decode("utf-8", "surrogateescape").strip(" \t\r\n"),
+    )
 
 
 def _iter_fields(block: bytes) -> list[bytes]:

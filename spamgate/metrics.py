@@ -1,17 +1,52 @@
 """Every metric spamgate exports, defined in one place.
 
 Names carry the `spamgate_` prefix and their unit; labels come from closed sets only
-(stage, check, action, outcome, result, zone, table, rule id, command, kind) and never
-from client addresses, mail addresses or domains, so cardinality stays bounded.
-Other modules import the objects below and only call `.labels(...).inc()` or
-`.observe()`; they never create metrics of their own.
+(stage, check, action, outcome, result, zone, table, rule, command, kind, reason,
+method, type) and never from client addresses, mail addresses or domains, so the
+number of series stays bounded whatever the traffic. Other modules only call
+`.labels(...).inc()`, `.observe()` or the small functions at the end; they never
+create metrics of their own.
+
+Series whose label values are known in advance are created at zero when the
+process starts (and, for per-check series, when a configuration is loaded), so a
+dashboard query returns 0 rather than nothing before the first event.
+
+Several worker processes: the parent calls `enable_multiprocess(directory)` before
+any worker starts, `worker_exited(pid)` when one ends, and serves
+`scrape_registry()`, which sums the workers' per-process files (prometheus_client's
+multiprocess mode). Each gauge below says how its values from several processes
+combine (`multiprocess_mode`); counters and histograms are summed.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import importlib.metadata
+import os
+import platform
+import shutil
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    multiprocess,
+    values,
+)
+
+# `<name>_created` series double the series count and no panel uses them.
+disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# Per-process figures (memory, CPU, open files, start time): they cannot be summed
+# over workers, so multiprocess mode leaves them out.
+_PROCESS: ProcessCollector | None = None
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    _PROCESS = ProcessCollector(registry=REGISTRY)
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -30,8 +65,85 @@ LATENCY_BUCKETS = (
     10,
     30,
 )
+# Rule ids of tables up to this long are created at zero when the table loads, so
+# a rule's first hit shows as an increase; longer tables (big blocklists) only get
+# series for the rules that match, to keep the series count bounded.
+PRECREATED_RULES_PER_TABLE = 1000
 SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 10485760, 33554432)
 SCORE_BUCKETS = (-5, 0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 50)
+
+# -- the closed label sets ------------------------------------------------------------
+STAGES = ("connect", "helo", "mail", "rcpt", "data", "eod")
+# Decisions the core makes itself appear under these "check" labels, next to the
+# checks' own names: relay control, score thresholds, size/recipient limits, and
+# protocol refusals (bare line ends and over-long lines in content, pregreet).
+CORE_CHECKS = ("relay", "score", "limits", "protocol")
+REFUSALS = ("reject", "defer", "disconnect")  # actions that refuse; "rejection rate"
+TRANSACTION_OUTCOMES = (
+    "accepted",
+    "rejected",
+    "tempfailed",
+    "discarded",
+    "quarantined",
+    "upstream_rejected",
+    "aborted",
+)
+RECIPIENT_OUTCOMES = ("accepted", "rejected", "tempfailed", "relay_denied", "upstream_rejected")
+REFUSED_REASONS = ("max_sessions", "per_client", "shutdown", "proxy", "fd_limit")
+PROTOCOL_ERROR_KINDS = (
+    "bare_newline",
+    "line_too_long",
+    "syntax",
+    "pipelining",
+    "pregreet",
+    "unknown_command",
+    "non_smtp",
+    "too_many_errors",
+    "timeout",
+    "message_too_big",
+    "too_many_recipients",
+    "bare_cr",
+    "proxy_header",
+)
+CHECK_ERROR_KINDS = ("timeout", "exception")
+DNS_TYPES = ("A", "AAAA", "TXT", "PTR", "MX")
+# cached: answered from the cache; shared: joined an identical query in flight.
+# Only the others went to the network; timeout and error are failures.
+DNS_RESULTS = ("answer", "nxdomain", "nodata", "timeout", "error", "cached", "shared")
+DNSBL_RESULTS_SET = ("listed", "not_listed", "error")
+# RFC 8601 result words per method.
+_SPF = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+AUTH_RESULT_SETS = {
+    "spf": _SPF,
+    "spf_helo": _SPF,
+    "dkim": ("pass", "fail", "policy", "neutral", "none", "temperror", "permerror"),
+    "dmarc": ("pass", "fail", "none", "temperror", "permerror"),
+}
+UPSTREAM_COMMANDS = (
+    "connect",
+    "starttls",
+    "ehlo",
+    "helo",
+    "xclient",
+    "auth",
+    "mail",
+    "rcpt",
+    "data",
+    "rset",
+)
+UPSTREAM_ERROR_KINDS = (
+    "connect",
+    "timeout",
+    "disconnect",
+    "protocol",
+    "xclient",
+    "refused",
+    "tls",
+    "auth",
+)
+STARTTLS_RESULTS = ("TLSv1.2", "TLSv1.3", "failure")
+AUTH_PASSTHROUGH_RESULTS = ("success", "failure", "aborted", "error")
+RELOAD_RESULTS = ("success", "failure")
 
 # -- sessions and transactions ------------------------------------------------------
 SESSIONS = Counter("spamgate_sessions_total", "Client connections accepted.", registry=REGISTRY)
@@ -49,34 +161,33 @@ STRESS = Gauge(
 )
 SESSIONS_REFUSED = Counter(
     "spamgate_sessions_refused_total",
-    "Connections refused before the greeting, by reason.",
-    ["reason"],  # max_sessions, per_client, shutdown, pregreet, proxy, fd_limit
+    "Connections refused before the greeting because of a limit, by reason.",
+    ["reason"],
     registry=REGISTRY,
 )
 PROTOCOL_ERRORS = Counter(
     "spamgate_protocol_errors_total",
     "Client protocol violations, by kind.",
     # bare_newline, line_too_long, pipelining, pregreet, unknown_command, syntax,
-    # too_many_errors, timeout, message_too_big, too_many_recipients, proxy_header
+    # too_many_errors, timeout, message_too_big, header_too_big, too_many_recipients
     ["kind"],
     registry=REGISTRY,
 )
 TRANSACTIONS = Counter(
     "spamgate_transactions_total",
-    "Mail transactions by outcome.",
-    # accepted, rejected, tempfailed, discarded, quarantined, upstream_rejected, aborted
+    "Mail transactions (MAIL FROM to the end of the message, RSET or QUIT) by outcome.",
     ["outcome"],
     registry=REGISTRY,
 )
 RECIPIENTS = Counter(
     "spamgate_recipients_total",
-    "RCPT commands by outcome (accepted, rejected, tempfailed, relay_denied, upstream_rejected).",
+    "RCPT commands by outcome.",
     ["outcome"],
     registry=REGISTRY,
 )
 MESSAGE_SIZE = Histogram(
     "spamgate_message_size_bytes",
-    "Size of messages received.",
+    "Size of the messages received (complete content, before spamgate's headers).",
     buckets=SIZE_BUCKETS,
     registry=REGISTRY,
 )
@@ -84,20 +195,22 @@ MESSAGE_SIZE = Histogram(
 # -- checks and verdicts ------------------------------------------------------------
 VERDICTS = Counter(
     "spamgate_verdicts_total",
-    "Final verdicts enforced, by stage, check and action.",
+    "Final decisions enforced, by the stage they were made at, who made them (a check, "
+    "or relay, score, limits, protocol) and action. A delayed rejection counts at the "
+    "stage it was decided.",
     ["stage", "check", "action"],
     registry=REGISTRY,
 )
 WOULD_VERDICTS = Counter(
     "spamgate_monitor_verdicts_total",
-    "Verdicts not enforced because of monitor mode or WARN: what would have happened.",
+    "Refusals not enforced (monitor mode, or WARN in a rule): what would have happened.",
     ["stage", "check", "action"],
     registry=REGISTRY,
 )
 CHECK_ERRORS = Counter(
     "spamgate_check_errors_total",
     "Checks that failed or timed out (their on_error policy applied).",
-    ["check", "kind"],  # kind: timeout, exception
+    ["check", "kind"],
     registry=REGISTRY,
 )
 CHECK_DURATION = Histogram(
@@ -109,13 +222,13 @@ CHECK_DURATION = Histogram(
 )
 RULE_HITS = Counter(
     "spamgate_rule_hits_total",
-    "Rule table entries that matched, by table and rule (line).",
+    "Rule table entries that matched (enforced or not), by table and rule id.",
     ["table", "rule"],
     registry=REGISTRY,
 )
 SCORE = Histogram(
     "spamgate_score",
-    "Total score of transactions at decision time.",
+    "Total score of messages at the end of data.",
     buckets=SCORE_BUCKETS,
     registry=REGISTRY,
 )
@@ -143,7 +256,7 @@ DNSBL_RESULTS = Counter(
 )
 AUTH_RESULTS = Counter(
     "spamgate_auth_results_total",
-    "SPF, DKIM and DMARC results (method: spf, spf_helo, dkim, dmarc).",
+    "SPF, DKIM and DMARC results (method: spf, spf_helo, dkim, dmarc; RFC 8601 words).",
     ["method", "result"],
     registry=REGISTRY,
 )
@@ -165,16 +278,56 @@ AUTH_PASSTHROUGH = Counter(
 # -- upstream ----------------------------------------------------------------------
 UPSTREAM_LATENCY = Histogram(
     "spamgate_upstream_duration_seconds",
-    "Upstream reply latency by command (connect, starttls, xclient, ehlo, auth, mail, rcpt, "
-    "data, rset).",
+    "Time the upstream took to answer, by command (connect includes the greeting).",
     ["command"],
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 UPSTREAM_ERRORS = Counter(
     "spamgate_upstream_errors_total",
-    "Upstream failures by kind (connect, timeout, disconnect, protocol, xclient, tls, auth).",
+    "Upstream failures by kind (connect, timeout, disconnect, protocol, xclient, refused, "
+    "tls, auth).",
     ["kind"],
+    registry=REGISTRY,
+)
+UPSTREAM_UP = Gauge(
+    "spamgate_upstream_up",
+    "1 if the last attempt to reach the upstream (a session or a /readyz probe) worked, "
+    "0 if it failed, NaN before the first attempt.",
+    registry=REGISTRY,
+    multiprocess_mode="livemostrecent",
+)
+
+# -- shared state (rate limits, greylisting, reputation) ----------------------------
+STATE_UP = Gauge(
+    "spamgate_state_store_up",
+    "1 while the state store answers; 0 while it is unreachable ([state] on_unavailable).",
+    registry=REGISTRY,
+    # The latest answer of any live worker: "min" would also count a worker (or the
+    # parent) that never asked, whose value is 0.
+    multiprocess_mode="livemostrecent",
+)
+STATE_ERRORS = Counter(
+    "spamgate_state_store_errors_total",
+    "State store operations that failed (error) or were not tried while it was down (skipped).",
+    ["op", "kind"],  # op: hit, first_seen, mark, marked, unmark, ping
+    registry=REGISTRY,
+)
+STATE_LATENCY = Histogram(
+    "spamgate_state_store_duration_seconds",
+    "Latency of Redis state store operations.",
+    ["op"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+STATE_EVICTIONS = Counter(
+    "spamgate_state_store_evictions_total",
+    "Live entries the in-process store dropped to stay within [state] memory_max_keys.",
+    registry=REGISTRY,
+)
+BACKGROUND_DROPPED = Counter(
+    "spamgate_background_dropped_total",
+    "Transaction outcomes not learned from because too many were still pending.",
     registry=REGISTRY,
 )
 
@@ -187,17 +340,227 @@ RELOADS = Counter(
 )
 RELOAD_TIMESTAMP = Gauge(
     "spamgate_config_last_reload_timestamp_seconds",
-    "When the configuration in use was loaded.",
+    "When the configuration in use was loaded (Unix time).",
     registry=REGISTRY,
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 RELOAD_OK = Gauge(
     "spamgate_config_last_reload_success",
-    "1 if the last reload attempt succeeded, 0 if it was refused.",
+    "1 if the last load or reload succeeded, 0 if it was refused (the previous one runs).",
     registry=REGISTRY,
-    multiprocess_mode="min",
+    multiprocess_mode="livemostrecent",
 )
-CONFIG_INFO = Info(
-    "spamgate_config", "Hash of the configuration and rule files in use.", registry=REGISTRY
+# Info metrics are gauges set to 1 (prometheus_client's Info does not work in
+# multiprocess mode); `livemax` shows a hash while any live worker runs it.
+CONFIG_INFO = Gauge(
+    "spamgate_config_info",
+    "Always 1; the hash label identifies the configuration in use.",
+    ["hash"],
+    registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
-BUILD_INFO = Info("spamgate_build", "Version of spamgate and its libraries.", registry=REGISTRY)
+BUILD_INFO = Gauge(
+    "spamgate_build_info",
+    "Always 1; labels give the versions of spamgate, Python and the main libraries.",
+    ["version", "python", "aiosmtpd", "aiosmtplib", "dnspython", "pyspf", "dkimpy"],
+    registry=REGISTRY,
+    multiprocess_mode="max",
+)
+
+
+# -- results that checks report ------------------------------------------------------
+
+
+@runtime_checkable
+class Counted(Protocol):
+    """A check's typed result that names the series it adds to.
+
+    Checks never touch metrics; a result object (an SPF result, DNSBL findings)
+    implements `counted()`, and the pipeline runner increments each series it
+    yields: `yield metrics.AUTH_RESULTS, ("spf", "pass")`.
+    """
+
+    def counted(self) -> Iterable[tuple[Counter, Sequence[str]]]: ...
+
+
+def count_result(result: object) -> None:
+    """Increment the series a `Counted` result names; other results count nothing."""
+    if isinstance(result, Counted):
+        for counter, labels in result.counted():
+            counter.labels(*labels).inc()
+
+
+# -- series created at zero ----------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    out = {"version": __version__, "python": platform.python_version()}
+    for label, dist in (
+        ("aiosmtpd", "aiosmtpd"),
+        ("aiosmtplib", "aiosmtplib"),
+        ("dnspython", "dnspython"),
+        ("pyspf", "pyspf"),
+        ("dkimpy", "dkimpy"),
+    ):
+        try:
+            out[label] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[label] = "none"
+    return out
+
+
+def _precreate() -> None:
+    """Create every series whose labels are known before any traffic."""
+    for outcome in TRANSACTION_OUTCOMES:
+        TRANSACTIONS.labels(outcome)
+    for outcome in RECIPIENT_OUTCOMES:
+        RECIPIENTS.labels(outcome)
+    for reason in REFUSED_REASONS:
+        SESSIONS_REFUSED.labels(reason)
+    for kind in PROTOCOL_ERROR_KINDS:
+        PROTOCOL_ERRORS.labels(kind)
+    for kind in UPSTREAM_ERROR_KINDS:
+        UPSTREAM_ERRORS.labels(kind)
+    for command in UPSTREAM_COMMANDS:
+        UPSTREAM_LATENCY.labels(command)
+    for rtype in DNS_TYPES:
+        DNS_LATENCY.labels(rtype)
+        for result in DNS_RESULTS:
+            DNS_QUERIES.labels(rtype, result)
+    for method, results in AUTH_RESULT_SETS.items():
+        for result in results:
+            AUTH_RESULTS.labels(method, result)
+    for result in RELOAD_RESULTS:
+        RELOADS.labels(result)
+    for result in STARTTLS_RESULTS:
+        STARTTLS.labels(result)
+    for result in AUTH_PASSTHROUGH_RESULTS:
+        AUTH_PASSTHROUGH.labels(result)
+    for stage, check, action in (
+        ("rcpt", "relay", "reject"),
+        ("rcpt", "score", "reject"),
+        ("rcpt", "score", "defer"),
+        ("eod", "score", "reject"),
+        ("eod", "score", "defer"),
+        ("mail", "limits", "reject"),
+        ("rcpt", "limits", "defer"),
+        ("eod", "limits", "reject"),
+        ("eod", "protocol", "reject"),
+        ("connect", "protocol", "reject"),
+    ):
+        VERDICTS.labels(stage, check, action)
+    for stage in ("rcpt", "eod"):
+        for action in ("reject", "defer"):
+            WOULD_VERDICTS.labels(stage, "score", action)
+    WOULD_VERDICTS.labels("eod", "score", "tag")  # X-Spam headers monitor mode left out
+    BUILD_INFO.labels(**_versions()).set(1)
+    # Unknown until the first session or /readyz probe reaches (or misses) the MTA:
+    # NaN, not 0, so "upstream down" alerts do not fire on an idle, fresh process.
+    UPSTREAM_UP.set(float("nan"))
+
+
+def declare_checks(
+    checks: Iterable[tuple[str, Iterable[str], Iterable[tuple[Counter, Sequence[str]]]]],
+) -> None:
+    """Create a configuration's per-check series at zero.
+
+    One (check label, its stages, the series it names) per check; the last come
+    from `Check.metric_series()` (rule ids, DNS list zones).
+    """
+    for label, stages, series in checks:
+        for counter, labels in series:
+            counter.labels(*labels)
+        CHECK_DURATION.labels(label)
+        for kind in CHECK_ERROR_KINDS:
+            CHECK_ERRORS.labels(label, kind)
+        for stage in stages:
+            for action in ("reject", "defer"):
+                VERDICTS.labels(stage, label, action)
+                WOULD_VERDICTS.labels(stage, label, action)
+
+
+_config_hash: str | None = None
+
+
+def note_config(digest: str, loaded_at: float) -> None:
+    """Publish the configuration now in use (its hash and when it was loaded)."""
+    global _config_hash
+    if _config_hash is not None and _config_hash != digest:
+        # Zero first: in multiprocess mode the value lives on in this process's file.
+        CONFIG_INFO.labels(_config_hash).set(0)
+        CONFIG_INFO.remove(_config_hash)
+    CONFIG_INFO.labels(digest).set(1)
+    RELOAD_TIMESTAMP.set(loaded_at)
+    _config_hash = digest
+
+
+_precreate()
+
+
+# -- several worker processes ----------------------------------------------------------
+
+_multiprocess_dir: str | None = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+def _metric_objects() -> list:
+    return [
+        obj
+        for obj in globals().values()
+        if isinstance(obj, Counter | Gauge | Histogram) and obj._name.startswith("spamgate_")
+    ]
+
+
+def enable_multiprocess(directory: str) -> None:
+    """Keep this process's values in files under `directory`, for a summed scrape.
+
+    Call it once, in the parent, before workers start (fork or spawn): it empties
+    the directory (files of an earlier run would be counted again), sets
+    PROMETHEUS_MULTIPROC_DIR for spawned workers, and moves every value defined
+    above into the files, at zero. Forked workers write their own files from
+    their first update on (prometheus_client notices the new pid).
+    """
+    global _multiprocess_dir, _config_hash, _PROCESS
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    _multiprocess_dir = directory
+    values.ValueClass = values.MultiProcessValue()
+    if _PROCESS is not None:
+        REGISTRY.unregister(_PROCESS)
+        _PROCESS = None
+    for metric in _metric_objects():
+        if metric._labelnames:
+            metric.clear()
+        else:
+            metric._metric_init()  # a new value object of the file-backed class
+    _config_hash = None
+    _precreate()
+
+
+def worker_exited(pid: int) -> None:
+    """In the parent, when a worker has ended: drop its live gauges from the sums."""
+    if _multiprocess_dir is not None:
+        multiprocess.mark_process_dead(pid, _multiprocess_dir)
+
+
+def remove_multiprocess_files() -> None:
+    """In the parent, at shutdown: remove the per-process files."""
+    if _multiprocess_dir is not None:
+        shutil.rmtree(_multiprocess_dir, ignore_errors=True)
+
+
+def scrape_registry() -> CollectorRegistry:
+    """The registry /metrics serves: this process's, or the sum over all workers."""
+    if _multiprocess_dir is None:
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=_multiprocess_dir)
+    return registry
+
+
+def is_multiprocess() -> bool:
+    return _multiprocess_dir is not None

@@ -1,7 +1,8 @@
 """Runs the checks of one stage and turns their verdicts into one outcome.
 
 The runner is the only place that applies a check's timeout and error policy,
-monitor mode, metrics and structured results, so every check behaves the same way
+monitor mode, metrics (verdicts, `Verdict.hits` rule hits, the series a
+`metrics.Counted` result names) and structured results, so every check behaves the same way
 under failure: an exception or a timeout is logged and counted, and the check's
 `on_error` decides between "no opinion" and a temporary failure. The first final
 verdict of a stage wins; symbols and headers from every check that ran accumulate.
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from . import metrics
-from .checks.base import Check, CheckContext, CheckError
+from .checks.base import Check, CheckContext, CheckError, TransactionObserver
 from .model import Stage
 from .reply import Reply
 from .verdict import Action, Outcome, Verdict
@@ -37,6 +38,10 @@ class Pipeline:
         self._by_stage: dict[Stage, list[Check]] = {
             stage: [c for c in self.checks if stage in c.stages] for stage in Stage
         }
+        # Checks the flow tells how each transaction ended.
+        self.observers: list[TransactionObserver] = [
+            c for c in self.checks if isinstance(c, TransactionObserver)
+        ]
 
     def for_stage(self, stage: Stage) -> list[Check]:
         return self._by_stage[stage]
@@ -73,6 +78,7 @@ class Pipeline:
             if verdict.result is not None:
                 target = ctx.session.results if ctx.transaction is None else ctx.transaction.results
                 target.put(verdict.result)
+                metrics.count_result(verdict.result)
             if verdict.warn:
                 lg.info("warn: %s: %s%s", check.label, verdict.warn, _rule(verdict))
             if not verdict.is_final:

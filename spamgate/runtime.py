@@ -116,8 +116,11 @@ class Runtime:
         return self.policy.config
 
     def _note_policy(self, policy: Policy) -> None:
-        metrics.CONFIG_INFO.info({"hash": policy.digest})
-        metrics.RELOAD_TIMESTAMP.set(time.time())
+        checks = policy.pipeline.checks
+        metrics.declare_checks(
+            (c.label, [s.value for s in c.stages], c.metric_series()) for c in checks
+        )
+        metrics.note_config(policy.digest, self.loaded_at)
 
     def swap(self, policy: Policy) -> None:
         self.policy = policy

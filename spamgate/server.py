@@ -13,6 +13,7 @@ says 421 to the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -23,12 +24,15 @@ from collections.abc import Callable, Iterable
 from . import daemon, metrics
 from .config import Config, Listener, load
 from .daemon import PrivilegeError, drop_privileges
+from .exporter import Exporter
 from .fdlimit import FdReserve, raise_soft_limit
+from .health import Health
 from .reply import Reply
 from .runtime import Policy, Runtime, sources
 from .services import Services
 from .settings import ConfigError, parse_hostport
 from .smtp.protocol import SMTPSession
+from .state import StoreUnavailable
 
 log = logging.getLogger("spamgate")
 
@@ -64,6 +68,8 @@ class Server:
         self.addresses: list[tuple[str, int]] = []
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self.exporter: Exporter | None = None
+        self.health: Health | None = None
         # The files behind the running policy (or the last refused attempt), as seen
         # just before they were read: a later change to any of them means reload.
         self._watched: FileState = watched
@@ -103,6 +109,8 @@ class Server:
         self._fd_reserve = FdReserve(self._out_of_fds_reply)
         self._fd_reserve.install(loop, [s for srv in self.servers for s in srv.sockets])
         metrics.RELOAD_OK.set(1)
+        if self.config.metrics.listen:
+            self._start_exporter(self.config.metrics.listen)
         if self.config.path and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(self.config.path))
         log.info(
@@ -111,6 +119,30 @@ class Server:
             self.config.upstream.address,
             self.config.server.mode,
         )
+        log.info("state store: %s", self.services.state.describe())
+        with contextlib.suppress(StoreUnavailable):  # logged; serving goes on regardless
+            await self.services.state.ping()
+
+    def _start_exporter(self, listen: str) -> None:
+        host, port = parse_hostport(listen)
+        self.health = Health(self, asyncio.get_running_loop())
+        exporter = Exporter(
+            host,
+            port,
+            metrics.scrape_registry(),
+            health=self.health.live,
+            ready=self.health.ready,
+        )
+        try:
+            exporter.start()
+        except OSError as exc:
+            for server in self.servers:
+                server.close()
+            self.servers.clear()
+            raise StartupError(f"cannot listen on {listen} for metrics: {exc.strerror}") from None
+        self.exporter = exporter
+        h, p = exporter.address
+        log.info("metrics on http://%s/metrics", f"[{h}]:{p}" if ":" in h else f"{h}:{p}")
 
     def _out_of_fds_reply(self) -> bytes:
         text = f"{self.runtime.config.hostname} Error: out of resources, try again later"
@@ -134,6 +166,10 @@ class Server:
                     log.error("reload refused: %s", problem)
                 log.error("reload (%s) refused; still running the previous configuration", reason)
                 return False
+            if config.metrics != self.config.metrics:
+                log.warning("[metrics] changes take effect at the next restart")
+            if config.state != self.config.state:
+                log.warning("reload: [state] changes take effect only after a restart")
             self._update_listeners(config)
             self._watched = seen
             self.runtime.reload_problems = []
@@ -214,6 +250,9 @@ class Server:
         await self.services.aclose()
         if self._fd_reserve is not None:
             self._fd_reserve.close()
+        if self.exporter is not None:
+            await asyncio.to_thread(self.exporter.stop)
+            self.exporter = None
         self._stopped.set()
 
     async def serve_forever(

@@ -1,17 +1,22 @@
 """Long-lived shared parts that checks and the core use: built once per process.
 
 Unlike the configuration snapshot (`Policy`), these survive a reload: the DNS cache
-stays warm and pooled connections stay open. Checks receive them in `from_config`.
+stays warm, pooled connections stay open, and what the state store learned (rate
+counters, greylisting, reputation) is kept. Checks receive them in `from_config`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing
+import os
 from dataclasses import dataclass, field
 
+from .background import Background
 from .config import Config
 from .model import IPAddress
 from .resolver import Resolver
+from .state import MemoryStore, StateStore, build_store
 from .upstream import Upstream, build_upstream
 from .upstream.maildir import MaildirUpstream
 
@@ -22,12 +27,30 @@ def _worker_threads() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="spamgate-sync")
 
 
+def _worker_processes(size: int) -> concurrent.futures.ProcessPoolExecutor:
+    # For pure-Python work on large inputs (DKIM canonicalisation of a big message):
+    # in a thread it would hold the GIL, and so the event loop, for as long as one
+    # regular expression runs over the whole body. "forkserver": workers start from
+    # a clean process, not a fork of this one with its threads, sockets and loop.
+    # They run at a lower priority: when the cores are busy, the event loop, which
+    # every session waits on, gets them first; verification can wait a little.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["spamgate.dkimverify"])
+    return concurrent.futures.ProcessPoolExecutor(
+        size, mp_context=context, initializer=os.nice, initargs=(10,)
+    )
+
+
 @dataclass
 class Services:
     upstream: Upstream
     quarantine: MaildirUpstream
     resolver: Resolver
     threads: concurrent.futures.ThreadPoolExecutor = field(default_factory=_worker_threads)
+    # [state] is read once at start: a reload does not switch stores.
+    state: StateStore = field(default_factory=MemoryStore)
+    background: Background = field(default_factory=Background)
+    _processes: concurrent.futures.ProcessPoolExecutor | None = field(default=None, init=False)
 
     @classmethod
     def build(cls, config: Config) -> Services:
@@ -37,13 +60,28 @@ class Services:
                 config.resolve_path(config.server.quarantine), config.hostname
             ),
             resolver=Resolver(config.dns),
+            state=build_store(config.state),
         )
 
     async def client_name(self, address: IPAddress) -> str:
         """The client's verified reverse name, `[UNAVAILABLE]` or `[TEMPUNAVAIL]`."""
         return await self.resolver.verified_name(address)
 
+    def processes(self, size: int) -> concurrent.futures.ProcessPoolExecutor:
+        """The worker processes, started on first use; `size` counts only then (a
+        reload does not resize them). A pool whose worker died is replaced."""
+        pool = self._processes
+        if pool is None or getattr(pool, "_broken", False):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+            pool = self._processes = _worker_processes(size)
+        return pool
+
     async def aclose(self) -> None:
+        await self.background.drain()
+        await self.state.aclose()
         await self.upstream.aclose()
         await self.resolver.aclose()
         self.threads.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)

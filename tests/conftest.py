@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 import textwrap
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from spamgate.server import Server
 
 from .dnsserver import DnsServer
 from .postfix import POSTFIX, PostfixInstance
+from .redisserver import REDIS_SERVER, RedisServer
 from .sink import Sink
 from .smtpclient import RawClient
 
@@ -218,3 +220,43 @@ async def gate_factory(sink: Sink, dns_server: DnsServer, tmp_path) -> AsyncIter
 @pytest.fixture
 async def gate(gate_factory: GateFactory) -> Gate:
     return await gate_factory()
+
+
+# -- state stores ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One private redis-server for the session; tests keep apart by key prefix."""
+    need_binary(REDIS_SERVER, "redis-server")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which the test may stop and start."""
+    need_binary(REDIS_SERVER, "redis-server")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def state_section(redis: RedisServer | None, **extra: object) -> str:
+    """A [state] section: Redis (with a prefix of the test's own) or the default."""
+    lines = ["[state]"]
+    if redis is not None:
+        lines += [f'redis = "{redis.url}"', f'key_prefix = "t-{uuid.uuid4().hex[:12]}:"']
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def state_toml(request: pytest.FixtureRequest) -> str:
+    """Run the test once with the in-process store and once with Redis."""
+    if request.param == "memory":
+        return state_section(None)
+    return state_section(request.getfixturevalue("redis_server"))

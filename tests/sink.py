@@ -8,10 +8,15 @@ the final dot, a delay before a reply, or a dropped connection in the middle of 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 import ssl
 from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+# spamgate's own Authentication-Results field, first in every relayed message.
+_AR_FIRST = re.compile(rb"\AAuthentication-Results: [^\r]*\r\n(?:[ \t][^\r]*\r\n)*")
 
 
 @dataclass
@@ -27,6 +32,14 @@ class Received:
     helo: str | None
     tls: bool = False  # the session with the sink was encrypted (upstream STARTTLS)
     login: str | None = None  # user name authenticated with AUTH on this session
+    size: int = 0  # bytes of content, unstuffed (kept even when the content is not)
+    digest: str = ""  # its SHA-256, hex
+
+    @property
+    def original(self) -> bytes:
+        """The content without the Authentication-Results field spamgate puts first:
+        what the client sent, plus any other headers spamgate added."""
+        return _AR_FIRST.sub(b"", self.content, count=1)
 
 
 @dataclass
@@ -46,6 +59,8 @@ class SinkBehaviour:
     accounts: dict[str, str] = field(default_factory=dict)
     # Offer AUTH in the EHLO reply.
     offer_auth: bool = True
+    # False: count and hash the content, keep none of it (memory measurements).
+    keep_content: bool = True
 
 
 def _authenticator(server, session, envelope, mechanism, auth_data) -> AuthResult:
@@ -189,14 +204,18 @@ class SinkSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         data = bytearray()
+        size, digest = 0, hashlib.sha256()
         while True:
             line = await self._reader.readuntil(b"\r\n")
             if line == b".\r\n":
                 break
             if line.startswith(b"."):
                 line = line[1:]
-            data += line
-            if b.drop_in_data_after is not None and len(data) >= b.drop_in_data_after:
+            size += len(line)
+            digest.update(line)
+            if b.keep_content:
+                data += line
+            if b.drop_in_data_after is not None and size >= b.drop_in_data_after:
                 self.transport.close()
                 return
         reply = b.replies.get("DOT", "250 2.0.0 Ok: queued as SINK")
@@ -214,6 +233,8 @@ class SinkSMTP(SMTP):
                     helo=self.session.host_name,
                     tls=self._tls_protocol is not None,
                     login=self._login(),
+                    size=size,
+                    digest=digest.hexdigest(),
                 )
             )
         self._set_post_data_state()

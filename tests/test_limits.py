@@ -84,7 +84,7 @@ async def test_actual_size_at_and_over_the_limit(gate_factory: GateFactory, sink
     assert (await c.cmd("RCPT TO:<u@example.test>")).code == 250
     r = await send_message(c, exactly)
     assert r.code == 250
-    assert [m.content for m in sink.messages] == [exactly]
+    assert [m.original for m in sink.messages] == [exactly]
 
 
 async def test_size_counts_the_wire_bytes_of_a_large_message(
@@ -101,7 +101,7 @@ async def test_size_counts_the_wire_bytes_of_a_large_message(
     await start_txn(c)
     r = await send_message(c, line * 3000)
     assert r.code == 250
-    assert len(sink.messages[0].content) == 300_000
+    assert len(sink.messages[0].original) == 300_000
 
 
 # -- recipients ------------------------------------------------------------------------

@@ -36,7 +36,7 @@ async def test_message_relayed_with_xclient(gate_factory: GateFactory, sink: Sin
     assert m.mail_from == "a@example.org"
     assert m.rcpt_tos == ["u1@example.test", "u2@example.test"]
     # dot-unstuffed on the way in, re-stuffed on the way out, unchanged in between
-    assert m.content == BODY.replace(b"..leading", b".leading")
+    assert m.original == BODY.replace(b"..leading", b".leading")
     assert len(m.xclient) == 1
     attrs = dict(a.split("=", 1) for a in m.xclient[0].split())
     assert attrs["ADDR"] == "127.0.0.1"

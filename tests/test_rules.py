@@ -102,7 +102,7 @@ async def test_dunno_warn_prepend_go_on_to_the_next_table(
     )
     _, replies = await transaction(gate)
     assert replies[-1].code == 250
-    content = sink.messages[0].content
+    content = sink.messages[0].original
     assert content.startswith(
         b"X-Sender-Note: from $1 example.org\r\nX-Spam-Flag: YES\r\nX-Spam-Score: 1.0\r\n"
         b"X-Spam-Symbols: SEEN\r\n"

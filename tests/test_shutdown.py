@@ -72,7 +72,7 @@ async def test_transaction_may_finish_within_grace(gate_factory: GateFactory, si
     assert str(await busy.reply()) == SHUTDOWN  # right after the transaction
     assert await busy.closed()
     await asyncio.wait_for(stop, 3)  # done as soon as the last session is
-    assert [m.content for m in sink.messages] == [BODY]
+    assert [m.original for m in sink.messages] == [BODY]
 
 
 async def test_stragglers_get_421_after_grace(gate_factory: GateFactory, sink: Sink) -> None:

@@ -72,7 +72,7 @@ async def test_reject_mode(gate_factory: GateFactory, sink: Sink, name: str) -> 
         assert "DATA" not in sink.commands  # refused content never reaches the upstream
     else:  # the NUL vector: no bare line end, so it is one ordinary message
         assert r.code == 250
-        assert [m.content for m in sink.messages] == [normalized(content)]
+        assert [m.original for m in sink.messages] == [normalized(content)]
     assert await replies_until_close(c) == [221]
     assert_no_smuggled_commands(sink)
 
@@ -88,7 +88,7 @@ async def test_normalize_mode(gate_factory: GateFactory, sink: Sink, name: str) 
     assert r.code == 250
     assert await replies_until_close(c) == [221]
     assert len(sink.messages) == 1
-    relayed = sink.messages[0].content
+    relayed = sink.messages[0].original
     assert relayed == normalized(content)
     assert not has_bare_line_end(relayed)
     assert b"NO SMUGGLING" in relayed and SMUGGLER.encode() in relayed  # content, kept
@@ -109,7 +109,7 @@ async def test_the_aiosmtpd_vector(gate_factory: GateFactory, sink: Sink, mode: 
         assert sink.messages == []
     else:
         assert r.code == 250
-        assert [m.content for m in sink.messages] == [b"Testing\r\n.\r\nNO SMUGGLING\r\n"]
+        assert [m.original for m in sink.messages] == [b"Testing\r\n.\r\nNO SMUGGLING\r\n"]
     assert await replies_until_close(c) == [221]
 
 

@@ -50,7 +50,7 @@ async def test_starttls_then_mail(gate_factory: GateFactory, sink: Sink, tls_fil
     assert "HELO=after.example.test" in m.xclient[0].split()
     assert m.helo == "after.example.test"
     # TLS facts, which Postfix's XCLIENT cannot carry, are in our Received line
-    head, _, rest = m.content.partition(b"\r\n\t(using ")
+    head, _, rest = m.original.partition(b"\r\n\t(using ")
     assert head == b"Received: from after.example.test (unknown [127.0.0.1])"
     assert rest.startswith(c.tls_version.encode() + b" with cipher ")
     assert b"by gate.test (spamgate) with ESMTPS id " in rest

@@ -6,26 +6,42 @@ This list is the only place a check is registered: a new check is a module with 
 
 from __future__ import annotations
 
-from .base import Check, CheckContext
+from .base import Check, CheckContext, TransactionEnd, TransactionObserver
 from .content import BodyRules, HeaderRules
+from .dkim import DkimCheck, DkimSettings
+from .dmarc import DmarcCheck, DmarcSettings
 from .dnsbl import DnsblCheck, DnsblSettings
+from .greylist import GreylistCheck, GreylistSettings
+from .ratelimit import RateLimitCheck, RateLimitSettings
+from .reputation import ReputationCheck, ReputationSettings
 from .rhsbl import RhsblCheck, RhsblSettings
 from .rules import ClientRules, HeloRules, RecipientRules, RulesSettings, SenderRules
 from .spf import SpfCheck, SpfSettings
 
 # Ordered: within one stage, checks run in this order and the first final verdict
 # wins. Cheap local lookups come before network lookups, so an admin's allowlist
-# (OK in a client table) spares the DNS round trips.
+# (OK in a client table) spares the DNS round trips; at end of data the rules come
+# before DKIM (which costs CPU), and DMARC comes after DKIM, whose results it reads.
 CHECK_TYPES: list[type[Check]] = [
     ClientRules,
     HeloRules,
     SenderRules,
     RecipientRules,
+    # Before DNS at connect: a client blocked for its rejections costs no lookup,
+    # and ReputationResult(known_good) is recorded before the DNSBL check reads it.
+    ReputationCheck,
+    # Rate limits count only what the checks before them let through; a
+    # connection flood is cut before it costs DNS lookups.
+    RateLimitCheck,
     DnsblCheck,
     RhsblCheck,
     SpfCheck,
+    # Last at RCPT: never defer what another check would refuse anyway.
+    GreylistCheck,
     HeaderRules,
     BodyRules,
+    DkimCheck,
+    DmarcCheck,
 ]
 
 # Settings sections owned by checks: TOML table name -> dataclass.
@@ -34,6 +50,18 @@ CHECK_SECTIONS: dict[str, type] = {
     "dnsbl": DnsblSettings,
     "rhsbl": RhsblSettings,
     "spf": SpfSettings,
+    "ratelimit": RateLimitSettings,
+    "greylist": GreylistSettings,
+    "reputation": ReputationSettings,
+    "dkim": DkimSettings,
+    "dmarc": DmarcSettings,
 }
 
-__all__ = ["CHECK_SECTIONS", "CHECK_TYPES", "Check", "CheckContext"]
+__all__ = [
+    "CHECK_SECTIONS",
+    "CHECK_TYPES",
+    "Check",
+    "CheckContext",
+    "TransactionEnd",
+    "TransactionObserver",
+]

@@ -9,20 +9,29 @@ and metrics, so a check contains only its own logic.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from ..model import Recipient, Session, Stage, Transaction
+from ..model import IPAddress, Recipient, Session, Stage, Transaction
 from ..verdict import CheckError, Verdict
 
 if TYPE_CHECKING:
+    from .. import metrics
     from ..config import Config
     from ..message import Message
     from ..services import Services
 
 OnError = Literal["continue", "tempfail"]
 
-__all__ = ["Check", "CheckContext", "CheckError", "OnError"]
+__all__ = [
+    "Check",
+    "CheckContext",
+    "CheckError",
+    "OnError",
+    "TransactionEnd",
+    "TransactionObserver",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +72,50 @@ class Check(abc.ABC):
     async def check(self, ctx: CheckContext) -> Verdict:
         """Decide for `ctx.stage`; must not modify `ctx`."""
 
+    def metric_series(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
+        """Counter series this check's verdicts and results can add to, by labels.
+
+        Known rule ids (`metrics.RULE_HITS`, ("table", "rule")) and DNS list zones
+        (`metrics.DNSBL_RESULTS`) are created at zero when the configuration loads,
+        so that Prometheus sees a rule's first hit as an increase, not as a new
+        series that starts at 1. The check only names them; it never counts.
+        """
+        return ()
+
     @property
     def label(self) -> str:
         """The name used in logs and metric labels (closed set: from config)."""
         return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionEnd:
+    """A transaction as it ended: what checks that learn from outcomes are told.
+
+    A snapshot of plain values, not the live session, because observers run after
+    the flow has moved on (see `TransactionObserver`).
+    """
+
+    client: IPAddress
+    trusted: bool  # mynetworks or authenticated: the session could relay
+    sender: str
+    recipients: tuple[str, ...]  # accepted ones
+    # The `spamgate_transactions_total` label: accepted, rejected, tempfailed,
+    # discarded, quarantined, upstream_rejected, aborted.
+    outcome: str
+    score: float
+
+
+class TransactionObserver(abc.ABC):
+    """Mixed into a check that learns from outcomes (reputation memory).
+
+    The flow calls `on_transaction_end` for every transaction that ends, however it
+    ends, on the checks of the session's policy. It runs as a background task
+    (`Services.background`): no client reply waits for it, and it must not touch
+    the session. Being a base class, not a method found by name, a misspelt hook
+    is an error instead of a hook that silently never runs.
+    """
+
+    @abc.abstractmethod
+    async def on_transaction_end(self, event: TransactionEnd) -> None:
+        """Learn from `event`; exceptions are logged by the background runner."""

@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from ..content import ContentLimits, ContentView, extract
 from ..message import Message
@@ -26,12 +26,11 @@ from ..model import Stage
 from ..tables import Query, Table
 from ..tables.actions import ReplyContext, to_verdict
 from ..verdict import Symbol, Verdict
-from .base import Check, CheckContext
-from .rules import RulesSettings, load_tables, table_files
+from .base import CheckContext
+from .rules import RulesSettings, TableCheck
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from ..services import Services
+    pass
 
 # Larger messages are scanned in a worker thread (see bench/rules_lookup.py).
 INLINE_LIMIT = 16384
@@ -95,28 +94,14 @@ def scan(table: Table, lines: Iterable[str], deadline: float) -> Verdict:
     return acc.verdict(None)
 
 
-class ContentCheck(Check):
-    key: ClassVar[str]
+class ContentCheck(TableCheck):
+    """A header or body table: one lookup per line of the message's content view."""
+
     stages = frozenset({Stage.EOD})
 
     def __init__(self, table: Table, settings: RulesSettings) -> None:
-        self.table = table
-        self.timeout = settings.timeout
-        self.on_error = settings.on_error
+        super().__init__(table, settings)
         self.limits = ContentLimits(settings.scan_size, settings.body_part_size, settings.parts)
-
-    @property
-    def label(self) -> str:
-        return self.table.name
-
-    @classmethod
-    def from_config(cls, config: Config, services: Services) -> list[Check]:
-        settings: RulesSettings = config.section("rules")
-        return [cls(t, settings) for t in load_tables(config, cls.key)]
-
-    @classmethod
-    def sources(cls, config: Config) -> list[str]:
-        return table_files(config, cls.key)
 
     def lines(self, view: ContentView) -> tuple[str, ...]:
         raise NotImplementedError

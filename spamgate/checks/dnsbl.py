@@ -5,7 +5,9 @@ allowlists) and a total at or above `threshold` refuses the client, naming the
 heaviest listing zone and its TXT reason; `symbols` only add to the score. Errors,
 including a list's "refused" codes, are counted and logged and never refuse mail.
 Clients in mynetworks are ours and are not looked up, as with Postfix's
-`permit_mynetworks` placed before `reject_rbl_client`.
+`permit_mynetworks` placed before `reject_rbl_client`; nor are clients the
+reputation memory knows as good (`ReputationResult`, [reputation] good_ttl), as
+postscreen skips its tests for clients in its cache.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..model import Stage
 from ..settings import positive, setting
 from ..verdict import DUNNO, Verdict
 from .base import Check, CheckContext
+from .reputation import ReputationResult
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -63,8 +66,15 @@ class DnsblCheck(Check):
         policy = ListPolicy.build(s.sites, s.threshold, s.symbols)
         return [cls(policy, services.resolver)] if policy.enabled else []
 
+    def metric_series(self):
+        """Each zone's result series, at zero from the start (see Check.metric_series)."""
+        return self.policy.metric_series()
+
     async def check(self, ctx: CheckContext) -> Verdict:
         if ctx.session.relay_permitted:
+            return DUNNO
+        known = ctx.session.results.get(ReputationResult)
+        if known is not None and known.known_good:
             return DUNNO
         address = ctx.session.client.address
         return await self.policy.verdict(

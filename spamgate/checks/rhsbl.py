@@ -74,6 +74,10 @@ class RhsblCheck(Check):
         )
         return [cls(policy, services.resolver, stages)] if policy.enabled and stages else []
 
+    def metric_series(self):
+        """Each zone's result series, at zero from the start (see Check.metric_series)."""
+        return self.policy.metric_series()
+
     async def check(self, ctx: CheckContext) -> Verdict:
         if ctx.session.relay_permitted or ctx.session.pending is not None:
             # ours, or already refused (delayed reject): no lookups to make

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+from .. import metrics
 from ..model import Stage
 from ..settings import ConfigError, Located, positive, setting
 from ..tables import Match, Query, Table, TableLimits, load_table, split_spec
@@ -175,6 +176,15 @@ def decide(matches: Iterable[Match], reply: ReplyContext) -> Verdict:
     return Verdict(would=tuple(would), hits=tuple(hits))
 
 
+def rule_series(table: Table) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
+    """The rule-hit series of a table, created at zero when it loads (see
+    `Check.metric_series`); not for tables too long to graph rule by rule."""
+    lines = table.lines()
+    if len(lines) <= metrics.PRECREATED_RULES_PER_TABLE:
+        for line in lines:
+            yield metrics.RULE_HITS, (table.name, str(line))
+
+
 class TableCheck(Check):
     """One envelope table at one stage; subclasses say what is looked up."""
 
@@ -197,6 +207,9 @@ class TableCheck(Check):
     @classmethod
     def sources(cls, config: Config) -> list[str]:
         return table_files(config, cls.key)
+
+    def metric_series(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
+        return rule_series(self.table)
 
     async def check(self, ctx: CheckContext) -> Verdict:
         asked = self.query(ctx)

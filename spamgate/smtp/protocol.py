@@ -30,6 +30,7 @@ from ..flow import SessionFlow
 from ..model import Client, Session, TLSInfo
 from ..reply import Reply
 from ..runtime import Runtime
+from ..spool import Spool
 from . import commands
 from .dataread import DataProblem, DataTimeout, read_data
 
@@ -46,6 +47,7 @@ SHUTTING_DOWN = "Error: service shutting down"
 CONTENT_REPLIES = {
     DataProblem.TOO_BIG: Reply(552, "5.3.4", ("Error: message file too big",)),
     DataProblem.LINE_TOO_LONG: Reply(500, "5.5.2", ("Error: message line too long",)),
+    DataProblem.HEADER_TOO_BIG: Reply(552, "5.3.4", ("Error: message header size exceeds limit",)),
     DataProblem.BARE_LF: Reply(550, "5.5.2", ("Error: bare <LF> received",)),
     DataProblem.BARE_CR: Reply(550, "5.5.2", ("Error: bare <CR> received",)),
 }
@@ -443,6 +445,7 @@ class SMTPSession(_AiosmtpdSMTP):
         size = parsed.keywords.get("SIZE")
         if size is not None and int(size) > self.cfg.limits.message_size:
             metrics.PROTOCOL_ERRORS.labels("message_too_big").inc()
+            metrics.VERDICTS.labels("mail", "limits", "reject").inc()
             await self._send(Reply(552, "5.3.4", ("Message size exceeds fixed limit",)))
             return
         await self._send(await self.flow.mail(parsed))
@@ -466,6 +469,7 @@ class SMTPSession(_AiosmtpdSMTP):
             return
         if len(txn.accepted_recipients) >= self.cfg.limits.recipients:
             metrics.PROTOCOL_ERRORS.labels("too_many_recipients").inc()
+            metrics.VERDICTS.labels("rcpt", "limits", "defer").inc()
             await self._send(Reply(452, "4.5.3", ("Error: too many recipients",)))
             return
         await self._send(await self.flow.rcpt(parsed))
@@ -504,6 +508,13 @@ class SMTPSession(_AiosmtpdSMTP):
                 ),
                 min_rate=limits.min_data_rate,
                 timer=lambda seconds: self._timer(seconds, limits.stress_data_timeout),
+                spool=Spool(
+                    limits.spool_size,
+                    self.cfg.resolve_path(self.cfg.server.spool_dir)
+                    if self.cfg.server.spool_dir
+                    else None,
+                    limits.header_size,
+                ),
             )
         except DataTimeout as exc:
             metrics.PROTOCOL_ERRORS.labels("timeout").inc()
@@ -518,7 +529,7 @@ class SMTPSession(_AiosmtpdSMTP):
             reply = CONTENT_REPLIES[result.problem]
             await self._send(await self.flow.refuse_content(reply, result.problem.value))
             return
-        self._message_task = asyncio.ensure_future(self.flow.message(result.content))
+        self._message_task = asyncio.ensure_future(self.flow.message(result.message))
         reply = await asyncio.shield(self._message_task)
         self._message_task = None
         await self._send(reply)

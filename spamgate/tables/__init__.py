@@ -84,6 +84,11 @@ class Table(abc.ABC):
     def matches(self, query: Query, deadline: float | None = None) -> Iterator[Match]:
         """Matching entries in the order this table type defines."""
 
+    def lines(self) -> list[int]:
+        """The line of every entry: the rule ids of `spamgate_rule_hits_total`."""
+        entries = self.entries  # type: ignore[attr-defined]  # every table type sets it
+        return sorted(e.line for e in (entries.values() if isinstance(entries, dict) else entries))
+
     def first(self, query: Query, deadline: float | None = None) -> Match | None:
         return next(iter(self.matches(query, deadline)), None)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 
+from ..message import Outgoing
 from ..model import Client
 from ..reply import Reply
 
@@ -36,7 +37,7 @@ class UpstreamSession(abc.ABC):
     async def rcpt(self, recipient: str, params: tuple[str, ...], smtputf8: bool) -> Reply: ...
 
     @abc.abstractmethod
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, content: Outgoing) -> Reply:
         """Send DATA, the content (canonical CRLF, not dot-stuffed) and the dot."""
 
     @abc.abstractmethod

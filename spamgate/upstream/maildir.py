@@ -14,6 +14,7 @@ import os
 import socket
 import time
 
+from ..message import Outgoing
 from ..model import Client
 from ..reply import Reply
 from .base import Upstream, UpstreamError, UpstreamSession
@@ -69,13 +70,13 @@ class MaildirSession(UpstreamSession):
         self.recipients.append(recipient)
         return Reply(250, "2.1.5", ("Ok",))
 
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, content: Outgoing) -> Reply:
         if self.sender is None or not self.recipients:
             return Reply(554, "5.5.1", ("Error: no valid recipients",))
         queue_id = f"{time.time_ns():x}{next(_counter):04x}"
         trace = self._trace(queue_id)
         try:
-            name = await asyncio.to_thread(self._deliver, queue_id, trace + content)
+            name = await asyncio.to_thread(self._deliver, queue_id, trace, content)
         except OSError as exc:
             raise UpstreamError("disconnect", f"maildir write failed: {exc.strerror}") from None
         self.sender, self.recipients = None, []
@@ -95,15 +96,16 @@ class MaildirSession(UpstreamSession):
         )
         return f"Return-Path: <{self.sender}>\r\n{received}".encode("utf-8", "surrogateescape")
 
-    def _deliver(self, queue_id: str, data: bytes) -> str:
+    def _deliver(self, queue_id: str, trace: bytes, content: Outgoing) -> str:
         base = f"{int(time.time())}.{queue_id}.{socket.gethostname()}"
         tmp = os.path.join(self.owner.path, "tmp", base)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            for block in itertools.chain((trace,), content.blocks()):
+                view = memoryview(block)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
             os.fsync(fd)
         finally:
             os.close(fd)

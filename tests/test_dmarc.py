@@ -1,0 +1,249 @@
+"""DMARC over real sockets: SPF and DKIM against the test DNS server, the From
+domain's policy published there, and what the upstream sink receives."""
+
+from __future__ import annotations
+
+import pytest
+
+from spamgate import metrics
+from spamgate.checks.dmarc import org_domain
+from spamgate.config import loads
+from spamgate.runtime import Policy
+from spamgate.services import Services
+from spamgate.settings import ConfigError
+
+from .conftest import GateFactory
+from .dkimkeys import Signer, message
+from .dnsserver import DnsServer
+from .sink import Sink
+
+SPF_OK = "v=spf1 ip4:127.0.0.0/8 -all"
+SPF_SOFT = "v=spf1 ~all"
+CONFIG = """
+[spf]
+enabled = true
+helo = false
+
+[dkim]
+enabled = true
+
+[dmarc]
+enabled = true
+"""
+
+DKIM = Signer("dkim.test", "sel")
+ORG = Signer("org.test", "sel")
+SORG = Signer("strict.test", "sel")
+
+
+def publish(server: DnsServer) -> None:
+    # Aligned by SPF only: its own servers, no signature.
+    server.zone("spf.test", {"@": {"TXT": SPF_OK}, "_dmarc": {"TXT": "v=DMARC1; p=reject"}})
+    # Aligned by DKIM only: the bounces go to an ESP, whose SPF passes.
+    server.zone(
+        "dkim.test",
+        {
+            "@": {"TXT": SPF_SOFT},
+            "_dmarc": {"TXT": "v=DMARC1; p=reject"},
+            DKIM.name: {"TXT": DKIM.record},
+        },
+    )
+    server.zone("esp.test", {"@": {"TXT": SPF_OK}})
+    for name, policy in (("reject", "reject"), ("quarantine", "quarantine"), ("none", "none")):
+        server.zone(
+            f"{name}.test", {"@": {"TXT": SPF_SOFT}, "_dmarc": {"TXT": f"v=DMARC1; p={policy}"}}
+        )
+    # Subdomains: the policy is the organisational domain's.
+    server.zone(
+        "org.test",
+        {
+            "_dmarc": {"TXT": "v=DMARC1; p=reject"},
+            "mail": {"TXT": SPF_OK},
+            ORG.name: {"TXT": ORG.record},
+        },
+    )
+    server.zone(
+        "strict.test",
+        {
+            "_dmarc": {"TXT": "v=DMARC1; p=reject; aspf=s; adkim=s"},
+            "mail": {"TXT": SPF_OK},
+            SORG.name: {"TXT": SORG.record},
+        },
+    )
+    server.zone(
+        "sp.test", {"_dmarc": {"TXT": "v=DMARC1; p=reject; sp=none"}, "news": {"TXT": SPF_SOFT}}
+    )
+    server.zone(
+        "pct.test", {"@": {"TXT": SPF_SOFT}, "_dmarc": {"TXT": "v=DMARC1; p=reject; pct=0"}}
+    )
+    server.zone("bad.test", {"@": {"TXT": SPF_SOFT}, "_dmarc": {"TXT": "v=DMARC1; p=maybe"}})
+    server.zone(
+        "two.test",
+        {"@": {"TXT": SPF_SOFT}, "_dmarc": {"TXT": ["v=DMARC1; p=reject", "v=DMARC1; p=none"]}},
+    )
+    server.zone("temp.test", {"@": {"TXT": SPF_SOFT}, "_dmarc": {"TXT": "v=DMARC1; p=reject"}})
+    server.fail("_dmarc.temp.test")
+    server.zone("tempspf.test", {"@": {"TXT": SPF_OK}, "_dmarc": {"TXT": "v=DMARC1; p=reject"}})
+    server.fail("tempspf.test")
+
+
+async def send(gate, mail_from: str, content: bytes):
+    c, _ = await gate.client(source="127.0.0.2")
+    replies = await c.mail(mail_from, ["u@example.test"], content, helo="mx.client.test")
+    await c.close()
+    return replies[-1]
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+async def gate(gate_factory: GateFactory, dns_server: DnsServer):
+    publish(dns_server)
+    return await gate_factory(CONFIG)
+
+
+async def test_aligned_by_spf_only(gate, sink: Sink) -> None:
+    reply = await send(gate, "alice@spf.test", message("alice@spf.test"))
+    assert reply.code == 250
+    assert b"X-Spam-Flag" not in sink.messages[0].content
+
+
+async def test_aligned_by_dkim_only(gate, sink: Sink) -> None:
+    signed = DKIM.sign(message("alice@dkim.test"))
+    assert (await send(gate, "bounce-123@esp.test", signed)).code == 250
+    # the same message, its signature broken: neither aligns, p=reject
+    broken = signed.replace(b"Hello", b"Hi")
+    reply = await send(gate, "bounce-123@esp.test", broken)
+    assert (reply.code, reply.enhanced) == (550, "5.7.1")
+
+
+async def test_neither_aligned_with_p_reject_is_refused(gate, sink: Sink) -> None:
+    before = sample("spamgate_verdicts_total", stage="eod", check="dmarc", action="reject")
+    reply = await send(gate, "bounce@esp.test", message("ceo@reject.test"))
+    assert (reply.code, reply.enhanced) == (550, "5.7.1")
+    assert reply.text == (
+        "5.7.1 Unauthenticated mail from reject.test refused by the DMARC policy of "
+        "reject.test (p=reject)"
+    )
+    assert sink.messages == []
+    assert sample("spamgate_verdicts_total", stage="eod", check="dmarc", action="reject") == (
+        before + 1
+    )
+    assert sample("spamgate_auth_results_total", method="dmarc", result="fail") >= 1
+
+
+async def test_quarantine_is_tagged_and_none_is_not(gate, sink: Sink) -> None:
+    assert (await send(gate, "bounce@esp.test", message("a@quarantine.test"))).code == 250
+    head = sink.messages[0].content.split(b"\r\n\r\n")[0]
+    assert b"X-Spam-Flag: YES\r\nX-Spam-Score: 5.0\r\nX-Spam-Symbols: DMARC_QUARANTINE" in head
+    assert (await send(gate, "bounce@esp.test", message("a@none.test"))).code == 250
+    assert b"X-Spam-Flag" not in sink.messages[1].content
+
+
+async def test_a_subdomain_under_relaxed_and_strict_alignment(gate, sink: Sink) -> None:
+    # From news.org.test: no policy of its own, org.test's applies (relaxed)
+    relaxed_spf = await send(gate, "bounce@mail.org.test", message("a@news.org.test"))
+    assert relaxed_spf.code == 250
+    relaxed_dkim = ORG.sign(message("a@news.org.test"))
+    assert (await send(gate, "bounce@esp.test", relaxed_dkim)).code == 250
+    # strict.test wants exact domains: the same two messages fail, and p=reject
+    strict_spf = await send(gate, "bounce@mail.strict.test", message("a@news.strict.test"))
+    assert (strict_spf.code, strict_spf.enhanced) == (550, "5.7.1")
+    assert "DMARC policy of news.strict.test" in strict_spf.text
+    strict_dkim = SORG.sign(message("a@news.strict.test"))
+    assert (await send(gate, "bounce@esp.test", strict_dkim)).code == 550
+    # ...and pass when the domains are the same
+    assert (await send(gate, "bounce@esp.test", SORG.sign(message("a@strict.test")))).code == 250
+    assert len(sink.messages) == 3
+
+
+async def test_sp_pct_and_policies_that_do_not_apply(gate, sink: Sink) -> None:
+    # sp=none for subdomains of sp.test
+    assert (await send(gate, "bounce@esp.test", message("a@news.sp.test"))).code == 250
+    # pct=0: p=reject is applied to no message; the rest get quarantine: tagged
+    assert (await send(gate, "bounce@esp.test", message("a@pct.test"))).code == 250
+    assert b"X-Spam-Symbols: DMARC_QUARANTINE" in sink.messages[-1].content
+    # a record without a valid p=, two records: no policy to apply
+    assert (await send(gate, "bounce@esp.test", message("a@bad.test"))).code == 250
+    assert (await send(gate, "bounce@esp.test", message("a@two.test"))).code == 250
+    # no record at all
+    assert (await send(gate, "bounce@esp.test", message("a@nodmarc.test"))).code == 250
+
+
+async def test_what_could_not_be_evaluated_is_not_refused(gate, sink: Sink) -> None:
+    # the policy lookup fails: temperror, let through by default
+    assert (await send(gate, "bounce@esp.test", message("a@temp.test"))).code == 250
+    # SPF of the From domain itself failed to evaluate: it might have aligned
+    assert (await send(gate, "a@tempspf.test", message("a@tempspf.test"))).code == 250
+    assert sample("spamgate_auth_results_total", method="dmarc", result="temperror") >= 2
+
+
+async def test_the_from_field_must_name_one_author(gate, sink: Sink) -> None:
+    two = b"From: <a@spf.test>\r\n" + message("a@spf.test")
+    reply = await send(gate, "a@spf.test", two)
+    assert (reply.code, reply.enhanced) == (550, "5.7.1")
+    assert "2 From header fields" in reply.text
+    none = message("a@spf.test").replace(b"From: Alice <a@spf.test>\r\n", b"")
+    reply = await send(gate, "a@spf.test", none)
+    assert reply.code == 550 and "no From header field" in reply.text
+    # several addresses: each domain is judged, the strictest policy applies
+    both = message("a@spf.test").replace(b"<a@spf.test>", b"<a@spf.test>, <b@reject.test>")
+    reply = await send(gate, "a@spf.test", both)
+    assert reply.code == 550 and "reject.test" in reply.text
+    # a From line two parsers read differently is judged on every domain found
+    tricky = message("a@spf.test").replace(b"Alice <a@spf.test>", b"ceo@reject.test <a@spf.test>")
+    assert (await send(gate, "a@spf.test", tricky)).code == 550
+    assert sink.messages == []
+
+
+async def test_configured_actions(
+    gate_factory: GateFactory, dns_server: DnsServer, sink: Sink, tmp_path
+) -> None:
+    publish(dns_server)
+    quarantine = tmp_path / "held"
+    gate = await gate_factory(
+        CONFIG + 'p_reject = "hold"\np_quarantine = "reject"\nbad_from = "continue"\n'
+        'temperror = "tempfail"\n',
+        server={"quarantine": f'"{quarantine}"'},
+    )
+    assert (await send(gate, "bounce@esp.test", message("a@reject.test"))).code == 250
+    assert sink.messages == [] and len(list((quarantine / "new").iterdir())) == 1
+    reply = await send(gate, "bounce@esp.test", message("a@quarantine.test"))
+    assert reply.code == 550 and "p=quarantine" in reply.text
+    reply = await send(gate, "bounce@esp.test", message("a@temp.test"))
+    assert (reply.code, reply.enhanced) == (451, "4.7.1")
+    two = b"From: <a@spf.test>\r\n" + message("a@spf.test")
+    assert (await send(gate, "a@spf.test", two)).code == 250
+
+
+async def test_monitor_mode_refuses_nothing(
+    gate_factory: GateFactory, dns_server: DnsServer, sink: Sink
+) -> None:
+    publish(dns_server)
+    gate = await gate_factory(CONFIG, server={"mode": '"monitor"'})
+    before = sample("spamgate_monitor_verdicts_total", stage="eod", check="dmarc", action="reject")
+    assert (await send(gate, "bounce@esp.test", message("a@reject.test"))).code == 250
+    assert len(sink.messages) == 1
+    assert (
+        sample("spamgate_monitor_verdicts_total", stage="eod", check="dmarc", action="reject")
+        == before + 1
+    )
+
+
+def test_dmarc_needs_spf_and_dkim() -> None:
+    config = loads("[dmarc]\nenabled = true\n[spf]\nenabled = true\n", "g.toml")
+    with pytest.raises(ConfigError) as err:
+        Policy.build(config, Services.build(config))
+    assert err.value.problems == [
+        "g.toml: [dmarc] needs [dkim] enabled: DMARC passes on either, so judging it "
+        "without one refuses legitimate mail"
+    ]
+
+
+def test_organisational_domains() -> None:
+    assert org_domain("a.b.example.co.uk") == "example.co.uk"
+    assert org_domain("news.org.test") == "org.test"
+    assert org_domain("co.uk") is None
+    assert org_domain("alice.github.io") == "alice.github.io"  # private suffixes count
