@@ -62,6 +62,7 @@ MAIL_KEYWORDS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"}
 RCPT_KEYWORDS = {"NOTIFY", "ORCPT"}
 # Header fields spamgate itself may prepend (the rules below add the X-Fuzz- ones).
 OUR_HEADERS = {
+    "authentication-results",
     "received",
     "x-spam-flag",
     "x-spam-score",
@@ -70,7 +71,11 @@ OUR_HEADERS = {
     "x-fuzz-body",
 }
 FIELD = re.compile(rb"^[!-9;-~]+: [^\x00-\x08\x0a-\x1f\x7f]*\r\n$")
-CONTINUATION = re.compile(rb"^\t[^\x00-\x08\x0a-\x1f\x7f]*\r\n$")
+CONTINUATION = re.compile(rb"^[ \t][^\x00-\x08\x0a-\x1f\x7f]*\r\n$")
+FOLDED = {"received", "authentication-results"}  # our fields that may be folded
+# An Authentication-Results value that names gate.test (the authserv-id), after
+# one optional comment, in the spellings the fuzzer forges.
+CLAIMS_US = re.compile(rb'^\s*(?:\([^()]*\)\s*)?"?gate\.test"?\s*(?:;|$)', re.IGNORECASE)
 MYNETWORKS = ipaddress.ip_network("127.0.0.1/32")
 LOCAL_DOMAIN = "example.test"
 ACCOUNT = ("alice", "s3cret")
@@ -428,6 +433,7 @@ def check_upstream(sink: Sink, accepted_before: int, transcript: Transcript) -> 
             raise Violation(f"upstream message without exactly one fuzz id: {m.content[:200]!r}")
         got.append(int(ids[0]))
         check_prepended(m.content)
+        check_auth_results(m.content)
     if len(got) != len(set(got)):
         raise Violation(f"upstream got a message twice: {sorted(got)}")
     extra = set(got) - transcript.accepted_ids - transcript.unknown_ids
@@ -444,7 +450,7 @@ def check_prepended(content: bytes) -> None:
     current = None
     for line in prefix.split(b"\r\n")[:-1]:
         line += b"\r\n"
-        if line[:1] == b"\t" and current == "received":
+        if line[:1] in (b" ", b"\t") and current in FOLDED:
             if not CONTINUATION.match(line):
                 raise Violation(f"bad continuation line in a prepended header: {line!r}")
             continue
@@ -453,6 +459,21 @@ def check_prepended(content: bytes) -> None:
         current = line.split(b":", 1)[0].decode().lower()
         if current not in OUR_HEADERS:
             raise Violation(f"header injected before the message: {line!r}")
+
+
+def check_auth_results(content: bytes) -> None:
+    """One Authentication-Results field claims to be ours, and it is ours (first,
+    before the client's content): forged ones were removed (RFC 8601 §5)."""
+    head = content.split(b"\r\n\r\n", 1)[0]
+    fields = re.split(rb"\r\n(?![ \t])", head)
+    ours = [
+        i
+        for i, f in enumerate(fields)
+        if f.lower().startswith(b"authentication-results:")
+        and CLAIMS_US.match(re.sub(rb"\r\n[ \t]", b" ", f.split(b":", 1)[1]))
+    ]
+    if ours != [0]:
+        raise Violation(f"Authentication-Results claiming gate.test at fields {ours}: {head!r}")
 
 
 def check_commands(

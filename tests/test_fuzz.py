@@ -273,6 +273,19 @@ SUBJECTS = st.sampled_from(
 )
 
 
+FORGED = st.sampled_from(
+    [
+        b"Authentication-Results: gate.test; dkim=pass header.d=paypal.test\r\n",
+        b"Authentication-Results: GATE.Test ;\r\n\tdmarc=pass header.from=x\r\n",
+        b'authentication-results: "gate.test"; spf=pass\r\n',
+        b"Authentication-Results: (looks innocent) gate.test; spf=pass\r\n",
+        b"Authentication-Results: mx.other.test; spf=fail\r\n",
+        b"Authentication-Results: gate.test.evil.test; dkim=pass\r\n",
+        b"Received: from evil.test by gate.test; Thu, 1 Jan 2026 00:00:00 +0000\r\n",
+    ]
+)
+
+
 @st.composite
 def text_part(draw) -> bytes:
     """One text part: headers, a blank line, an encoded (or mis-encoded) body."""
@@ -329,6 +342,7 @@ def message(draw) -> bytes:
     data must not depend on state outside hypothesis, or it cannot replay it)."""
     subject = draw(SUBJECTS)
     head = b"X-Fuzz-Id: 0\r\nSubject: %s\r\n" % subject
+    head += b"".join(draw(st.lists(FORGED, max_size=3)))
     if draw(st.booleans()):
         mime_head, body = draw(mime_body())
         head += mime_head
