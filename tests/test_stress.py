@@ -65,7 +65,7 @@ async def test_min_data_rate_leaves_a_normal_sender_alone(
         await asyncio.sleep(0.2)
     await c.send(b".\r\n")
     assert (await c.reply()).code == 250
-    assert len(sink.messages[0].content) == 3 * len(body)
+    assert len(sink.messages[0].original) == 3 * len(body)
 
 
 STRESS = dict(
