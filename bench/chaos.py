@@ -375,6 +375,8 @@ async def chaos_phase(
         started = time.monotonic()
         while not done.is_set():
             rss.append((time.monotonic() - started, rss_mb(gate_pid)))
+            if args.probe and len(rss) % 12 == 1:  # every minute
+                os.kill(gate_pid, signal.SIGUSR1)
             await asyncio.sleep(5)
 
     sampler = asyncio.create_task(sample())
@@ -473,9 +475,12 @@ async def main_async(args) -> int:
         cfg = work / "spamgate.toml"
         cfg.write_text(config(gate_port, sink_port, dns.port, rules))
         log = work / "spamgate.log"
+        command = [sys.executable, "-m", "spamgate"]
+        if args.probe:
+            command = [sys.executable, "-X", "tracemalloc=3", "-m", "bench.memprobe", args.probe]
         with open(log, "wb") as out:
             gate = subprocess.Popen(
-                [sys.executable, "-m", "spamgate", "run", "-c", str(cfg)],
+                [*command, "run", "-c", str(cfg)],
                 cwd=ROOT,
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
                 stdout=out,
@@ -523,6 +528,11 @@ async def main_async(args) -> int:
                     f"{rss[-1][1]:.1f} MB at the end ({len(rss)} samples, max "
                     f"{max(mb for _, mb in rss):.1f} MB)"
                 )
+                lines.append(
+                    "  RSS each minute: "
+                    + " ".join(f"{mb:.0f}" for t, mb in rss[::12])
+                    + f" {rss[-1][1]:.0f} MB"
+                )
             if a.lost or a.violations:
                 code = 1
             if not args.soak and args.reload_messages:
@@ -569,6 +579,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a smoke run: 300 + 200 messages")
     p.add_argument("--json", help="also write the report here")
+    p.add_argument("--probe", help="run spamgate under bench/memprobe.py, probing to this file")
     args = p.parse_args()
     if args.quick:
         args.messages, args.reload_messages = 300, 200
