@@ -23,7 +23,7 @@ message must get 250 and carry exactly one policy marker of a good file.
 `--soak SECONDS` runs the chaos phase for that long and samples spamgate's RSS.
 
     flock /work/notes/bench.lock python -m bench.chaos                 # 6,000 messages
-    flock /work/notes/bench.lock python -m bench.chaos --soak 600      # the memory soak
+    flock /work/notes/bench.lock python -m bench.chaos --soak 900 --warmup 300   # memory
     python -m bench.chaos --quick                                      # smoke run
 
 Bounded: at most 500,000 messages, 1,800 s per phase, loopback only.
@@ -522,9 +522,10 @@ async def main_async(args) -> int:
             )
             rss = result["rss"]
             if rss:
-                warm = next((mb for t, mb in rss if t >= min(60, rss[-1][0] / 2)), rss[0][1])
+                warm = next((mb for t, mb in rss if t >= min(args.warmup, rss[-1][0] / 2)), 0)
                 lines.append(
-                    f"  spamgate RSS: {rss[0][1]:.1f} MB at start, {warm:.1f} MB after warm-up, "
+                    f"  spamgate RSS: {rss[0][1]:.1f} MB at start, {warm:.1f} MB after the "
+                    f"{args.warmup:.0f} s warm-up, "
                     f"{rss[-1][1]:.1f} MB at the end ({len(rss)} samples, max "
                     f"{max(mb for _, mb in rss):.1f} MB)"
                 )
@@ -577,6 +578,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=900, help="time limit per phase")
     p.add_argument("--soak", type=float, default=0, help="run the chaos phase this long (RSS)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=60,
+        help="seconds before the 'after warm-up' RSS (cover the longest TTL: caches fill)",
+    )
     p.add_argument("--quick", action="store_true", help="a smoke run: 300 + 200 messages")
     p.add_argument("--json", help="also write the report here")
     p.add_argument("--probe", help="run spamgate under bench/memprobe.py, probing to this file")
