@@ -1,15 +1,19 @@
 """Running out of file descriptors: say 421 to new clients, and recover by itself.
 
 Each session holds one descriptor for its client and one for its upstream, and DNS
-lookups take more for a moment. When the process hits its limit (`ulimit -n`),
-accept() fails with EMFILE; asyncio then logs an error, stops accepting for a
-second and tries again, while the clients that connected in the meantime wait in
-the listen queue without a word. Like the classic "reserve descriptor" trick
-(libuv, nginx), spamgate keeps one descriptor open for that moment: it closes it,
-accepts each waiting client with it, says `421 4.3.2` and closes the connection,
-then takes the reserve back. A sending MTA retries later; nothing else changes.
-As sessions end, descriptors come back and accept() works again on asyncio's own
-retry.
+lookups take more for a moment. Two defences, so that the limit (`ulimit -n`) is
+met by a `421 4.3.2` and never by silence or a failed upstream connection:
+
+* a watermark (`watermark`): a client whose socket lands on a descriptor number
+  past it is refused at once (the session layer does it, on any event loop);
+* a reserve descriptor (`FdReserve`), for when the limit is hit anyway (other
+  descriptors: upstream connections, DNS, spool files). accept() then fails with
+  EMFILE; asyncio logs an error, stops accepting for a second and tries again,
+  while the clients that connected meanwhile wait without a word. Like the
+  classic trick (libuv, nginx), spamgate closes the reserve, accepts each waiting
+  client with it, says 421 and closes, then takes the reserve back. (uvloop does
+  the same inside libuv, but closes without a 421.) As sessions end, descriptors
+  come back and accept() works again on asyncio's own retry.
 
 At start the soft limit is raised to the hard one (systemd's default soft limit
 is 1024, its hard limit far higher; spamgate uses epoll, never select()), and a
@@ -40,8 +44,21 @@ MAX_REFUSALS = 256
 _CAP = 1 << 20  # a soft limit for RLIM_INFINITY (the kernel's default nr_open)
 
 
+def watermark(soft: int) -> int:
+    """The descriptor number from which new clients are refused with 421.
+
+    accept() returns the lowest free descriptor, so a client on descriptor N
+    means N others are open. Refusing from half of what is left after a margin
+    (for DNS queries, spool files, the process's own) leaves every admitted
+    session room for its upstream connection: the limit is then met by a 421 at
+    connect, on any event loop, rather than by a failed upstream connection.
+    """
+    return (soft - min(BASE, soft // 4)) // 2
+
+
 def raise_soft_limit(max_sessions: int) -> int:
-    """Raise RLIMIT_NOFILE's soft limit to the hard one; warn if it is too low."""
+    """Raise RLIMIT_NOFILE's soft limit to the hard one; warn if it is too low.
+    Returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = _CAP if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and soft < target:
@@ -59,7 +76,7 @@ def raise_soft_limit(max_sessions: int) -> int:
             max_sessions,
             needed,
         )
-    return soft
+    return _CAP if soft == resource.RLIM_INFINITY else soft
 
 
 class FdReserve:

@@ -109,6 +109,8 @@ class Runtime:
         self.reload_problems: list[str] = []
         # Near max_sessions: shorter timeouts, like Postfix's ${stress} (see `stressed`).
         self.stressed = False
+        # New clients are refused from this descriptor number on (fdlimit.watermark).
+        self.fd_watermark: int | None = None
         self._note_policy(policy)
 
     @property
@@ -127,13 +129,20 @@ class Runtime:
         self.loaded_at = time.time()
         self._note_policy(policy)
 
-    def admit(self, address: IPAddress) -> str | None:
-        """Count a new session; the refusal reason if a limit is reached."""
+    def admit(self, address: IPAddress, fd: int = -1) -> str | None:
+        """Count a new session; the refusal reason if a limit is reached.
+
+        `fd` is the client socket's descriptor: accept() returns the lowest free
+        one, so at least `fd` others are open, and above `fd_watermark` the
+        sessions already admitted would have none left for their upstream.
+        """
         limits = self.policy.config.limits
         if self.closing:
             return "shutdown"
         if self.active >= limits.max_sessions:
             return "max_sessions"
+        if self.fd_watermark is not None and fd >= self.fd_watermark:
+            return "fd_limit"
         if self.per_client[address] >= limits.sessions_per_client:
             return "per_client"
         self.active += 1

@@ -25,7 +25,7 @@ from . import daemon, metrics
 from .config import Config, Listener, load
 from .daemon import PrivilegeError, drop_privileges
 from .exporter import Exporter
-from .fdlimit import FdReserve, raise_soft_limit
+from .fdlimit import FdReserve, raise_soft_limit, watermark
 from .health import Health
 from .reply import Reply
 from .runtime import Policy, Runtime, sources
@@ -83,7 +83,7 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        raise_soft_limit(self.config.limits.max_sessions)
+        self.runtime.fd_watermark = watermark(raise_soft_limit(self.config.limits.max_sessions))
         self.listeners = list(self.config.listeners)
         for index, listener in enumerate(self.listeners):
             item = listener.address

@@ -44,6 +44,7 @@ BAD_UTF8 = Reply(500, "5.5.2", ("Error: invalid UTF-8 in command",))
 SYNC = Reply(554, "5.5.0", ("Error: SMTP protocol synchronization",))
 TIMEOUT = "Error: timeout exceeded"
 SHUTTING_DOWN = "Error: service shutting down"
+OUT_OF_RESOURCES = "Error: out of resources, try again later"
 CONTENT_REPLIES = {
     DataProblem.TOO_BIG: Reply(552, "5.3.4", ("Error: message file too big",)),
     DataProblem.LINE_TOO_LONG: Reply(500, "5.5.2", ("Error: message line too long",)),
@@ -193,15 +194,18 @@ class SMTPSession(_AiosmtpdSMTP):
         if sock:
             client.local_address = ipaddress.ip_address(sock[0])
             client.local_port = int(sock[1])
-        refused = self.runtime.admit(address)
+        conn = self.transport.get_extra_info("socket") if self.transport else None
+        refused = self.runtime.admit(address, conn.fileno() if conn is not None else -1)
         if refused is not None:
             metrics.SESSIONS_REFUSED.labels(refused).inc()
             log.info("refused connection from [%s]:%d: %s", address, client.port, refused)
             text = {
                 "shutdown": "Error: service shutting down",
                 "per_client": f"Error: too many connections from {address}",
+                "fd_limit": OUT_OF_RESOURCES,
             }.get(refused, "Error: too many connections")
-            self._writer.write(Reply(421, "4.7.0", (f"{self.hostname} {text}",)).render())
+            enhanced = "4.3.2" if refused == "fd_limit" else "4.7.0"
+            self._writer.write(Reply(421, enhanced, (f"{self.hostname} {text}",)).render())
             self._close()
             return
         metrics.SESSIONS.inc()
