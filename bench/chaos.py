@@ -477,7 +477,7 @@ async def main_async(args) -> int:
         log = work / "spamgate.log"
         command = [sys.executable, "-m", "spamgate"]
         if args.probe:
-            command = [sys.executable, "-X", "tracemalloc=3", "-m", "bench.memprobe", args.probe]
+            command = [sys.executable, "-X", "tracemalloc=1", "-m", "bench.memprobe", args.probe]
         with open(log, "wb") as out:
             gate = subprocess.Popen(
                 [*command, "run", "-c", str(cfg)],

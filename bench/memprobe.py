@@ -34,7 +34,10 @@ def probe(path: str) -> None:
     global _previous
     gc.collect()
     counts = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
-    lines = [f"== probe at {time.strftime('%H:%M:%S')}: RSS {_rss_mb():.1f} MB"]
+    traced = ""
+    if tracemalloc.is_tracing():
+        traced = f", Python heap {tracemalloc.get_traced_memory()[0] / 2**20:.1f} MB"
+    lines = [f"== probe at {time.strftime('%H:%M:%S')}: RSS {_rss_mb():.1f} MB{traced}"]
     lines += [f"  {n:8d} {name}" for name, n in counts.most_common(25)]
     if tracemalloc.is_tracing():
         snapshot = tracemalloc.take_snapshot()

@@ -16,6 +16,8 @@ Scenarios (`--scenarios`):
             min_data_rate (the defaults) cut the tricklers off.
   tight-off the same, with the stress timeouts and min_data_rate off: what the
             defences buy.
+  tight-rate  as tight, plus [ratelimit] connections_per_ip = "20/1m" (the
+            good clients are in mynetworks, which the rate limit exempts).
 
     flock /work/notes/bench.lock python -m bench.slowloris
     python -m bench.slowloris --quick
@@ -45,8 +47,9 @@ MAX_TRICKLERS = 3000
 MAX_SECONDS = 120.0
 SCENARIOS = {
     "default": "",
-    "tight": "max_sessions = 1000\n",
-    "tight-off": "max_sessions = 1000\nstress_threshold = 0\nmin_data_rate = 0\n",
+    "tight": "[limits]\nmax_sessions = 1000\n",
+    "tight-off": "[limits]\nmax_sessions = 1000\nstress_threshold = 0\nmin_data_rate = 0\n",
+    "tight-rate": '[limits]\nmax_sessions = 1000\n[ratelimit]\nconnections_per_ip = "20/1m"\n',
 }
 
 
@@ -67,7 +70,7 @@ def start_spamgate(port: int, sink_port: int, work: Path, limits: str) -> subpro
         'relay_domains = ["example.test"]\nmynetworks = ["127.0.0.1/32"]\n'
         f'[upstream]\naddress = "127.0.0.1:{sink_port}"\n'
         "[dns]\nreverse_lookup = false\n"
-        f"[limits]\n{limits}"
+        f"{limits}"
     )
     log = work / "spamgate.log"
     with open(log, "wb") as out:
@@ -212,7 +215,7 @@ async def scenario(name: str, args, work: Path) -> list[str]:
         await asyncio.gather(*tasks, return_exceptions=True)
         q_rate, l_rate = quiet.sent / quiet_s, loud.sent / loud_s
         out += [
-            f"{name}: limits [{SCENARIOS[name].strip().replace(chr(10), ', ') or 'defaults'}]",
+            f"{name}: {SCENARIOS[name].strip().replace(chr(10), ' ') or 'default settings'}",
             f"  quiet:      {q_rate:7.1f} msg/s, p50 {pct(quiet.latencies, 50) * 1000:.0f} ms, "
             f"p99 {pct(quiet.latencies, 99) * 1000:.0f} ms, failed {quiet.failed}, "
             f"spamgate CPU {quiet_cpu / quiet_s:.0%}",
