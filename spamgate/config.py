@@ -55,6 +55,10 @@ def _address_ports(value: list[str]) -> str | None:
     return None
 
 
+def _fraction(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be between 0 and 1"
+
+
 def _domains(value: list[str]) -> str | None:
     for item in value:
         if not item or " " in item or "@" in item:
@@ -288,6 +292,24 @@ class LimitSettings:
         "worker for itself.",
         check=positive,
     )
+    min_data_rate: float = setting(
+        500.0,
+        "Bytes/s a client must average in DATA: the message may take data_timeout plus "
+        "1 s per this many bytes (Postfix smtpd_min_data_rate); 0: no minimum.",
+        check=non_negative,
+    )
+    stress_threshold: float = setting(
+        0.8,
+        "Share of max_sessions in use at which spamgate is under stress and uses the "
+        "stress_ timeouts (Postfix ${stress}); 0: never.",
+        check=_fraction,
+    )
+    stress_idle_timeout: float = setting(
+        10.0,
+        "idle_timeout under stress (Postfix: smtpd_timeout = ${stress?{10}:{300}}).",
+        check=positive,
+    )
+    stress_data_timeout: float = setting(10.0, "data_timeout under stress.", check=positive)
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ TRANSACTION_OUTCOMES = (
     "aborted",
 )
 RECIPIENT_OUTCOMES = ("accepted", "rejected", "tempfailed", "relay_denied", "upstream_rejected")
-REFUSED_REASONS = ("max_sessions", "per_client", "shutdown", "proxy")
+REFUSED_REASONS = ("max_sessions", "per_client", "shutdown", "proxy", "fd_limit")
 PROTOCOL_ERROR_KINDS = (
     "bare_newline",
     "line_too_long",
@@ -152,6 +152,12 @@ SESSIONS_ACTIVE = Gauge(
     "Client sessions open now.",
     registry=REGISTRY,
     multiprocess_mode="livesum",
+)
+STRESS = Gauge(
+    "spamgate_stress",
+    "1 while sessions are near max_sessions and the stress timeouts apply.",
+    registry=REGISTRY,
+    multiprocess_mode="max",
 )
 SESSIONS_REFUSED = Counter(
     "spamgate_sessions_refused_total",

@@ -63,6 +63,7 @@ _HOSTNAME = re.compile(
     r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$"
 )
 _MAX_PTR_NAMES = 10  # forward-confirm at most this many PTR names (RFC 7208 §4.6.4 spirit)
+PURGE_INTERVAL = 10.0  # seconds between sweeps of expired answers out of the cache
 
 Status = Literal["answer", "nxdomain", "nodata"]
 
@@ -116,7 +117,7 @@ class Resolver:
         self.timeout = settings.timeout
         self.lifetime = settings.lifetime
         self._resolver = _make_resolver(settings)
-        self.cache = dns.resolver.LRUCache(settings.cache_size)
+        self.cache = ExpiringLRUCache(settings.cache_size)
         self._resolver.cache = self.cache
         self._inflight: dict[tuple[dns.name.Name, int], asyncio.Task[DnsAnswer]] = {}
         # (name as given, type) -> the answer, while it lasts; see the module doc.
@@ -124,6 +125,7 @@ class Resolver:
         self._front_size = settings.cache_size
         # client address -> (verified name or marker, until when)
         self._names: dict[IPAddress, tuple[str, float]] = {}
+        self._purged = time.monotonic()
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -182,6 +184,8 @@ class Resolver:
         key = (qname, dns.rdatatype.from_text(rdtype))
         task = self._inflight.get(key)
         if task is None:
+            if time.monotonic() - self._purged >= PURGE_INTERVAL:
+                self._sweep()
             task = asyncio.ensure_future(self._query(qname, rdtype))
             self._inflight[key] = task
             task.add_done_callback(lambda t, k=key: self._finished(k, t))
@@ -290,10 +294,44 @@ class Resolver:
                     return name, expires
         return (TEMPUNAVAIL, 0.0) if failed else (UNAVAILABLE, expires)
 
+    def _sweep(self) -> None:
+        """Drop expired answers and names: most are asked for once (see ExpiringLRUCache)."""
+        self._purged = time.monotonic()
+        self.cache.purge_expired()
+        now = time.time()
+        # pyspf's threads may add to the front cache meanwhile: a missed entry
+        # waits for the next sweep.
+        with contextlib.suppress(RuntimeError):
+            for key in [k for k, answer in list(self._front.items()) if answer.expires <= now]:
+                self._front.pop(key, None)
+        for address in [a for a, (_, until) in self._names.items() if until <= now]:
+            del self._names[address]
+
     async def aclose(self) -> None:
         for task in list(self._inflight.values()):
             task.cancel()
         self._inflight.clear()
+
+
+class ExpiringLRUCache(dns.resolver.LRUCache):
+    """dnspython's LRU cache, plus a sweep that drops answers whose TTL ran out.
+
+    The LRU cache drops an expired answer only when the same name is asked for
+    again; most names spamgate looks up are asked for once (a DNS list or PTR
+    query per client address, an SPF record per sender domain), so without a
+    sweep they stayed until `cache_size` pushed them out, at some 4-8 KB each:
+    memory grew for as long as the cache was filling (hundreds of MB at the
+    default size). With the sweep the cache holds what is still valid.
+    """
+
+    def purge_expired(self) -> int:
+        now = time.time()
+        with self.lock:
+            expired = [node for node in self.data.values() if node.value.expiration <= now]
+            for node in expired:
+                node.unlink()
+                del self.data[node.key]
+        return len(expired)
 
 
 def _make_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:

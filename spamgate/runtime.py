@@ -109,6 +109,10 @@ class Runtime:
         self.sessions: set = set()
         # Problems that made the last reload fail (empty when it succeeded): health.
         self.reload_problems: list[str] = []
+        # Near max_sessions: shorter timeouts, like Postfix's ${stress} (see `stressed`).
+        self.stressed = False
+        # New clients are refused from this descriptor number on (fdlimit.watermark).
+        self.fd_watermark: int | None = None
         self._note_policy(policy)
 
     @property
@@ -127,18 +131,26 @@ class Runtime:
         self.loaded_at = time.time()
         self._note_policy(policy)
 
-    def admit(self, address: IPAddress) -> str | None:
-        """Count a new session; the refusal reason if a limit is reached."""
+    def admit(self, address: IPAddress, fd: int = -1) -> str | None:
+        """Count a new session; the refusal reason if a limit is reached.
+
+        `fd` is the client socket's descriptor: accept() returns the lowest free
+        one, so at least `fd` others are open, and above `fd_watermark` the
+        sessions already admitted would have none left for their upstream.
+        """
         limits = self.policy.config.limits
         if self.closing:
             return "shutdown"
         if self.active >= -(-limits.max_sessions // self.share):
             return "max_sessions"
+        if self.fd_watermark is not None and fd >= self.fd_watermark:
+            return "fd_limit"
         if self.per_client[address] >= limits.sessions_per_client:
             return "per_client"
         self.active += 1
         self.per_client[address] += 1
         metrics.SESSIONS_ACTIVE.inc()
+        self._check_stress()
         return None
 
     def release(self, address: IPAddress) -> None:
@@ -147,3 +159,32 @@ class Runtime:
         self.per_client[address] -= 1
         if self.per_client[address] <= 0:
             del self.per_client[address]
+        self._check_stress()
+
+    def _check_stress(self) -> None:
+        """Enter or leave stress as the session count crosses the threshold.
+
+        Under stress every session waits `stress_idle_timeout` / `stress_data_timeout`
+        instead of the usual minutes, so that clients holding sessions open without
+        using them (slowloris) cannot crowd out the ones that send mail. Sessions
+        already waiting are told at once, not at their next command.
+        """
+        limits = self.policy.config.limits
+        threshold = limits.stress_threshold * limits.max_sessions
+        stressed = limits.stress_threshold > 0 and self.active >= threshold
+        if stressed == self.stressed:
+            return
+        self.stressed = stressed
+        metrics.STRESS.set(int(stressed))
+        if stressed:
+            log.warning(
+                "under stress: %d sessions (max_sessions %d); timeouts now %gs idle, %gs data",
+                self.active,
+                limits.max_sessions,
+                limits.stress_idle_timeout,
+                limits.stress_data_timeout,
+            )
+            for session in list(self.sessions):
+                session.stress()
+        else:
+            log.info("no longer under stress: %d sessions", self.active)

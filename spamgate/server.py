@@ -26,7 +26,9 @@ from . import daemon, metrics
 from .config import Config, Listener, load
 from .daemon import PrivilegeError, drop_privileges
 from .exporter import Exporter
+from .fdlimit import FdReserve, raise_soft_limit, watermark
 from .health import Health
+from .reply import Reply
 from .runtime import Policy, Runtime, sources
 from .services import Services
 from .settings import ConfigError, parse_hostport
@@ -90,6 +92,7 @@ class Server:
         # just before they were read: a later change to any of them means reload.
         self._watched: FileState = watched
         self._watcher: asyncio.Task[None] | None = None
+        self._fd_reserve: FdReserve | None = None
 
     def _factory(self, index: int) -> Callable[[], SMTPSession]:
         # The listener's options are looked up per connection, so a reload can
@@ -98,6 +101,7 @@ class Server:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.runtime.fd_watermark = watermark(raise_soft_limit(self.config.limits.max_sessions))
         self.listeners = list(self.config.listeners)
         for index, listener in enumerate(self.listeners):
             item = listener.address
@@ -125,6 +129,8 @@ class Server:
             for sock in server.sockets:
                 name = sock.getsockname()
                 self.addresses.append((name[0], name[1]))
+        self._fd_reserve = FdReserve(self._out_of_fds_reply)
+        self._fd_reserve.install(loop, [s for srv in self.servers for s in srv.sockets])
         metrics.RELOAD_OK.set(1)
         if self.config.metrics.listen and self._serve_metrics:
             self._start_exporter(self.config.metrics.listen)
@@ -161,6 +167,10 @@ class Server:
         self.exporter = exporter
         h, p = exporter.address
         log.info("metrics on http://%s/metrics", f"[{h}]:{p}" if ":" in h else f"{h}:{p}")
+
+    def _out_of_fds_reply(self) -> bytes:
+        text = f"{self.runtime.config.hostname} Error: out of resources, try again later"
+        return Reply(421, "4.3.2", (text,)).render()
 
     async def reload(self, path: str | None, *, reason: str = "SIGHUP") -> bool:
         """Load and validate config and tables; swap only if all is well."""
@@ -262,6 +272,8 @@ class Server:
                 break
             await asyncio.sleep(0.02)
         await self.services.aclose()
+        if self._fd_reserve is not None:
+            self._fd_reserve.close()
         if self.exporter is not None:
             await asyncio.to_thread(self.exporter.stop)
             self.exporter = None

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from spamgate import metrics
+from spamgate import resolver as resolver_module
 from spamgate.config import DnsSettings
 from spamgate.resolver import TEMPUNAVAIL, UNAVAILABLE, DnsError, Resolver
 
@@ -280,3 +281,21 @@ def test_nameservers_are_addresses() -> None:
         'g.toml:2: [dns] nameservers: "ns.example.test:53" is not "address:port" '
         "(an IP address, not a name)"
     ]
+
+
+async def test_expired_answers_are_swept_from_the_cache(dns_server: DnsServer, monkeypatch) -> None:
+    """Names asked for once (a DNS list query per client) must not stay in the
+    cache after their TTL until cache_size pushes them out: memory stays flat."""
+    dns_server.zone("once.test", {f"n{i}": {"A": "127.0.0.2"} for i in range(50)}, ttl=1)
+    r = make_resolver(dns_server)
+    await asyncio.gather(*(r.lookup(f"n{i}.once.test", "A") for i in range(50)))
+    await asyncio.gather(*(r.lookup(f"x{i}.once.test", "A") for i in range(50)))  # NXDOMAIN
+    assert len(r.cache.data) == 100
+    for i in range(50):  # read again: now also in the front cache
+        assert r.cached(f"n{i}.once.test", "A") is not None
+    assert len(r._front) == 50
+    monkeypatch.setattr(resolver_module, "PURGE_INTERVAL", 0.0)
+    await asyncio.sleep(1.1)
+    await r.lookup("n0.once.test", "A")  # any lookup that goes to the network sweeps
+    assert len(r.cache.data) == 1
+    assert len(r._front) == 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import Enum
 
@@ -50,17 +52,52 @@ class DataResult:
 
 
 class DataTimeout(Exception):
-    """No data arrived within the per-read timeout."""
+    """No data arrived within the timeout, or the client fell below the minimum rate."""
+
+    def __init__(self, reason: str = "data timeout") -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
-async def _read_piece(reader: asyncio.StreamReader, timeout: float) -> bytes:
+Seconds = float | Callable[[], float]
+Timer = Callable[[float], AbstractAsyncContextManager[object]]
+
+
+class _Pace:
+    """How long DATA may take, and how long it may go quiet.
+
+    Two bounds, as in Postfix: no more than `timeout` seconds without data
+    (RFC 5321 §4.5.3.2.5 times each data block), and with `min_rate` the whole
+    message within `timeout` plus one second per `min_rate` bytes received
+    (smtpd_min_data_rate), so that a byte every few seconds cannot hold a session
+    for ever. `timeout` may be a callable: it shrinks when the server comes under
+    stress, and `timer` lets the session cut a wait short when it does.
+    """
+
+    def __init__(self, timeout: Seconds, min_rate: float, timer: Timer) -> None:
+        self._timeout = timeout
+        self.min_rate = min_rate
+        self.timer = timer
+        self.started = time.monotonic()
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout() if callable(self._timeout) else self._timeout
+
+    def too_slow(self, now: float, received: int) -> bool:
+        if self.min_rate <= 0:
+            return False
+        return now - self.started > self.timeout + received / self.min_rate
+
+
+async def _read_piece(reader: asyncio.StreamReader, pace: _Pace, received: int) -> bytes:
     """`readuntil(b".\\r\\n")`, giving up only after `timeout` seconds without data.
 
     A piece ends at a line ending in a dot or at a full buffer (64 KiB), which a slow
-    but steady sender may take longer than `timeout` to fill; RFC 5321 §4.5.3.2.5
-    times each data block, not the message. So wait in slices and keep waiting as
-    long as the buffer grew (it only grows while we wait): the timeout fires between
-    `timeout` and 1.25 times `timeout` after the last byte arrived.
+    but steady sender may take longer than `timeout` to fill. So wait in slices and
+    keep waiting as long as the buffer grew (it only grows while we wait): the
+    timeout fires between `timeout` and 1.25 times `timeout` after the last byte
+    arrived. `received` (bytes of this message before this piece) feeds the rate.
     """
     if reader._buffer.find(b".\r\n") >= 0:  # type: ignore[attr-defined]
         # Already here: no wait, so no timer (a message of lines ending in "." would
@@ -70,14 +107,16 @@ async def _read_piece(reader: asyncio.StreamReader, timeout: float) -> bytes:
     quiet_since = time.monotonic()
     while True:
         try:
-            async with asyncio.timeout(timeout / 4):
+            async with pace.timer(pace.timeout / 4):
                 return await reader.readuntil(b".\r\n")
         except TimeoutError:
             now = time.monotonic()
             if len(reader._buffer) != buffered:  # type: ignore[attr-defined]
                 buffered, quiet_since = len(reader._buffer), now  # type: ignore[attr-defined]
-            elif now - quiet_since >= timeout:
+            elif now - quiet_since >= pace.timeout:
                 raise DataTimeout() from None
+            if pace.too_slow(now, received + buffered):
+                raise DataTimeout("data too slow") from None
 
 
 class _Scanner:
@@ -133,7 +172,9 @@ async def read_data(
     max_size: int,
     max_line: int,
     bare_newline: str,
-    timeout: float,
+    timeout: Seconds,
+    min_rate: float = 0.0,
+    timer: Timer = asyncio.timeout,
     spool: Spool | None = None,
 ) -> DataResult:
     """Read up to and including the end-of-data line; never stop early.
@@ -144,8 +185,9 @@ async def read_data(
     to `spool` (in memory when none is given), which the caller owns once the
     message is returned: `Message.close()` removes its file.
     Raises `asyncio.IncompleteReadError` if the client goes away, `DataTimeout` if
-    it stalls.
+    it stalls or stays below `min_rate` bytes/s (see `_Pace`).
     """
+    pace = _Pace(timeout, min_rate, timer)
     spool = spool if spool is not None else Spool()
     normalize = bare_newline == "normalize"
     scanner = _Scanner(max_line, reject_bare=not normalize)
@@ -160,7 +202,7 @@ async def read_data(
     try:
         while True:
             try:
-                chunk = await _read_piece(reader, timeout)
+                chunk = await _read_piece(reader, pace, size)
                 ended = (tail + chunk[-5:]).endswith(_TERMINATOR)
             except asyncio.LimitOverrunError as exc:
                 # the buffer is full (exc.consumed bytes), so this returns at once
@@ -170,6 +212,8 @@ async def read_data(
             tail = (tail + chunk[-2:])[-2:]
             del chunk
             size += len(piece)
+            if not ended and pace.too_slow(time.monotonic(), size):
+                raise DataTimeout("data too slow")
             if problem is None:
                 if size > max_size:
                     problem = DataProblem.TOO_BIG

@@ -45,6 +45,7 @@ BAD_UTF8 = Reply(500, "5.5.2", ("Error: invalid UTF-8 in command",))
 SYNC = Reply(554, "5.5.0", ("Error: SMTP protocol synchronization",))
 TIMEOUT = "Error: timeout exceeded"
 SHUTTING_DOWN = "Error: service shutting down"
+OUT_OF_RESOURCES = "Error: out of resources, try again later"
 CONTENT_REPLIES = {
     DataProblem.TOO_BIG: Reply(552, "5.3.4", ("Error: message file too big",)),
     DataProblem.LINE_TOO_LONG: Reply(500, "5.5.2", ("Error: message line too long",)),
@@ -165,10 +166,15 @@ class SMTPSession(_AiosmtpdSMTP):
         self._no_service = False  # after a 554 greeting: 503 to all but QUIT
         self._message_task: asyncio.Task[Reply] | None = None
         # The command-read watchdog (_read_line): the pending read's deadline (loop
-        # time, 0 when not reading), the one timer, and whether it fired.
+        # time, 0 when not reading), the same under stress, the one timer, and
+        # whether it fired.
         self._read_deadline = 0.0
+        self._read_stress_deadline = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._timed_out = False
+        # The deadline of another read in progress (DATA, a TLS handshake) and when
+        # it ends under stress.
+        self._wait: tuple[asyncio.Timeout, float] | None = None
         self._commands: dict[str, Callable[[str | None], Awaitable[None]]] = {
             "HELO": self._helo,
             "EHLO": self._ehlo,
@@ -222,6 +228,13 @@ class SMTPSession(_AiosmtpdSMTP):
         if self.transport is not None:
             self.transport.close()
 
+    def _abort(self) -> None:
+        """Close at once, without a TLS goodbye the peer would never answer."""
+        self._closing = True
+        for transport in (self._original_transport, self.transport):
+            if transport is not None:
+                transport.abort()
+
     def _pending_input(self) -> bool:
         return bool(self._reader._buffer)  # type: ignore[attr-defined]
 
@@ -247,15 +260,18 @@ class SMTPSession(_AiosmtpdSMTP):
         if sock:
             client.local_address = ipaddress.ip_address(sock[0])
             client.local_port = int(sock[1])
-        refused = self.runtime.admit(address)
+        conn = self.transport.get_extra_info("socket") if self.transport else None
+        refused = self.runtime.admit(address, conn.fileno() if conn is not None else -1)
         if refused is not None:
             metrics.SESSIONS_REFUSED.labels(refused).inc()
             log.info("refused connection from [%s]:%d: %s", address, client.port, refused)
             text = {
                 "shutdown": "Error: service shutting down",
                 "per_client": f"Error: too many connections from {address}",
+                "fd_limit": OUT_OF_RESOURCES,
             }.get(refused, "Error: too many connections")
-            self._writer.write(Reply(421, "4.7.0", (f"{self.hostname} {text}",)).render())
+            enhanced = "4.3.2" if refused == "fd_limit" else "4.7.0"
+            self._writer.write(Reply(421, enhanced, (f"{self.hostname} {text}",)).render())
             self._close()
             return
         metrics.SESSIONS.inc()
@@ -355,8 +371,9 @@ class SMTPSession(_AiosmtpdSMTP):
     async def _command_loop(self) -> str:
         limits = self.cfg.limits
         while not self._closing and self.transport is not None:
+            idle = limits.stress_idle_timeout if self.runtime.stressed else limits.idle_timeout
             try:
-                line = await self._read_line(limits.idle_timeout)
+                line = await self._read_line(idle, limits.stress_idle_timeout)
             except TimeoutError:
                 metrics.PROTOCOL_ERRORS.labels("timeout").inc()
                 await self._send(Reply(421, "4.4.2", (f"{self.hostname} {TIMEOUT}",)))
@@ -378,8 +395,9 @@ class SMTPSession(_AiosmtpdSMTP):
                 return "shutdown"
         return "quit" if self._quit_seen else "closed"
 
-    async def _read_line(self, timeout: float) -> bytes:
-        """`readuntil(b"\n")`, raising TimeoutError after `timeout` seconds.
+    async def _read_line(self, timeout: float, stressed: float) -> bytes:
+        """`readuntil(b"\n")`, raising TimeoutError after `timeout` seconds, or
+        `stressed` seconds if the server comes under stress meanwhile.
 
         What `asyncio.timeout` does, for the one read a session waits on most,
         without a new timer per command: a session keeps one watchdog timer, moved
@@ -389,14 +407,9 @@ class SMTPSession(_AiosmtpdSMTP):
         reader = self._reader
         if b"\n" in reader._buffer:  # type: ignore[attr-defined]
             return await reader.readuntil(b"\n")  # already here: nothing to time
-        loop = self.loop
-        deadline = loop.time() + timeout
-        self._read_deadline = deadline
-        watchdog = self._watchdog
-        if watchdog is None or watchdog.when() > deadline:
-            if watchdog is not None:
-                watchdog.cancel()
-            self._watchdog = loop.call_at(deadline, self._watch)
+        now = self.loop.time()
+        self._read_stress_deadline = now + stressed
+        self._arm(now + timeout)
         try:
             return await reader.readuntil(b"\n")
         except asyncio.CancelledError:
@@ -408,6 +421,15 @@ class SMTPSession(_AiosmtpdSMTP):
             raise
         finally:
             self._read_deadline = 0.0
+
+    def _arm(self, deadline: float) -> None:
+        """Make `deadline` the pending read's; the watchdog fires no later."""
+        self._read_deadline = deadline
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.when() > deadline:
+            if watchdog is not None:
+                watchdog.cancel()
+            self._watchdog = self.loop.call_at(deadline, self._watch)
 
     def _watch(self) -> None:
         """The watchdog fired: time the read out, or wait on for a later deadline."""
@@ -603,7 +625,11 @@ class SMTPSession(_AiosmtpdSMTP):
                 max_size=limits.message_size,
                 max_line=limits.text_line_length,
                 bare_newline=self.cfg.smtp.bare_newline,
-                timeout=limits.data_timeout,
+                timeout=lambda: (
+                    limits.stress_data_timeout if self.runtime.stressed else limits.data_timeout
+                ),
+                min_rate=limits.min_data_rate,
+                timer=lambda seconds: self._timer(seconds, limits.stress_data_timeout),
                 spool=Spool(
                     limits.spool_size,
                     self.cfg.resolve_path(self.cfg.server.spool_dir)
@@ -612,9 +638,9 @@ class SMTPSession(_AiosmtpdSMTP):
                     limits.header_size,
                 ),
             )
-        except DataTimeout:
+        except DataTimeout as exc:
             metrics.PROTOCOL_ERRORS.labels("timeout").inc()
-            await self.flow.rset(reason="data timeout")
+            await self.flow.rset(reason=exc.reason)
             await self._send(Reply(421, "4.4.2", (f"{self.hostname} {TIMEOUT}",)))
             return
         except asyncio.IncompleteReadError:
@@ -663,8 +689,18 @@ class SMTPSession(_AiosmtpdSMTP):
         # aiosmtpd sends 220, upgrades, and once the handshake is done discards
         # any plaintext pipelined after the command (CVE-2011-0411,
         # CVE-2024-34083): such bytes were never encrypted, so they never count.
+        # The handshake gets the idle timeout, like a command line (asyncio's own
+        # limit is 60 s, whatever the configuration or the stress).
+        limits = self.cfg.limits
+        idle = limits.stress_idle_timeout if self.runtime.stressed else limits.idle_timeout
         try:
-            await self.smtp_STARTTLS("")
+            async with self._timer(idle, limits.stress_idle_timeout):
+                await self.smtp_STARTTLS("")
+        except TimeoutError:
+            metrics.STARTTLS.labels("failure").inc()
+            log.info("sid=%s STARTTLS handshake timed out after %gs", self.model.id, idle)
+            self._abort()
+            return
         except TLSSetupException as exc:
             metrics.STARTTLS.labels("failure").inc()
             log.info(
@@ -719,8 +755,10 @@ class SMTPSession(_AiosmtpdSMTP):
             return None
         self._writer.write(b"334 " + challenge.text.encode("ascii", "replace") + b"\r\n")
         await self._writer.drain()
+        limits = self.cfg.limits
+        idle = limits.stress_idle_timeout if self.runtime.stressed else limits.idle_timeout
         try:
-            async with asyncio.timeout(self.cfg.limits.idle_timeout):
+            async with self._timer(idle, limits.stress_idle_timeout):
                 line = await self._reader.readuntil(b"\n")
         except asyncio.LimitOverrunError:
             await self._skip_long_line()
@@ -740,6 +778,27 @@ class SMTPSession(_AiosmtpdSMTP):
         if answer != b"*" and not _BASE64.match(answer.decode("latin-1")):
             return None
         return answer
+
+    # -- timeouts and stress --------------------------------------------------------
+
+    def _timer(self, seconds: float, stressed: float) -> asyncio.Timeout:
+        """The deadline of one read, kept so that `stress()` can bring it forward."""
+        timer = asyncio.timeout(seconds)
+        self._wait = (timer, asyncio.get_running_loop().time() + stressed)
+        return timer
+
+    def stress(self) -> None:
+        """The server came under stress: a read already waiting gets the stress
+        timeout too (counted from when it began), not just the next one."""
+        if self._read_deadline and self._read_stress_deadline < self._read_deadline:
+            self._arm(self._read_stress_deadline)
+        if self._wait is None:
+            return
+        timer, deadline = self._wait
+        with contextlib.suppress(RuntimeError):  # that read is over
+            when = timer.when()
+            if when is None or deadline < when:
+                timer.reschedule(deadline)
 
     # -- shutdown --------------------------------------------------------------------
 
