@@ -76,13 +76,16 @@ class Gate:
         await c.cmd("QUIT")
 
 
-async def start(tmp_path: Path, sink: Sink, extra: str = "") -> AsyncIterator[Gate]:
+async def start(
+    tmp_path: Path, sink: Sink, extra: str = "", server: str = ""
+) -> AsyncIterator[Gate]:
     port = free_port()
     cfg = tmp_path / "spamgate.toml"
     cfg.write_text(
         f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "gate.test"\n'
         'relay_domains = ["example.test"]\nmynetworks = ["127.0.0.1/32"]\n'
-        f'reload_interval = 0\n[upstream]\naddress = "{sink.address}"\n'
+        f"reload_interval = 0\n{server}[upstream]\n"
+        f'address = "{sink.address}"\n'
         "[limits]\nsessions_per_client = 1000\n" + extra
     )
     proc = await asyncio.create_subprocess_exec(
@@ -123,11 +126,14 @@ async def dns_gate(tmp_path: Path, sink: Sink, dns_server: DnsServer) -> AsyncIt
     for zone in ZONES:
         dns_server.zone(zone, {})
     dns_server.delay = 1.0
+    # asyncio's loop: its accept() failures reach spamgate's reserve descriptor.
+    # (uvloop's libuv closes such a connection itself, with no reply; there the
+    # watermark of the test above is what answers 421.)
     extra = (
         f'[dns]\nnameservers = ["{dns_server.address}"]\ntimeout = 3\nlifetime = 3\n'
         f"[dnsbl]\nsites = {ZONES!r}\n".replace("'", '"')
     )
-    async for g in start(tmp_path, sink, extra):
+    async for g in start(tmp_path, sink, extra, server="uvloop = false\n"):
         yield g
 
 
