@@ -11,6 +11,7 @@ pulled in as a dependency because it is one `sendto`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -20,6 +21,22 @@ import socket
 import sys
 
 log = logging.getLogger("spamgate")
+
+
+class StartupError(Exception):
+    """A user-facing problem that stops startup (port in use, bad permissions)."""
+
+
+def cannot_listen(item: str, exc: OSError) -> StartupError:
+    """What to tell the admin when binding `item` failed, in one line."""
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(f"cannot listen on {item}: address already in use")
+    if exc.errno == errno.EACCES:
+        return StartupError(
+            f"cannot listen on {item}: permission denied (ports below 1024 need "
+            "root or CAP_NET_BIND_SERVICE)"
+        )
+    return StartupError(f"cannot listen on {item}: {exc.strerror}")
 
 
 # Modules the standard library and our dependencies import lazily, on first use.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -24,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 from . import daemon, metrics
 from .config import Config, Listener, load
-from .daemon import PrivilegeError, drop_privileges
+from .daemon import PrivilegeError, StartupError, cannot_listen, drop_privileges
 from .exporter import Exporter
 from .fdlimit import FdReserve, raise_soft_limit, watermark
 from .health import Health
@@ -40,10 +39,6 @@ log = logging.getLogger("spamgate")
 
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
-
-
-class StartupError(Exception):
-    """A user-facing problem that stops startup (port in use, bad permissions)."""
 
 
 # What a file looked like when last loaded: (mtime_ns, size, inode), None if missing.
@@ -117,14 +112,7 @@ class Server:
                     )
             except OSError as exc:
                 await self.close_listeners()
-                if exc.errno == errno.EADDRINUSE:
-                    raise StartupError(f"cannot listen on {item}: address already in use") from None
-                if exc.errno == errno.EACCES:
-                    raise StartupError(
-                        f"cannot listen on {item}: permission denied (ports below 1024 need "
-                        "root or CAP_NET_BIND_SERVICE)"
-                    ) from None
-                raise StartupError(f"cannot listen on {item}: {exc.strerror}") from None
+                raise cannot_listen(item, exc) from None
             self.servers.append(server)
             for sock in server.sockets:
                 name = sock.getsockname()

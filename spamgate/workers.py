@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import errno
 import logging
 import os
 import pwd
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field
 
 from . import daemon, metrics
 from .config import Config, load
-from .daemon import PrivilegeError, drop_privileges
+from .daemon import PrivilegeError, StartupError, cannot_listen, drop_privileges
 from .exporter import Exporter
 from .settings import ConfigError, parse_hostport
 
@@ -57,10 +56,6 @@ READY_TIMEOUT = 60.0
 # delay (1, 2, 4 ... 30 s); one that lived longer, at once.
 QUICK_DEATH = 10.0
 MAX_RESTART_DELAY = 30.0
-
-
-class StartupError(Exception):
-    """A user-facing problem that stops startup (port in use, bad permissions)."""
 
 
 def bind_listeners(config: Config, copies: int) -> list[list[socket.socket]]:
@@ -90,15 +85,7 @@ def bind_listeners(config: Config, copies: int) -> list[list[socket.socket]]:
         for group in bound:
             for sock in group:
                 sock.close()
-        item = listener.address
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"cannot listen on {item}: address already in use") from None
-        if exc.errno == errno.EACCES:
-            raise StartupError(
-                f"cannot listen on {item}: permission denied (ports below 1024 need "
-                "root or CAP_NET_BIND_SERVICE)"
-            ) from None
-        raise StartupError(f"cannot listen on {item}: {exc.strerror}") from None
+        raise cannot_listen(listener.address, exc) from None
     return bound
 
 

@@ -43,9 +43,17 @@ async def test_reloads_while_mail_flows(gate_factory: GateFactory, sink: Sink, t
             i += 1
             await asyncio.sleep(0.03)
 
+    def both_seen() -> bool:
+        return {m for msg in sink.messages for m in MARK.findall(msg.content)} == {b"A", b"B"}
+
     async def client(n: int) -> list[int]:
         codes = []
-        for k in range(3):
+        # Three sessions each, more (up to 10) until both policies were seen: the
+        # clients start in step, and on a slow machine a whole round of them may
+        # fall in the windows where A is in force.
+        k = 0
+        while k < 3 or (k < 10 and not both_seen()):
+            await asyncio.sleep(0.007 * ((n * 5 + k) % 12))  # spread the starts
             c, banner = await gate.client(source=f"127.0.0.{2 + n}")
             codes.append(banner.code)
             codes.append((await c.cmd("EHLO c.test")).code)
@@ -58,6 +66,7 @@ async def test_reloads_while_mail_flows(gate_factory: GateFactory, sink: Sink, t
                 codes.append((await c.reply()).code)
             codes.append((await c.cmd("QUIT")).code)
             await c.close()
+            k += 1
         return codes
 
     task = asyncio.create_task(reloader())
@@ -66,7 +75,9 @@ async def test_reloads_while_mail_flows(gate_factory: GateFactory, sink: Sink, t
     await task
     assert {code for run in codes for code in run} == {220, 250, 354, 221}
     assert results[True] >= 5 and results[False] >= 5  # good and broken reloads
-    assert len(sink.messages) == 12 * 3 * 2
+    sessions = sum(run.count(220) for run in codes)
+    assert sessions >= 12 * 3
+    assert len(sink.messages) == sessions * 2
     marks = [MARK.findall(m.content) for m in sink.messages]
     assert all(len(m) == 1 and m[0] in (b"A", b"B") for m in marks)
     assert {m[0] for m in marks} == {b"A", b"B"}
@@ -76,5 +87,5 @@ async def test_reloads_while_mail_flows(gate_factory: GateFactory, sink: Sink, t
         session = re.search(rb"^Subject: (s[\d.]+) m", m.content, re.MULTILINE)
         assert session is not None
         by_session[session.group(1)] |= set(MARK.findall(m.content))
-    assert len(by_session) == 12 * 3
+    assert len(by_session) == sessions
     assert all(len(p) == 1 for p in by_session.values())
