@@ -672,6 +672,13 @@ class SMTPSession(_AiosmtpdSMTP):
     async def _quit(self, arg: str | None) -> None:
         self._quit_seen = True
         await self._send(Reply(221, "2.0.0", ("Bye",)))
+        # The server closes first after 221 (RFC 5321 4.1.1.10), as Postfix does:
+        # our FIN goes out now, not a loop turn later, so TIME_WAIT stays on our
+        # side rather than on the client's ports.
+        transport = self.transport
+        if transport is not None and transport.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                transport.write_eof()
         self._close()
 
     async def _starttls(self, arg: str | None) -> None:
