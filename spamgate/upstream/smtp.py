@@ -103,6 +103,10 @@ def dot_stuff(block: bytes, last: bytes) -> bytes:
     return out
 
 
+# Commands whose reply may be 3xx (354 to DATA, 334 during AUTH).
+_INTERMEDIATE = frozenset({"data", "auth"})
+
+
 def _reply(resp: SMTPResponse) -> Reply:
     return Reply.from_upstream(resp.code, resp.message)
 
@@ -360,6 +364,13 @@ class SmtpSession(UpstreamSession):
             self.broken = True
             metrics.UPSTREAM_ERRORS.labels("disconnect").inc()
             raise UpstreamError("disconnect", f"{name}: {exc}") from None
+        if resp.code < 200 or (300 <= resp.code < 400 and name not in _INTERMEDIATE):
+            # A 1xx, or a 3xx where only DATA and AUTH may have one: the upstream
+            # and we no longer agree where the dialogue is. Relayed, a 354 to MAIL
+            # or after the dot would tell the client something untrue.
+            self.broken = True
+            metrics.UPSTREAM_ERRORS.labels("protocol").inc()
+            raise UpstreamError("protocol", f"{name}: unexpected reply {resp.code}")
         metrics.child(metrics.UPSTREAM_LATENCY, name).observe(time.perf_counter() - started)
         if resp.code >= 400:
             self.errors += 1
