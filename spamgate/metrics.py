@@ -260,6 +260,15 @@ AUTH_RESULTS = Counter(
     ["method", "result"],
     registry=REGISTRY,
 )
+DMARC_INTERNAL_ERRORS = Counter(
+    "spamgate_dmarc_internal_errors_total",
+    "Messages whose DMARC policy could not be applied because a check inside spamgate "
+    "failed (cause: spf, dkim, dmarc), not because of the sender or its DNS; "
+    "[dmarc] internal_error decided.",
+    ["cause"],
+    registry=REGISTRY,
+)
+DMARC_INTERNAL_CAUSES = ("spf", "dkim", "dmarc")
 
 # -- TLS and AUTH passthrough -------------------------------------------------------
 STARTTLS = Counter(
@@ -460,6 +469,8 @@ def _precreate() -> None:
     for method, results in AUTH_RESULT_SETS.items():
         for result in results:
             AUTH_RESULTS.labels(method, result)
+    for cause in DMARC_INTERNAL_CAUSES:
+        DMARC_INTERNAL_ERRORS.labels(cause)
     for result in RELOAD_RESULTS:
         RELOADS.labels(result)
     for result in STARTTLS_RESULTS:

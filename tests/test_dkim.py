@@ -27,6 +27,7 @@ from spamgate.model import Client, Session, Stage, Transaction
 from spamgate.runtime import Policy
 from spamgate.services import Services
 from spamgate.spool import Spool
+from spamgate.verdict import Action, CheckFailures
 
 from .conftest import config_text
 from .dkimkeys import Signer, message
@@ -288,11 +289,25 @@ async def test_a_dead_worker_process_is_replaced(dns_server: DnsServer) -> None:
         await asyncio.sleep(0.15)
         for pid in list(pool._processes):  # the workers, not the forkserver
             os.kill(pid, signal.SIGKILL)
+        before = metrics.REGISTRY.get_sample_value(
+            "spamgate_dmarc_internal_errors_total", {"cause": "dkim"}
+        )
         txn, outcome = await task
-        # no DKIM result: DMARC cannot tell whether it would have passed; no refusal
+        # no DKIM result: DMARC cannot tell whether it would have passed, and it is
+        # spamgate's failure, not the signer's: p=reject is neither applied nor
+        # forgotten, the sender is asked to try again
         assert txn.results.get(DkimResults) is None
-        assert txn.results.get(DmarcResults).result == "temperror"
-        assert outcome.final is None
+        assert ("dkim", "exception") in txn.results.get(CheckFailures).failed
+        dmarc = txn.results.get(DmarcResults)
+        assert dmarc.result == "temperror" and dmarc.results[0].internal == "dkim"
+        assert outcome.final is not None and outcome.final.action is Action.DEFER
+        assert (outcome.final.reply.code, outcome.final.reply.enhanced) == (451, "4.3.0")
+        assert (
+            metrics.REGISTRY.get_sample_value(
+                "spamgate_dmarc_internal_errors_total", {"cause": "dkim"}
+            )
+            == before + 1
+        )
         txn, _ = await run(small)  # on a new pool
         assert [s.result for s in txn.results.get(DkimResults).signatures] == ["pass"]
         assert services._processes is not pool
