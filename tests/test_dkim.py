@@ -179,6 +179,44 @@ async def test_signatures_we_do_not_accept(make) -> None:
     assert kind == "neutral" and "v=" in reason
 
 
+async def test_key_record_restrictions(make, dns_server: DnsServer) -> None:
+    # RFC 6376 §3.6.1: h= lists the hash algorithms the key may be used with, and
+    # t=s forbids an i= in a subdomain of d=; dkimpy honours neither.
+    key = RSA.record
+    dns_server.zone(
+        "good.test",
+        {
+            RSA.name: {"TXT": key},
+            "sha1only._domainkey": {"TXT": f"{key}; h=sha1"},
+            "both._domainkey": {"TXT": f"{key}; h=sha1:sha256"},
+            "future._domainkey": {"TXT": f"{key}; h=sha512:SHA256"},  # unknown ones ignored
+            "strict._domainkey": {"TXT": f"{key}; t=s"},
+            "teststrict._domainkey": {"TXT": f"{key}; t=y:s"},
+        },
+    )
+    check = await make()
+
+    async def result(selector: str, identity: str | None = None) -> tuple[str, str]:
+        signer = Signer("good.test", selector)
+        [found] = results(await check(signer.sign(message(), identity=identity)))
+        return found
+
+    assert await result("sha1only") == ("permerror", "key h= does not allow sha256")
+    assert await result("both") == ("pass", "")
+    assert await result("future") == ("pass", "")
+    # ...and rsa-sha1 stays unacceptable whatever the key allows (RFC 8301)
+    sha1 = Signer("good.test", "sha1only").sign(message(), algorithm=b"rsa-sha1")
+    assert results(await check(sha1)) == [("policy", "rsa-sha1 is not accepted (RFC 8301)")]
+    for selector in ("strict", "teststrict"):
+        assert await result(selector, "alice@good.test") == ("pass", "")
+        assert await result(selector) == ("pass", "")  # no i=: it is @d=
+        assert await result(selector, "alice@news.good.test") == (
+            "permerror",
+            "key t=s: the i= domain must be the d= domain",
+        )
+    assert await result("sel", "alice@news.good.test") == ("pass", "")  # no t=s: allowed
+
+
 async def test_no_signature_and_our_own_clients(make) -> None:
     check = await make()
     before = metrics.REGISTRY.get_sample_value(
