@@ -16,7 +16,9 @@ should not be a thousand queries. So all DNS goes through this module:
   repeated; a caller that gives up early leaves the shared query running so the
   others (and the cache) still get its answer;
 * answers as small values (`DnsAnswer`) and failures as one exception (`DnsError`),
-  so checks never deal with dnspython's exception zoo.
+  so checks never deal with dnspython's exception zoo;
+* a TXT record of no strings read as such (`_TxtOfNoStrings`), not as a reason
+  to drop the whole answer.
 
 `cached()` reads the cache without awaiting and is thread-safe, which lets pyspf,
 running in a worker thread, use answers the event loop already has.
@@ -35,12 +37,14 @@ from typing import TYPE_CHECKING, Literal
 
 import dns.asyncresolver
 import dns.exception
+import dns.immutable
 import dns.name
 import dns.nameserver
 import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.TXT
 import dns.resolver
 
 from . import metrics
@@ -332,6 +336,37 @@ class ExpiringLRUCache(dns.resolver.LRUCache):
                 node.unlink()
                 del self.data[node.key]
         return len(expired)
+
+
+@dns.immutable.immutable
+class _TxtOfNoStrings(dns.rdtypes.ANY.TXT.TXT):
+    """A TXT record that may hold no strings at all.
+
+    RFC 1035 §3.3.14 gives TXT "one or more" strings, but records of none
+    (RDLENGTH 0) are published. dnspython refuses to build one; its resolver then
+    drops the whole response as malformed and waits for another until the
+    lifetime runs out: an answer that came at once became a 5 s "timeout", an SPF
+    temperror, a DKIM key "not found in time". Read it as what it is, a record of
+    zero strings: it joins to "", which is no SPF record, no DKIM key and no DMARC
+    policy. Installed in place of dnspython's TXT class for class IN when this
+    module is imported.
+    """
+
+    def __init__(self, rdclass, rdtype, strings) -> None:  # type: ignore[no-untyped-def]
+        strings = tuple(strings)
+        super().__init__(rdclass, rdtype, strings or (b"",))
+        if not strings:
+            object.__setattr__(self, "strings", ())
+
+
+def _accept_txt_of_no_strings() -> None:
+    # dnspython has no public way to replace the class of a type it implements
+    # (register_type refuses one): its table, keyed by (class, type), is set here.
+    dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.TXT)
+    dns.rdata._rdata_classes[(dns.rdataclass.IN, dns.rdatatype.TXT)] = _TxtOfNoStrings
+
+
+_accept_txt_of_no_strings()
 
 
 def _make_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:

@@ -47,6 +47,7 @@ def publish(server: DnsServer) -> None:
             "revoked._domainkey": {"TXT": "v=DKIM1; k=rsa; p="},
             "broken._domainkey": {"TXT": "v=DKIM1; k=rsa; p=bm90IGEga2V5"},
             "temp._domainkey": {"TXT": RSA.record},
+            "nostrings._domainkey": {"TXT": r"\# 0"},  # a TXT record of no strings
         },
     )
     server.zone("other.test", {OTHER.name: {"TXT": OTHER.record}})
@@ -166,6 +167,10 @@ async def test_key_problems(make, dns_server: DnsServer) -> None:
     temp = Signer("good.test", "temp")
     [(kind, reason)] = results(await check(temp.sign(message())))
     assert kind == "temperror" and reason.startswith("key lookup failed")
+    # an empty record is an answer (no key in it), not a lookup that times out
+    empty = Signer("good.test", "nostrings")
+    [(kind, reason)] = results(await check(empty.sign(message())))
+    assert kind == "permerror" and reason.startswith("bad key"), reason
 
 
 async def test_signatures_we_do_not_accept(make) -> None:

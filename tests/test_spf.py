@@ -87,6 +87,22 @@ def publish_spf(server: DnsServer) -> None:
     )
     server.zone("v6.test", {"@": {"TXT": "v=spf1 ip6:::1 -all"}})
     server.zone("redirect.test", {"@": {"TXT": "v=spf1 redirect=good.test"}})
+    # TXT records of no strings (RDLENGTH 0): not SPF records, and no DNS error
+    server.zone("empty.test", {"@": {"TXT": r"\# 0"}})
+    server.zone("emptytoo.test", {"@": {"TXT": [r"\# 0", "v=spf1 ip4:127.0.0.0/8 -all"]}})
+    # ptr: one PTR name of 127.0.0.2 is a CNAME loop (RFC 7208 test suite,
+    # ptr-cname-loop), one confirms 127.0.0.2 only if ptrok.test publishes it
+    server.zone("0.0.127.in-addr.arpa", {"2": {"PTR": ["l1.ptr.test.", "host.ptr.test."]}})
+    server.zone(
+        "ptr.test",
+        {
+            "l1": {"CNAME": "l2.ptr.test."},
+            "l2": {"CNAME": "l1.ptr.test."},
+            "host": {"A": "127.0.0.2"},
+        },
+    )
+    server.zone("ptrok.test", {"@": {"TXT": "v=spf1 ptr:host.ptr.test -all"}})
+    server.zone("ptrloop.test", {"@": {"TXT": "v=spf1 ptr:l1.ptr.test ?all"}})
     server.zone("slow.test", {"@": {"TXT": "v=spf1 ip4:127.0.0.0/8 -all"}})
     server.delays["slow.test"] = 5.0
 
@@ -118,6 +134,11 @@ async def engine(dns_server: DnsServer) -> AsyncIterator[SpfEngine]:
         ("a@void.test", "permerror"),  # 3 void lookups > 2
         ("a@twovoid.test", "pass"),  # 2 void lookups
         ("a@mx.test", "pass"),  # the second MX host is the client
+        ("a@empty.test", "none"),  # a TXT record of no strings is no SPF record
+        ("a@emptytoo.test", "pass"),  # ...and hides none beside it
+        # RFC 7208 §5.5: a DNS error validating one PTR name skips that name
+        ("a@ptrok.test", "pass"),  # the other one validates
+        ("a@ptrloop.test", "neutral"),  # only the looping one: no match, ?all
     ],
 )
 async def test_every_result(engine: SpfEngine, sender: str, result: str) -> None:
