@@ -165,6 +165,14 @@ async def test_details_of_results(engine: SpfEngine, dns_server: DnsServer) -> N
     assert (await engine.check("::1", "a@mx.test", "h.test")).result == "pass"  # via AAAA
 
 
+async def test_a_failed_ptr_lookup_is_no_match(engine: SpfEngine, dns_server: DnsServer) -> None:
+    # RFC 7208 §5.5: "If a DNS error occurs while doing the PTR RR lookup, then this
+    # mechanism fails to match" (pyspf: temperror)
+    dns_server.fail("3.0.0.127.in-addr.arpa")
+    assert (await engine.check("127.0.0.3", "a@ptrloop.test", "h.test")).result == "neutral"
+    assert (await engine.check("127.0.0.3", "a@ptrok.test", "h.test")).result == "fail"
+
+
 async def test_null_sender_is_postmaster_at_helo(engine: SpfEngine, dns_server: DnsServer) -> None:
     assert (await engine.check("127.0.0.2", "", "good.test")).result == "pass"
     assert (await engine.check("127.0.0.2", "", "bad.test")).result == "fail"
