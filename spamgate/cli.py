@@ -28,7 +28,7 @@ def _setup_logging(level: str, *, with_pid: bool = False) -> None:
         handler.setFormatter(JournalFormatter(name))
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     # aiosmtpd logs every connection on "mail.log" and PROXY errors on "mail.debug";
     # our own lines say it better, with the session id.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
@@ -181,16 +181,41 @@ START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 def cmd_reference(args: argparse.Namespace) -> int:
     text = reference_markdown()
-    if args.update:
-        with open(args.update, encoding="utf-8") as fh:
-            doc = fh.read()
-        head, _, rest = doc.partition(START)
-        _, _, tail = rest.partition(END)
-        with open(args.update, "w", encoding="utf-8") as fh:
-            fh.write(f"{head}{START}\n{text}\n{END}{tail}")
+    if not args.update:
+        print(text)
         return 0
-    print(text)
+    problem = update_reference(args.update, text)
+    if problem:
+        print(f"spamgate: {args.update}: {problem}", file=sys.stderr)
+        return 1
     return 0
+
+
+def update_reference(path: str, text: str) -> str | None:
+    """Replace the block between START and END in `path` with `text`; the problem,
+    if any, with the file left as it was (a file without the markers is not ours
+    to append to)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = fh.read()
+    except FileNotFoundError:
+        return "no such file"
+    except IsADirectoryError:
+        return "is a directory, not a file"
+    except OSError as exc:
+        return str(exc.strerror)
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    head, start, rest = doc.partition(START)
+    _, end, tail = rest.partition(END)
+    if not start or not end:
+        return f"no {START} ... {END} block to rewrite (add the two lines where it belongs)"
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(f"{head}{START}\n{text}\n{END}{tail}")
+    except OSError as exc:
+        return str(exc.strerror)
+    return None
 
 
 def _ip(text: str) -> str:
@@ -202,6 +227,15 @@ def _ip(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f'"{text}" is not one of {", ".join(LOG_LEVELS)}')
+    return text.lower()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spamgate", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"spamgate {__version__}")
@@ -209,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("-c", "--config", help="configuration file (default: embedded defaults)")
-    run.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    run.add_argument("--log-level", default="info", type=_log_level, help=", ".join(LOG_LEVELS))
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a configuration and its rule tables")

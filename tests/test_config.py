@@ -104,3 +104,39 @@ def test_readme_reference_is_current() -> None:
         "README configuration reference is stale: "
         "run `spamgate config-reference --update README.md`"
     )
+
+
+def test_config_reference_update_refuses_what_it_cannot_rewrite(tmp_path) -> None:
+    missing = tmp_path / "nothere.md"
+    r = run_cli("config-reference", "--update", str(missing))
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", f"spamgate: {missing}: no such file\n")
+    assert not missing.exists()
+    r = run_cli("config-reference", "--update", str(tmp_path))
+    assert (r.returncode, r.stderr) == (1, f"spamgate: {tmp_path}: is a directory, not a file\n")
+    plain = tmp_path / "plain.md"
+    for text in ("# notes\n", f"# notes\n{START}\nonly the start\n", f"{END}\n{START}\n"):
+        plain.write_text(text)
+        r = run_cli("config-reference", "--update", str(plain))
+        assert (r.returncode, r.stderr) == (
+            1,
+            f"spamgate: {plain}: no {START} ... {END} block to rewrite "
+            "(add the two lines where it belongs)\n",
+        )
+        assert plain.read_text() == text  # nothing appended
+
+
+def test_config_reference_update_rewrites_the_block(tmp_path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# head\n{START}\nold\n{END}\ntail\n")
+    r = run_cli("config-reference", "--update", str(doc))
+    assert (r.returncode, r.stderr) == (0, "")
+    assert doc.read_text() == f"# head\n{START}\n{reference_markdown()}\n{END}\ntail\n"
+
+
+def test_unknown_log_level_is_refused() -> None:
+    r = run_cli("run", "--log-level", "bogus")
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == (
+        'spamgate run: error: argument --log-level: "bogus" is not one of '
+        "debug, info, warning, error"
+    )
