@@ -550,7 +550,7 @@ class _NthTable(Located):
         super().__init__(where.path, where.text)
         self.nth = nth
 
-    def line_of(self, section: str, key: str | None = None) -> int:
+    def line_of(self, section: str, key: str | None = None, item: str | None = None) -> int:
         seen = -1
         inside = False
         header_line = 1

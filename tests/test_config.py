@@ -140,3 +140,32 @@ def test_unknown_log_level_is_refused() -> None:
         'spamgate run: error: argument --log-level: "bogus" is not one of '
         "debug, info, warning, error"
     )
+
+
+def test_table_entries_are_reported_at_their_own_line(tmp_path) -> None:
+    text = (
+        "[ratelimit]\n"  # 1
+        'messages_per_ip = "10/1m"\n'
+        "\n"
+        "[ratelimit.overrides]\n"  # 4
+        '"cidr:a.cidr" = "unlimited"\n'
+        '"cidr:b.cidr" = "messages_per_ip=lots"\n'  # 6
+        "'hash:c' = \"recipients_per_ip=off, bogus=1/1m\"\n"  # 7
+        '\n[spf]\nactions = { fail = "reject", neutral = "boom" }\n'  # 10
+        '\n[dnsbl]\nsymbols.OK_NAME = "bl.test"\n'
+        'symbols."bad name" = "bl.test"\n'  # 14
+    )
+    with pytest.raises(ConfigError) as err:
+        loads(text, "o.toml")
+    assert err.value.problems == [
+        'o.toml:6: [ratelimit] overrides: "cidr:b.cidr": "lots" is not "COUNT/PERIOD" like '
+        '"30/1m", "100/1h" or "5/30s"',
+        "o.toml:7: [ratelimit] overrides: \"hash:c\": 'bogus' is not a rate limit "
+        "(connections_per_ip, connections_per_net, recipients_per_ip, recipients_per_net, "
+        "recipients_per_sender_domain, messages_per_recipient, messages_per_ip, "
+        "messages_per_net, messages_per_sender_domain)",
+        "o.toml:10: [spf] actions: expected 'continue' or 'score' or 'reject' or 'tempfail', "
+        "got 'boom'",
+        'o.toml:14: [dnsbl] symbols: "bad name" is not a symbol name (letters, digits, "_")',
+    ]
+
