@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import types
 import typing
@@ -87,6 +88,15 @@ def non_negative(value: float) -> str | None:
 
 
 # ---- the loader ------------------------------------------------------------------
+
+
+def display_path(path: str) -> str:
+    """A file as errors name it: where it really is (a path in the configuration is
+    relative to the configuration file, not to where the command runs), relative to
+    the working directory when that is shorter, so an admin can open it as shown."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute)
+    return relative if len(relative) < len(absolute) else absolute
 
 
 _HEADER = re.compile(r"^\[\[?(?P<name>[^\]]*)\]\]?\s*(?:#.*)?$")

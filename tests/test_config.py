@@ -169,3 +169,32 @@ def test_table_entries_are_reported_at_their_own_line(tmp_path) -> None:
         'o.toml:14: [dnsbl] symbols: "bad name" is not a symbol name (letters, digits, "_")',
     ]
 
+
+def test_missing_client_tables_are_reported_at_the_config_line(tmp_path, monkeypatch) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "spamgate.toml").write_text(
+        "[ratelimit]\n"
+        'messages_per_ip = "10/1m"\n'
+        "[ratelimit.overrides]\n"
+        '"cidr:partners.cidr" = "unlimited"\n'  # 4
+        '"cidr:rules/nothere.cidr" = "unlimited"\n'  # 5
+        "\n[greylist]\nenabled = true\n"
+        'allowlist = ["cidr:greylist.cidr"]\n'  # 9
+    )
+    (etc / "partners.cidr").write_text("192.0.2.0/24 OK\n")
+    monkeypatch.chdir(tmp_path)
+    r = run_cli_here("check", "-c", "etc/spamgate.toml")
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [
+        "etc/spamgate.toml:5: [ratelimit] overrides: etc/rules/nothere.cidr: no such file",
+        "etc/spamgate.toml:9: [greylist] allowlist: etc/greylist.cidr: no such file",
+    ]
+
+
+def run_cli_here(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real command, in this test's working directory."""
+    return subprocess.run(
+        [sys.executable, "-m", "spamgate", *args], capture_output=True, text=True, timeout=30
+    )
+

@@ -63,11 +63,11 @@ def test_check_lists_every_problem_in_every_table(tmp_path) -> None:
     r = run("check", "-c", str(cfg))
     assert r.returncode == 1
     assert r.stdout.splitlines() == [
-        "helo.regexp:2: no closing '/' for the pattern",
-        "helo.regexp:3: unknown action 'REJCT' (expected OK, DUNNO, REJECT, DEFER, "
-        "4NN/5NN text, DISCARD, HOLD, PREPEND, WARN or SCORE)",
-        "sender:2: duplicate key 'a@b.test' (first given on line 1)",
-        f"{cfg}:4: [rules] recipient: missing: no such file",
+        f"{tmp_path}/helo.regexp:2: no closing '/' for the pattern",
+        f"{tmp_path}/helo.regexp:3: unknown action 'REJCT' (expected OK, DUNNO, REJECT, "
+        "DEFER, 4NN/5NN text, DISCARD, HOLD, PREPEND, WARN or SCORE)",
+        f"{tmp_path}/sender:2: duplicate key 'a@b.test' (first given on line 1)",
+        f"{cfg}:4: [rules] recipient: {tmp_path}/missing: no such file",
     ]
 
 
