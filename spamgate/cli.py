@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
-from .config import load
+from .config import Config, InvalidConfig, load
 from .settings import ConfigError
 
 
@@ -35,15 +35,34 @@ def _setup_logging(level: str, *, with_pid: bool = False) -> None:
     logging.getLogger("mail.debug").setLevel(logging.ERROR)
 
 
+def problems_of(path: str | None) -> tuple[Config | None, list[str]]:
+    """The configuration at `path` and every problem in it, its rule tables and its
+    certificate, all at once (a bad setting does not hide a missing table)."""
+    from .runtime import build
+
+    problems: list[str] = []
+    try:
+        config: Config | None = load(path)
+    except ConfigError as exc:
+        problems += exc.problems
+        config = exc.partial if isinstance(exc, InvalidConfig) else None
+    if config is not None:
+        try:
+            build(config)
+        except ConfigError as exc:
+            problems += [p for p in exc.problems if p not in problems]
+    return config, problems
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import raise_fd_limit
     from .server import Server, StartupError
 
     try:
         config = load(args.config)
-    except ConfigError as exc:
+    except ConfigError:
         _setup_logging(args.log_level)
-        for problem in exc.problems:
+        for problem in problems_of(args.config)[1]:
             print(f"spamgate: {problem}", file=sys.stderr)
         return 1
     workers = config.server.workers
@@ -89,15 +108,10 @@ def loop_factory(want_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] |
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .runtime import Policy
-    from .services import Services
-
-    try:
-        config = load(args.config)
-        Policy.build(config, Services.build(config))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem)
+    _, problems = problems_of(args.config)
+    for problem in problems:
+        print(problem)
+    if problems:
         return 1
     print(f"{args.config}: ok")
     return 0

@@ -521,10 +521,8 @@ def loads(text: str, path: str = "<config>") -> Config:
     )
     positions = [-1] * (len(listeners) - len(listener_tables)) + [n for n, _ in listener_tables]
     problems += _listener_problems(listeners, positions, built["tls"], built["upstream"], where)
-    if problems:
-        raise ConfigError(problems)
     base_dir = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
-    return Config(
+    config = Config(
         path=path if path != "<config>" else None,
         server=server,
         listeners=tuple(listeners),
@@ -541,6 +539,19 @@ def loads(text: str, path: str = "<config>") -> Config:
         hostname=server.hostname or socket.getfqdn(),
         base_dir=base_dir,
     )
+    if problems:
+        raise InvalidConfig(problems, config)
+    return config
+
+
+class InvalidConfig(ConfigError):
+    """Problems in the file's settings, with `partial`: the configuration as it is
+    with each bad setting left at its default. `spamgate check` goes on with it to
+    the rule tables and the certificate, to report every problem at once."""
+
+    def __init__(self, problems: list[str], partial: Config) -> None:
+        super().__init__(problems)
+        self.partial = partial
 
 
 class _NthTable(Located):

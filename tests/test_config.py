@@ -198,3 +198,42 @@ def run_cli_here(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "spamgate", *args], capture_output=True, text=True, timeout=30
     )
 
+
+def test_check_reports_every_problem_at_once_with_resolved_paths(tmp_path) -> None:
+    (tmp_path / "deploy" / "rules").mkdir(parents=True)
+    cfg = tmp_path / "deploy" / "spamgate.toml"
+    cfg.write_text(
+        '[server]\nhostname = "mx.example.test"\nworkers = 0\n'  # 3
+        '\n[tls]\ncert_file = "tls/cert.pem"\nkey_file = "tls/key.pem"\n'  # 6, 7
+        '\n[rules]\nclient = ["cidr:rules/client.cidr"]\n'  # 10
+        'helo = ["regexp:rules/helo.regexp"]\n'  # 11
+    )
+    (tmp_path / "deploy" / "rules" / "helo.regexp").write_text("/x/ REJCT\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "spamgate", "check", "-c", "deploy/spamgate.toml"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [
+        "deploy/spamgate.toml:3: [server] workers: must be greater than 0",
+        "deploy/spamgate.toml:10: [rules] client: deploy/rules/client.cidr: no such file",
+        "deploy/rules/helo.regexp:1: unknown action 'REJCT' (expected OK, DUNNO, REJECT, "
+        "DEFER, 4NN/5NN text, DISCARD, HOLD, PREPEND, WARN or SCORE)",
+        "deploy/spamgate.toml:6: [tls] cert_file deploy/tls/cert.pem: no such file",
+        "deploy/spamgate.toml:7: [tls] key_file deploy/tls/key.pem: no such file",
+    ]
+    # from elsewhere, a path is shown absolute when that is shorter than going up
+    r = run_cli("check", "-c", str(cfg))
+    assert r.stdout.splitlines()[1] == (
+        f"{cfg}:10: [rules] client: {tmp_path}/deploy/rules/client.cidr: no such file"
+    )
+    # `run` refuses to start with the same list
+    r = run_cli("run", "-c", str(cfg))
+    assert r.returncode == 1
+    assert len(r.stderr.splitlines()) == 5
+    assert r.stderr.splitlines()[4] == (
+        f"spamgate: {cfg}:7: [tls] key_file {tmp_path}/deploy/tls/key.pem: no such file"
+    )
