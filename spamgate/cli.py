@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
-from .config import Config, InvalidConfig, load
+from .config import Config, InvalidConfig, hostname_problem, load
 from .settings import ConfigError
 
 
@@ -67,6 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     workers = config.server.workers
     _setup_logging(args.log_level, with_pid=workers > 1)
+    hostname = hostname_problem(config)
+    if hostname:
+        logging.getLogger("spamgate").warning("%s", hostname)
     factory = loop_factory(config.server.uvloop)
     if workers > 1:
         from . import workers as supervisor
@@ -108,11 +111,15 @@ def loop_factory(want_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] |
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    _, problems = problems_of(args.config)
+    config, problems = problems_of(args.config)
     for problem in problems:
         print(problem)
     if problems:
         return 1
+    assert config is not None
+    hostname = hostname_problem(config)
+    if hostname:
+        print(config.where().at("server", "hostname", f"warning: {hostname}"))
     print(f"{args.config}: ok")
     return 0
 

@@ -673,6 +673,26 @@ def _listener_problems(
     return problems
 
 
+def hostname_problem(config: Config) -> str | None:
+    """Why the host name does not do for an MX, or None. Clients see it in the
+    greeting and EHLO reply, and a `${myhostname}` HELO rule (the shipped "You are
+    not me") refuses every client that says it: with "localhost", clients that say
+    "localhost"."""
+    name = config.hostname.rstrip(".").lower()
+    if "." in name and name != "localhost.localdomain" and not name.endswith(".localhost"):
+        return None
+    which = (
+        f'[server] hostname "{config.hostname}"'
+        if config.server.hostname
+        else f'[server] hostname is unset and this machine\'s name, "{config.hostname}",'
+    )
+    return (
+        f"{which} is not a fully qualified domain name: set [server] hostname to this "
+        "MX's public name (spamgate greets clients with it, and a ${myhostname} HELO rule "
+        'such as "You are not me" refuses clients that say it)'
+    )
+
+
 def load(path: str | None) -> Config:
     """Load the file at `path`; None gives the embedded defaults."""
     if path is None:

@@ -237,3 +237,53 @@ def test_check_reports_every_problem_at_once_with_resolved_paths(tmp_path) -> No
     assert r.stderr.splitlines()[4] == (
         f"spamgate: {cfg}:7: [tls] key_file {tmp_path}/deploy/tls/key.pem: no such file"
     )
+
+
+NOT_FQDN = (
+    "is not a fully qualified domain name: set [server] hostname to this MX's public "
+    'name (spamgate greets clients with it, and a ${myhostname} HELO rule such as "You are '
+    'not me" refuses clients that say it)'
+)
+
+
+@pytest.mark.parametrize("name", ["localhost", "mx", "localhost.localdomain", "mx.localhost."])
+def test_check_warns_of_a_hostname_that_is_not_a_fqdn(tmp_path, name) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[server]\nrelay_domains = ["example.test"]\nhostname = "{name}"\n')
+    r = run_cli("check", "-c", str(cfg))
+    assert r.returncode == 0  # a warning, not an error
+    assert r.stdout.splitlines() == [
+        f'{cfg}:3: warning: [server] hostname "{name}" {NOT_FQDN}',
+        f"{cfg}: ok",
+    ]
+
+
+def test_check_is_quiet_about_a_fqdn(tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\nhostname = "mx.example.test"\n')
+    r = run_cli("check", "-c", str(cfg))
+    assert (r.returncode, r.stdout) == (0, f"{cfg}: ok\n")
+
+
+def test_run_warns_of_a_hostname_that_is_not_a_fqdn(tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\nlisten = ["127.0.0.1:0"]\nhostname = "localhost"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spamgate", "run", "-c", str(cfg)],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:  # the warning comes before "listening"
+            lines.append(line)
+            if "spamgate listening on" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    warnings = [line for line in lines if " WARNING spamgate: [server] hostname" in line]
+    assert len(warnings) == 1, lines
+    assert warnings[0].rstrip().endswith(f'[server] hostname "localhost" {NOT_FQDN}')
