@@ -6,6 +6,7 @@ prints them and a test keeps the README's reference in step with them.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -91,8 +92,9 @@ class ServerSettings:
     workers: int = setting(
         1,
         "Worker processes, each with its own socket per listener (SO_REUSEPORT) and "
-        "a share of max_sessions; one process uses one core.",
-        check=positive,
+        "a share of max_sessions; one process uses one core. 0: one per core spamgate "
+        "may run on, less one for Postfix (at least 1).",
+        check=non_negative,
     )
     uvloop: bool = setting(
         True,
@@ -487,6 +489,12 @@ def all_sections() -> dict[str, type]:
     return {**CORE_SECTIONS, **CHECK_SECTIONS}
 
 
+def cores_for_workers() -> int:
+    """`workers = 0`: a worker per core this process may run on (its CPU affinity,
+    as taskset or a cpuset allow), less one for the Postfix behind it."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def loads(text: str, path: str = "<config>") -> Config:
     """Parse config text; raise ConfigError listing every problem found."""
     where = Located(path, text)
@@ -514,6 +522,8 @@ def loads(text: str, path: str = "<config>") -> Config:
     for name, cls in known.items():
         built.setdefault(name, cls())
     server: ServerSettings = built["server"]
+    if server.workers == 0:
+        server = dataclasses.replace(server, workers=cores_for_workers())
     # With [[listener]] tables, the default `listen` would add a surprise listener.
     explicit_listen = "listen" in raw.get("server", {})
     listeners = _resolve_listeners(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import socket
 import subprocess
@@ -67,10 +68,10 @@ def test_check_command(tmp_path) -> None:
     r = run_cli("check", "-c", str(good))
     assert r.returncode == 0, r.stdout + r.stderr
     bad = tmp_path / "bad.toml"
-    bad.write_text("[server]\nworkers = 0\n")
+    bad.write_text("[server]\nworkers = -1\n")
     r = run_cli("check", "-c", str(bad))
     assert r.returncode == 1
-    assert r.stdout.strip() == f"{bad}:2: [server] workers: must be greater than 0"
+    assert r.stdout.strip() == f"{bad}:2: [server] workers: must not be negative"
     assert "Traceback" not in r.stderr
 
 
@@ -203,7 +204,7 @@ def test_check_reports_every_problem_at_once_with_resolved_paths(tmp_path) -> No
     (tmp_path / "deploy" / "rules").mkdir(parents=True)
     cfg = tmp_path / "deploy" / "spamgate.toml"
     cfg.write_text(
-        '[server]\nhostname = "mx.example.test"\nworkers = 0\n'  # 3
+        '[server]\nhostname = "mx.example.test"\nworkers = -1\n'  # 3
         '\n[tls]\ncert_file = "tls/cert.pem"\nkey_file = "tls/key.pem"\n'  # 6, 7
         '\n[rules]\nclient = ["cidr:rules/client.cidr"]\n'  # 10
         'helo = ["regexp:rules/helo.regexp"]\n'  # 11
@@ -218,7 +219,7 @@ def test_check_reports_every_problem_at_once_with_resolved_paths(tmp_path) -> No
     )
     assert r.returncode == 1
     assert r.stdout.splitlines() == [
-        "deploy/spamgate.toml:3: [server] workers: must be greater than 0",
+        "deploy/spamgate.toml:3: [server] workers: must not be negative",
         "deploy/spamgate.toml:10: [rules] client: deploy/rules/client.cidr: no such file",
         "deploy/rules/helo.regexp:1: unknown action 'REJCT' (expected OK, DUNNO, REJECT, "
         "DEFER, 4NN/5NN text, DISCARD, HOLD, PREPEND, WARN or SCORE)",
@@ -287,3 +288,9 @@ def test_run_warns_of_a_hostname_that_is_not_a_fqdn(tmp_path) -> None:
     warnings = [line for line in lines if " WARNING spamgate: [server] hostname" in line]
     assert len(warnings) == 1, lines
     assert warnings[0].rstrip().endswith(f'[server] hostname "localhost" {NOT_FQDN}')
+
+
+def test_workers_zero_means_one_per_core_less_one() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert loads("[server]\nworkers = 0\n").server.workers == max(1, cores - 1)
+    assert loads("[server]\nworkers = 3\n").server.workers == 3
