@@ -136,10 +136,13 @@ class Recorder:
 
 @contextlib.asynccontextmanager
 async def running_milter(
-    recorder: Recorder, needs: Needs | None = None, limits: Limits | None = None
+    recorder: Recorder,
+    needs: Needs | None = None,
+    limits: Limits | None = None,
+    port: int = 0,
 ) -> AsyncIterator[MilterServer]:
     server = MilterServer(recorder, needs, limits)
-    await server.listen_tcp("127.0.0.1", 0)
+    await server.listen_tcp("127.0.0.1", port)
     try:
         yield server
     finally:
