@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email
 import json
+import logging
 import os
 import re
 import signal
@@ -110,9 +111,12 @@ def postqueue(postfix: PostfixInstance) -> list[dict]:
 # -- negotiation and macros -------------------------------------------------------------
 
 
-async def test_events_and_macros_at_each_stage(mp: MilterPostfix) -> None:
+async def test_events_and_macros_at_each_stage(
+    mp: MilterPostfix, caplog: pytest.LogCaptureFixture
+) -> None:
     recorder = Recorder()
     mark = marker()
+    caplog.set_level(logging.WARNING, "spamgate.milter")
     async with running_milter(recorder, port=mp.port):
         body = message(mark, "line one\r\n..dot line\r\n", extra="X-Folded: a\r\n\tb\r\n")
         replies = await send(mp.postfix, "127.0.0.21", body)
@@ -153,6 +157,7 @@ async def test_events_and_macros_at_each_stage(mp: MilterPostfix) -> None:
     assert session.body_bytes() == b"line one\r\n.dot line\r\n"
     msg = await delivered(mp.postfix, mark)
     assert msg["Subject"] == mark
+    assert not caplog.records  # no missing macro, no refused option
 
 
 async def test_macros_from_main_cf_when_not_negotiated(postfix_factory: PostfixFactory) -> None:

@@ -158,3 +158,20 @@ async def test_idle_and_packet_deadlines() -> None:
         mta = await negotiated(server.addresses[0])
         await mta.send(connect()[:6])  # a packet begun and never finished
         assert await mta.closed(timeout=2)
+
+
+async def test_missing_macros_are_reported_once(caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder()
+    async with running_milter(recorder) as server:
+        with caplog.at_level(logging.WARNING, "spamgate.milter"):
+            for _ in range(2):
+                mta = await negotiated(server.addresses[0])
+                await mta.send(macros(b"C", j="mx.test", client_addr="127.0.0.9") + connect())
+                assert await mta.response() == (b"c", b"")
+                await mta.send(mta_packet(b"Q"))
+                assert await mta.closed()
+    warnings = [r.getMessage() for r in caplog.records if "sent no" in r.getMessage()]
+    assert warnings == [
+        "milter: Postfix sent no {client_name} {client_port} {client_ptr} {daemon_name} "
+        "at connect; its milter macro lists lack what spamgate reads (docs/milter.md)"
+    ]

@@ -30,13 +30,20 @@ from dataclasses import dataclass, field
 from . import codec
 from .codec import Continue, Decision, TempFail
 from .connection import BadDecision, End, MilterConnection, Send, Step
-from .handler import MessageDecision, MilterHandler
+from .handler import Macros, MessageDecision, MilterHandler
+from .macros import missing
 from .negotiate import Needs
+from .protocol import MacroStage
 
 log = logging.getLogger("spamgate.milter")
 
 READ_SIZE = 1 << 18
 _CONTENT = (codec.Header, codec.EndOfHeaders, codec.Body, codec.EndOfMessage)
+_STAGE_OF = {
+    codec.Connect: MacroStage.CONNECT,
+    codec.Data: MacroStage.DATA,
+    codec.EndOfMessage: MacroStage.END_OF_MESSAGE,
+}
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class MilterServer:
         self.limits = limits or Limits()
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._missing_reported: set[tuple[MacroStage, str]] = set()
         self.addresses: list[tuple[str, int] | str] = []
 
     async def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
@@ -133,6 +141,8 @@ class MilterServer:
             await session.run(reader)
         except (ConnectionError, TimeoutError) as exc:
             log.info("milter connection %s ended: %s", peer, exc or type(exc).__name__)
+        except Exception:
+            log.exception("milter connection %s: internal error, closing", peer)
         finally:
             await session.finish()
             writer.close()
@@ -206,6 +216,9 @@ class _Session:
             return b""
         if self.handler is None:
             self.handler = self.server.factory(self.peer)
+        stage = _STAGE_OF.get(type(event))
+        if stage is not None:
+            self._check_macros(stage, step.macros)
         content = isinstance(event, _CONTENT)
         deadline = self.limits.content_deadline if content else self.limits.command_deadline
         fallback = self.limits.fallback
@@ -237,6 +250,20 @@ class _Session:
             return self.conn.answer(step, fallback)
         except BadDecision:  # e.g. a DISCARD fallback at CONNECT
             return self.conn.answer(step, TempFail())
+
+    def _check_macros(self, stage: MacroStage, received: Macros) -> None:
+        """Warn once per process and name when a macro Postfix always sends is absent:
+        its lists are not the ones spamgate needs (see macros.py, docs/milter.md)."""
+        reported = self.server._missing_reported
+        absent = [n for n in missing(stage, received) if (stage, n) not in reported]
+        if absent:
+            reported.update((stage, n) for n in absent)
+            log.warning(
+                "milter: Postfix sent no %s at %s; its milter macro lists lack what "
+                "spamgate reads (docs/milter.md)",
+                " ".join(absent),
+                stage.name.lower(),
+            )
 
     @staticmethod
     async def _call(handler: MilterHandler, step: Step) -> Decision | MessageDecision:
