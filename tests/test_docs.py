@@ -6,6 +6,7 @@ material they do not have (the developers' notes and reference folders).
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import subprocess
@@ -24,12 +25,11 @@ TEXT = {".md", ".py", ".toml", ".cf", ".yml", ".yaml", ".json", ".service", ".sy
 
 def project_files() -> list[pathlib.Path]:
     out = []
-    for path in ROOT.rglob("*"):
-        rel = path.relative_to(ROOT)
-        if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
-            continue
-        if path.is_file() and path.suffix in TEXT and "__pycache__" not in rel.parts:
-            out.append(path)
+    for top, dirs, files in os.walk(ROOT):
+        dirs[:] = [
+            d for d in dirs if d not in SKIP_DIRS and d != "__pycache__" and ".egg-info" not in d
+        ]
+        out += [pathlib.Path(top, f) for f in files if pathlib.Path(f).suffix in TEXT]
     return out
 
 
