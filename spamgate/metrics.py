@@ -391,13 +391,20 @@ class Counted(Protocol):
 
 
 def count_result(result: object) -> None:
-    """Increment the series a `Counted` result names; other results count nothing."""
+    """Increment the series a `Counted` result names; other results count nothing.
+
+    An item may also be (histogram, labels, value): the value is observed (a
+    content scanner's score).
+    """
     # What isinstance(result, Counted) decides, without its runtime-Protocol check
     # (about 20 us a call, three calls a message).
     counted = getattr(result, "counted", None)
     if counted is not None:
-        for counter, labels in counted():
-            child(counter, *labels).inc()
+        for item in counted():
+            if len(item) == 3:
+                child(item[0], *item[1]).observe(item[2])
+            else:
+                child(item[0], *item[1]).inc()
 
 
 _children: dict[tuple[object, tuple[str, ...]], Any] = {}
