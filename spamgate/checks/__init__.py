@@ -17,6 +17,7 @@ from .reputation import ReputationCheck, ReputationSettings
 from .rhsbl import RhsblCheck, RhsblSettings
 from .rules import ClientRules, HeloRules, RecipientRules, RulesSettings, SenderRules
 from .spf import SpfCheck, SpfSettings
+from .uribl import UriblCheck, UriblSettings
 
 # Ordered: within one stage, checks run in this order and the first final verdict
 # wins. Cheap local lookups come before network lookups, so an admin's allowlist
@@ -42,6 +43,9 @@ CHECK_TYPES: list[type[Check]] = [
     BodyRules,
     DkimCheck,
     DmarcCheck,
+    # Content checks that wait on DNS or a daemon: started together with the
+    # stage (Check.concurrent), their verdicts taken in this order.
+    UriblCheck,
 ]
 
 # Settings sections owned by checks: TOML table name -> dataclass.
@@ -55,6 +59,7 @@ CHECK_SECTIONS: dict[str, type] = {
     "reputation": ReputationSettings,
     "dkim": DkimSettings,
     "dmarc": DmarcSettings,
+    "uribl": UriblSettings,
 }
 
 __all__ = [
