@@ -6,6 +6,7 @@ This list is the only place a check is registered: a new check is a module with 
 
 from __future__ import annotations
 
+from .attachments import AttachmentCheck, AttachmentSettings
 from .base import Check, CheckContext, TransactionEnd, TransactionObserver
 from .content import BodyRules, HeaderRules
 from .dkim import DkimCheck, DkimSettings
@@ -46,6 +47,7 @@ CHECK_TYPES: list[type[Check]] = [
     # Content checks that wait on DNS or a daemon: started together with the
     # stage (Check.concurrent), their verdicts taken in this order.
     UriblCheck,
+    AttachmentCheck,
 ]
 
 # Settings sections owned by checks: TOML table name -> dataclass.
@@ -60,6 +62,7 @@ CHECK_SECTIONS: dict[str, type] = {
     "dkim": DkimSettings,
     "dmarc": DmarcSettings,
     "uribl": UriblSettings,
+    "attachments": AttachmentSettings,
 }
 
 __all__ = [
