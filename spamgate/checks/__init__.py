@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .attachments import AttachmentCheck, AttachmentSettings
 from .base import Check, CheckContext, TransactionEnd, TransactionObserver
+from .clamav import ClamavCheck, ClamavSettings
 from .content import BodyRules, HeaderRules
 from .dkim import DkimCheck, DkimSettings
 from .dmarc import DmarcCheck, DmarcSettings
@@ -48,6 +49,7 @@ CHECK_TYPES: list[type[Check]] = [
     # stage (Check.concurrent), their verdicts taken in this order.
     UriblCheck,
     AttachmentCheck,
+    ClamavCheck,
 ]
 
 # Settings sections owned by checks: TOML table name -> dataclass.
@@ -63,6 +65,7 @@ CHECK_SECTIONS: dict[str, type] = {
     "dmarc": DmarcSettings,
     "uribl": UriblSettings,
     "attachments": AttachmentSettings,
+    "clamav": ClamavSettings,
 }
 
 __all__ = [
