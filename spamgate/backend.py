@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from .message import Message
 from .settings import parse_hostport
-from .verdict import CheckError
+from .verdict import CheckError, Symbol
 
 log = logging.getLogger("spamgate.backend")
 
@@ -46,9 +47,10 @@ def check_address(value: str) -> str | None:
     return None
 
 
-async def connect(
-    address: tuple[str, int] | str,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+Address = tuple[str, int] | str
+
+
+async def connect(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if isinstance(address, str):
         return await asyncio.open_unix_connection(address)
     return await asyncio.open_connection(*address)
@@ -125,3 +127,17 @@ def printable(text: str, limit: int = 120) -> str:
     """Text from a daemon put in a reply or a header: printable ASCII, short."""
     out = " ".join("".join(ch if " " <= ch <= "~" else " " for ch in text).split())
     return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+_NOT_SYMBOL = re.compile(r"[^A-Za-z0-9_]")
+SCANNER_SYMBOLS_MAX = 30  # a scanner's own symbols shown per message
+
+
+def scanner_symbols(prefix: str, names: list[str] | tuple[str, ...]) -> tuple[Symbol, ...]:
+    """A scanner's own rule names as spamgate symbols of score 0 (`RSPAMD_GTUBE`):
+    shown in X-Spam-Symbols and explain; the scanner's total is scored on its own."""
+    out: dict[str, Symbol] = {}
+    for name in names[:SCANNER_SYMBOLS_MAX]:
+        symbol = f"{prefix}_{_NOT_SYMBOL.sub('_', name)[:60]}"
+        out.setdefault(symbol, Symbol(symbol, 0.0))
+    return tuple(out.values())

@@ -273,8 +273,9 @@ CONTENT_RESULTS = {
         "rewrite_subject",
         "soft_reject",
         "reject",
+        "skipped",
     ),
-    "spamassassin": ("ham", "spam"),
+    "spamassassin": ("ham", "spam", "skipped"),
     "attachments": ("clean", "blocked", "scored", "none"),
 }
 URIBL_DOMAIN_RESULTS = ("looked_up", "allowlisted", "over_limit")

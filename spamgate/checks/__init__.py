@@ -18,6 +18,7 @@ from .ratelimit import RateLimitCheck, RateLimitSettings
 from .reputation import ReputationCheck, ReputationSettings
 from .rhsbl import RhsblCheck, RhsblSettings
 from .rules import ClientRules, HeloRules, RecipientRules, RulesSettings, SenderRules
+from .spamassassin import SpamassassinCheck, SpamassassinSettings
 from .spf import SpfCheck, SpfSettings
 from .uribl import UriblCheck, UriblSettings
 
@@ -50,6 +51,7 @@ CHECK_TYPES: list[type[Check]] = [
     UriblCheck,
     AttachmentCheck,
     ClamavCheck,
+    SpamassassinCheck,
 ]
 
 # Settings sections owned by checks: TOML table name -> dataclass.
@@ -66,6 +68,7 @@ CHECK_SECTIONS: dict[str, type] = {
     "uribl": UriblSettings,
     "attachments": AttachmentSettings,
     "clamav": ClamavSettings,
+    "spamassassin": SpamassassinSettings,
 }
 
 __all__ = [
