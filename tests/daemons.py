@@ -172,6 +172,7 @@ options {{
   dns {{ nameserver = ["127.0.0.1:{dns_port}"]; timeout = 1s; retransmits = 1; }}
   filters = "";
   gtube_patterns = "all";
+  disable_hyperscan = true;
   local_addrs = [];
   map_watch_interval = 1h;
 }}

@@ -17,6 +17,7 @@ from .greylist import GreylistCheck, GreylistSettings
 from .ratelimit import RateLimitCheck, RateLimitSettings
 from .reputation import ReputationCheck, ReputationSettings
 from .rhsbl import RhsblCheck, RhsblSettings
+from .rspamd import RspamdCheck, RspamdSettings
 from .rules import ClientRules, HeloRules, RecipientRules, RulesSettings, SenderRules
 from .spamassassin import SpamassassinCheck, SpamassassinSettings
 from .spf import SpfCheck, SpfSettings
@@ -51,6 +52,7 @@ CHECK_TYPES: list[type[Check]] = [
     UriblCheck,
     AttachmentCheck,
     ClamavCheck,
+    RspamdCheck,
     SpamassassinCheck,
 ]
 
@@ -68,6 +70,7 @@ CHECK_SECTIONS: dict[str, type] = {
     "uribl": UriblSettings,
     "attachments": AttachmentSettings,
     "clamav": ClamavSettings,
+    "rspamd": RspamdSettings,
     "spamassassin": SpamassassinSettings,
 }
 
