@@ -56,6 +56,7 @@ _BARE = re.compile(
 _MAIL = re.compile(rf"(?<![\w.+=-])[\w.+=-]{{1,64}}@((?:{_LABEL}\.)+{_LABEL})", re.IGNORECASE)
 _MAILTO = re.compile(r"^mailto:", re.IGNORECASE)
 _NESTED = re.compile(r"(?:https?|ftp)s?(?::|%3a)(?:/|\\|%2f|%5c){2}|www\d{0,3}\.", re.IGNORECASE)
+_DOT = re.compile("[.\u3002\uff0e\uff61]")
 _SPLIT_AUTHORITY = re.compile(r"[/?#\\]")
 _ATTRIBUTES = ("href", "src", "action", "background")
 
@@ -188,18 +189,24 @@ class Extractor:
             self.add_url(m.group(0), "redirect", depth + 1)
 
     def text(self, text: str) -> None:
-        for m in _URL.finditer(text):
+        # Only words with a dot or a colon in them can be links or addresses:
+        # only they meet the costlier patterns (half of the CPU otherwise).
+        words = " ".join(w for w in text.split() if _DOT.search(w) or ":" in w)
+        if not words:
+            return
+        for m in _URL.finditer(words):
             if self.full:
                 return
             url = m.group(0).rstrip(".,;:!?)]}'\"")
             if url[:3].lower() == "www":
                 url = "http://" + url
             self.add_url(url, "text")
-        for m in _MAIL.finditer(text):
-            if self.full:
-                return
-            self.add_host(m.group(1), "mailto")
-        for m in _BARE.finditer(text):
+        if "@" in words:
+            for m in _MAIL.finditer(words):
+                if self.full:
+                    return
+                self.add_host(m.group(1), "mailto")
+        for m in _BARE.finditer(words):
             if self.full:
                 return
             name, path = m.group(1), m.group(2)
