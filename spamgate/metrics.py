@@ -3,8 +3,8 @@
 Names carry the `spamgate_` prefix and their unit; labels come from closed sets only
 (stage, check, action, outcome, result, zone, table, rule, command, kind, reason,
 method, type, cause; nameserver from the configuration) and never from client
-addresses, mail addresses or domains, so the
-number of series stays bounded whatever the traffic. Other modules only call
+addresses, mail addresses or domains, so the number of series stays bounded
+whatever the traffic. Other modules only call
 `.labels(...).inc()`, `.observe()` or the small functions at the end; they never
 create metrics of their own.
 
