@@ -353,6 +353,18 @@ class DnsSettings:
     reverse_lookup: bool = setting(
         True, "Look up the client's verified reverse name (sent upstream as XCLIENT NAME)."
     )
+    breaker_failures: int = setting(
+        5,
+        "Queries in a row that a nameserver leaves unanswered before it counts as down "
+        "(logged, counted): lookups then skip it, and fail at once (temperror) while "
+        "every nameserver is down; 0: never.",
+        check=non_negative,
+    )
+    probe_interval: float = setting(
+        1.0,
+        "Seconds between the probes of a nameserver that is down; its first answer brings it back.",
+        check=positive,
+    )
 
 
 @dataclass(frozen=True)

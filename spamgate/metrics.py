@@ -2,8 +2,9 @@
 
 Names carry the `spamgate_` prefix and their unit; labels come from closed sets only
 (stage, check, action, outcome, result, zone, table, rule, command, kind, reason,
-method, type) and never from client addresses, mail addresses or domains, so the
-number of series stays bounded whatever the traffic. Other modules only call
+method, type, cause; nameserver from the configuration) and never from client
+addresses, mail addresses or domains, so the number of series stays bounded
+whatever the traffic. Other modules only call
 `.labels(...).inc()`, `.observe()` or the small functions at the end; they never
 create metrics of their own.
 
@@ -107,9 +108,19 @@ PROTOCOL_ERROR_KINDS = (
 )
 CHECK_ERROR_KINDS = ("timeout", "exception")
 DNS_TYPES = ("A", "AAAA", "TXT", "PTR", "MX")
-# cached: answered from the cache; shared: joined an identical query in flight.
-# Only the others went to the network; timeout and error are failures.
-DNS_RESULTS = ("answer", "nxdomain", "nodata", "timeout", "error", "cached", "shared")
+# cached: answered from the cache; shared: joined an identical query in flight;
+# breaker_open: not sent, every nameserver being down. Only the others went to the
+# network; timeout, error and breaker_open are failures.
+DNS_RESULTS = (
+    "answer",
+    "nxdomain",
+    "nodata",
+    "timeout",
+    "error",
+    "cached",
+    "shared",
+    "breaker_open",
+)
 DNSBL_RESULTS_SET = ("listed", "not_listed", "error")
 # RFC 8601 result words per method.
 _SPF = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
@@ -236,9 +247,27 @@ SCORE = Histogram(
 # -- DNS and authentication ---------------------------------------------------------
 DNS_QUERIES = Counter(
     "spamgate_dns_queries_total",
-    # cached: answered from the cache; shared: joined an identical query in flight
-    "DNS lookups by type and result (answer, nxdomain, nodata, timeout, error, cached, shared).",
+    # cached: answered from the cache; shared: joined an identical query in flight;
+    # breaker_open: failed at once, every nameserver being down
+    "DNS lookups by type and result (answer, nxdomain, nodata, timeout, error, cached, "
+    "shared, breaker_open).",
     ["type", "result"],
+    registry=REGISTRY,
+)
+DNS_NAMESERVER_UP = Gauge(
+    "spamgate_dns_nameserver_up",
+    "1 while the nameserver answers, 0 while it counts as down (its circuit breaker "
+    "open: [dns] breaker_failures queries in a row went unanswered; probed until it "
+    "answers).",
+    ["nameserver"],
+    registry=REGISTRY,
+    # down in any live worker is down
+    multiprocess_mode="livemin",
+)
+DNS_BREAKER_OPENED = Counter(
+    "spamgate_dns_breaker_opened_total",
+    "Times a nameserver was found down (its circuit breaker opened).",
+    ["nameserver"],
     registry=REGISTRY,
 )
 DNS_LATENCY = Histogram(
@@ -260,6 +289,15 @@ AUTH_RESULTS = Counter(
     ["method", "result"],
     registry=REGISTRY,
 )
+DMARC_INTERNAL_ERRORS = Counter(
+    "spamgate_dmarc_internal_errors_total",
+    "Messages whose DMARC policy could not be applied because a check inside spamgate "
+    "failed (cause: spf, dkim, dmarc), not because of the sender or its DNS; "
+    "[dmarc] internal_error decided.",
+    ["cause"],
+    registry=REGISTRY,
+)
+DMARC_INTERNAL_CAUSES = ("spf", "dkim", "dmarc")
 
 # -- content checks (links, antivirus, external scorers, attachments) ---------------
 # Each check's result words: a closed set per check, created at zero with the check.
@@ -554,6 +592,8 @@ def _precreate() -> None:
     for method, results in AUTH_RESULT_SETS.items():
         for result in results:
             AUTH_RESULTS.labels(method, result)
+    for cause in DMARC_INTERNAL_CAUSES:
+        DMARC_INTERNAL_ERRORS.labels(cause)
     for result in RELOAD_RESULTS:
         RELOADS.labels(result)
     for result in URIBL_DOMAIN_RESULTS:

@@ -2,10 +2,12 @@
 
 The runner is the only place that applies a check's timeout and error policy,
 monitor mode, metrics (verdicts, `Verdict.hits` rule hits, the series a
-`metrics.Counted` result names) and structured results, so every check behaves the same way
-under failure: an exception or a timeout is logged and counted, and the check's
-`on_error` decides between "no opinion" and a temporary failure. The first final
-verdict of a stage wins; symbols and headers from every check that ran accumulate.
+`metrics.Counted` result names) and structured results, so every check behaves
+the same way under failure: an exception or a timeout is logged, counted and
+recorded (`CheckFailures`, for later checks whose evidence is then missing), and
+the check's `on_error` decides between "no opinion" and a temporary failure. The
+first final verdict of a stage wins; symbols and headers from every check that
+ran accumulate.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from . import metrics
 from .checks.base import Check, CheckContext, CheckError, TransactionObserver
 from .model import Stage
 from .reply import Reply
-from .verdict import Action, Outcome, Verdict
+from .verdict import Action, CheckFailures, Outcome, Verdict
 
 log = logging.getLogger("spamgate.pipeline")
 
@@ -145,16 +147,16 @@ class Pipeline:
             async with asyncio.timeout(check.timeout):
                 verdict = await check.check(ctx)
         except TimeoutError:
-            return self._failed(check, "timeout", f"timed out after {check.timeout:g}s", lg)
+            return self._failed(check, ctx, "timeout", f"timed out after {check.timeout:g}s", lg)
         except asyncio.CancelledError:
             raise
         except CheckError as exc:
             if exc.result is not None:
                 metrics.count_result(exc.result)
-            return self._failed(check, exc.kind, str(exc), lg, quiet=exc.quiet)
+            return self._failed(check, ctx, exc.kind, str(exc), lg, quiet=exc.quiet)
         except Exception as exc:
             lg.exception("check %s failed", check.label)
-            return self._failed(check, "exception", f"{type(exc).__name__}: {exc}", lg)
+            return self._failed(check, ctx, "exception", f"{type(exc).__name__}: {exc}", lg)
         finally:
             metrics.child(metrics.CHECK_DURATION, check.label).observe(
                 time.perf_counter() - started
@@ -163,9 +165,17 @@ class Pipeline:
 
     @staticmethod
     def _failed(
-        check: Check, kind: str, detail: str, lg: logging.LoggerAdapter, *, quiet: bool = False
+        check: Check,
+        ctx: CheckContext,
+        kind: str,
+        detail: str,
+        lg: logging.LoggerAdapter,
+        *,
+        quiet: bool = False,
     ) -> Verdict:
         metrics.CHECK_ERRORS.labels(check.label, kind).inc()
+        results = ctx.session.results if ctx.transaction is None else ctx.transaction.results
+        results.put((results.get(CheckFailures) or CheckFailures()).add(check.label, kind))
         level = logging.DEBUG if quiet else logging.WARNING
         lg.log(level, "check %s %s; on_error=%s", check.label, detail, check.on_error)
         if check.on_error == "tempfail":

@@ -55,6 +55,8 @@ CLOSED_LABELS = {
     "hash",
     "op",
     "le",
+    "cause",  # spf, dkim, dmarc
+    "nameserver",  # [dns] nameservers (or resolv.conf's): configured, like zones
 }
 BUILD_LABELS = {"version", "python", "aiosmtpd", "aiosmtplib", "dnspython", "pyspf", "dkimpy"}
 
