@@ -30,7 +30,6 @@ import statistics
 import time
 
 from spamgate.checks.attachments import AttachmentCheck, AttachmentSettings
-from spamgate.checks.base import CheckContext
 from spamgate.checks.clamav import ClamavCheck, ClamavSettings
 from spamgate.checks.rspamd import RspamdCheck, RspamdSettings
 from spamgate.checks.spamassassin import SpamassassinCheck, SpamassassinSettings
@@ -39,6 +38,7 @@ from spamgate.config import DnsSettings
 from spamgate.dnslist import ListPolicy
 from spamgate.message import Message
 from spamgate.model import Client, Recipient, Session, Stage, Transaction
+from spamgate.pipeline.check import CheckContext
 from spamgate.resolver import Resolver
 from tests.daemons import Clamd, Rspamd, Spamd
 from tests.dnsserver import DnsServer

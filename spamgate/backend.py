@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from .message import Message
+from .pipeline.verdict import CheckError, Symbol
 from .settings import parse_hostport
-from .verdict import CheckError, Symbol
 
 log = logging.getLogger("spamgate.backend")
 

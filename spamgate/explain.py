@@ -15,11 +15,12 @@ import ipaddress
 import logging
 from typing import TextIO
 
-from .checks.base import Check
 from .config import Config
 from .flow import SessionFlow
 from .message import Message, Outgoing
 from .model import Client, Session, Stage
+from .pipeline.check import Check
+from .pipeline.verdict import Action, Symbol, Verdict
 from .reply import Reply
 from .runtime import Policy, Runtime
 from .services import Services
@@ -28,7 +29,6 @@ from .state import MemoryStore
 from .tables import Query, Table
 from .tables.keys import NULL_SENDER, parse_ip
 from .upstream.base import Upstream, UpstreamSession
-from .verdict import Action, Symbol, Verdict
 
 SYNTHETIC = (
     "From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: spamgate explain\r\n"

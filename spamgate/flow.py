@@ -24,16 +24,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import authresults, metrics
-from .checks.base import CheckContext, TransactionEnd
 from .message import Header, Message, Outgoing, render_headers
 from .model import Recipient, Session, Stage, Transaction
+from .pipeline.check import CheckContext, TransactionEnd
+from .pipeline.verdict import Action, Outcome, Symbol, Verdict
 from .reply import OK, TEMP_UPSTREAM, Reply
 from .smtp.commands import PathArg
 from .upstream.base import UpstreamError, UpstreamSession
-from .verdict import Action, Outcome, Symbol, Verdict
 
 if TYPE_CHECKING:
-    from .pipeline import Trace
+    from .pipeline.runner import Trace
     from .runtime import Policy, Runtime
 
 log = logging.getLogger("spamgate.session")

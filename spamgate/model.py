@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .message import Message
-from .verdict import Symbol, Verdict
+from .pipeline.verdict import Symbol, Verdict
 
 T = TypeVar("T")
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 from . import metrics
 from .checks import CHECK_TYPES
-from .checks.base import Check
 from .config import Config
 from .model import IPAddress
-from .pipeline import Pipeline
+from .pipeline.check import Check
+from .pipeline.runner import Pipeline
 from .relay import RelayPolicy
 from .services import Services
 from .settings import ConfigError

@@ -21,9 +21,10 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from spamgate.checks import CHECK_TYPES, Check, CheckContext
+from spamgate.checks import CHECK_TYPES
 from spamgate.model import Stage
-from spamgate.verdict import DUNNO, Verdict, reject
+from spamgate.pipeline.check import Check, CheckContext
+from spamgate.pipeline.verdict import DUNNO, Verdict, reject
 
 from .dkimkeys import Signer
 

@@ -11,10 +11,10 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from spamgate import runtime
-from spamgate.checks.base import Check, CheckContext
 from spamgate.model import Stage
+from spamgate.pipeline.check import Check, CheckContext
+from spamgate.pipeline.verdict import Action, Verdict
 from spamgate.reply import Reply
-from spamgate.verdict import Action, Verdict
 
 from .conftest import GateFactory
 from .sink import Sink

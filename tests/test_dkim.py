@@ -18,16 +18,16 @@ from hypothesis import strategies as st
 import spamgate.checks.dkim
 import spamgate.dkimverify
 from spamgate import metrics
-from spamgate.checks.base import CheckContext
 from spamgate.checks.dkim import DkimResults
 from spamgate.checks.dmarc import DmarcResults
 from spamgate.config import loads
 from spamgate.message import Message
 from spamgate.model import Client, Session, Stage, Transaction
+from spamgate.pipeline.check import CheckContext
+from spamgate.pipeline.verdict import Action, CheckFailures
 from spamgate.runtime import Policy
 from spamgate.services import Services
 from spamgate.spool import Spool
-from spamgate.verdict import Action, CheckFailures
 
 from .conftest import config_text
 from .dkimkeys import Signer, message

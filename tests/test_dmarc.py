@@ -10,15 +10,15 @@ import logging
 import pytest
 
 from spamgate import metrics
-from spamgate.checks.base import CheckContext
 from spamgate.checks.dmarc import DmarcCheck, org_domain
 from spamgate.config import loads
 from spamgate.message import Message
 from spamgate.model import Client, Session, Stage, Transaction
+from spamgate.pipeline.check import CheckContext
+from spamgate.pipeline.verdict import CheckFailures
 from spamgate.runtime import Policy
 from spamgate.services import Services
 from spamgate.settings import ConfigError
-from spamgate.verdict import CheckFailures
 
 from .conftest import GateFactory, config_text
 from .dkimkeys import Signer, message

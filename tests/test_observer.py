@@ -10,10 +10,10 @@ import pytest
 
 from spamgate import metrics
 from spamgate.background import Background
-from spamgate.checks.base import Check, CheckContext, TransactionEnd, TransactionObserver
 from spamgate.model import Stage
-from spamgate.pipeline import Pipeline
-from spamgate.verdict import DUNNO, Verdict
+from spamgate.pipeline.check import Check, CheckContext, TransactionEnd, TransactionObserver
+from spamgate.pipeline.runner import Pipeline
+from spamgate.pipeline.verdict import DUNNO, Verdict
 
 from .conftest import Gate, GateFactory
 from .sink import Sink

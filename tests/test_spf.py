@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from spamgate import metrics
-from spamgate.checks.base import CheckContext
 from spamgate.checks.spf import SpfHeloResult, SpfResult
 from spamgate.config import DnsSettings, loads
 from spamgate.model import Client, Session, Stage, Transaction
+from spamgate.pipeline.check import CheckContext
 from spamgate.resolver import Resolver
 from spamgate.runtime import Policy
 from spamgate.services import Services

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
+from spamgate.pipeline.verdict import Action, Symbol
 from spamgate.reply import Reply
 from spamgate.settings import ConfigError
 from spamgate.tables import Query, RuleTimeout, TableLimits, load_table
 from spamgate.tables.actions import ReplyContext, parse_action, to_verdict
 from spamgate.tables.keys import email_keys, ip_keys
-from spamgate.verdict import Action, Symbol
 
 
 def table(tmp_path, kind: str, text: str, name: str | None = None, **kw):

@@ -6,8 +6,8 @@ This list is the only place a check is registered: a new check is a module with 
 
 from __future__ import annotations
 
+from ..pipeline.check import Check
 from .attachments import AttachmentCheck, AttachmentSettings
-from .base import Check, CheckContext, TransactionEnd, TransactionObserver
 from .clamav import ClamavCheck, ClamavSettings
 from .content import BodyRules, HeaderRules
 from .dkim import DkimCheck, DkimSettings
@@ -73,12 +73,3 @@ CHECK_SECTIONS: dict[str, type] = {
     "rspamd": RspamdSettings,
     "spamassassin": SpamassassinSettings,
 }
-
-__all__ = [
-    "CHECK_SECTIONS",
-    "CHECK_TYPES",
-    "Check",
-    "CheckContext",
-    "TransactionEnd",
-    "TransactionObserver",
-]

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Literal
 from ..archives import EXECUTABLE, EXPECTED, ZIP_TYPES, extensions, sniff, zip_listing
 from ..mimewalk import Part, WalkLimits, walk
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..settings import non_negative, positive, setting
-from ..verdict import DUNNO, Action, Symbol, Verdict
-from .base import Check, CheckContext
 
 if TYPE_CHECKING:
     from ..config import Config

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Literal
 from ..backend import Outage, check_address, parse_address, printable
 from ..clamd import ClamdError, instream
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..settings import positive, setting
-from ..verdict import DUNNO, Action, Symbol, Verdict
-from .base import Check, CheckContext
 
 if TYPE_CHECKING:
     from ..config import Config

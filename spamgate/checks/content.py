@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 from ..content import ContentLimits, ContentView, extract
 from ..message import Message
 from ..model import Stage
+from ..pipeline.check import CheckContext
+from ..pipeline.verdict import Symbol, Verdict
 from ..tables import Query, Table
 from ..tables.actions import ReplyContext, to_verdict
-from ..verdict import Symbol, Verdict
-from .base import CheckContext
 from .rules import RulesSettings, TableCheck
 
 if TYPE_CHECKING:

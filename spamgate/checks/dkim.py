@@ -44,10 +44,10 @@ from ..dkimverify import (
 )
 from ..message import Message
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, CheckError, Verdict
 from ..resolver import DnsError, Resolver
 from ..settings import positive, setting
-from ..verdict import DUNNO, CheckError, Verdict
-from .base import Check, CheckContext
 
 if TYPE_CHECKING:
     from ..config import Config

@@ -65,11 +65,11 @@ from .. import metrics
 from ..dkimverify import describe
 from ..message import Message
 from ..model import Stage, Transaction
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, CheckFailures, Symbol, Verdict
 from ..reply import Reply
 from ..resolver import DnsError, Resolver, ascii_domain
 from ..settings import ConfigError, positive, setting
-from ..verdict import DUNNO, Action, CheckFailures, Symbol, Verdict
-from .base import Check, CheckContext
 from .dkim import DkimResults
 from .spf import SpfResult
 

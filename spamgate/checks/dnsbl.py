@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from ..dnslist import ListPolicy, ListResult, check_sites, check_symbol_sites, ip_query
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Verdict
 from ..settings import positive, setting
-from ..verdict import DUNNO, Verdict
-from .base import Check, CheckContext
 from .reputation import ReputationResult
 
 if TYPE_CHECKING:

@@ -28,14 +28,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Verdict
 from ..reply import Reply
 from ..settings import setting
 from ..state import StateStore, StoreUnavailable, Window, network_of, unavailable_verdict
 from ..state.base import prefix_check
 from ..tables import split_spec
 from ..tables.clientset import ClientSet, source_of
-from ..verdict import DUNNO, Action, Verdict
-from .base import Check, CheckContext
 
 if TYPE_CHECKING:
     from ..config import Config

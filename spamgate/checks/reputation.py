@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext, TransactionEnd, TransactionObserver
+from ..pipeline.verdict import DUNNO, Action, Verdict
 from ..reply import Reply
 from ..settings import non_negative, positive, setting
 from ..state import StateStore, StoreUnavailable, Window, unavailable_verdict
-from ..verdict import DUNNO, Action, Verdict
-from .base import Check, CheckContext, TransactionEnd, TransactionObserver
 
 if TYPE_CHECKING:
     from ..config import Config

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 from ..dnslist import ListPolicy, ListResult, check_sites, check_symbol_sites, domain_query
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Verdict
 from ..settings import positive, setting
-from ..verdict import DUNNO, Verdict
-from .base import Check, CheckContext
 
 if TYPE_CHECKING:
     from ..config import Config

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Literal
 
 from ..backend import Outage, scanner_symbols
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..rspamdclient import RspamdError, checkv2
 from ..settings import positive, setting
-from ..verdict import DUNNO, Action, Symbol, Verdict
-from .base import Check, CheckContext
 
 if TYPE_CHECKING:
     from ..config import Config

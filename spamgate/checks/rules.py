@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from .. import metrics
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Verdict
 from ..settings import ConfigError, positive, setting
 from ..tables import Match, Query, Table, TableLimits, load_configured, split_spec
 from ..tables.actions import ReplyContext, to_verdict
 from ..tables.keys import NULL_SENDER
-from ..verdict import DUNNO, Verdict
-from .base import Check, CheckContext
 
 if TYPE_CHECKING:
     from ..config import Config

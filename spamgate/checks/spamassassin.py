@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Literal
 
 from ..backend import Outage, check_address, parse_address, scanner_symbols
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..settings import positive, setting
 from ..spamd import SpamdError, symbols
-from ..verdict import DUNNO, Action, Symbol, Verdict
-from .base import Check, CheckContext
 
 if TYPE_CHECKING:
     from ..config import Config

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import spf
 
 from ..model import Client, Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..resolver import ascii_domain
 from ..settings import positive, setting
 from ..spfquery import SpfEngine, SpfOutcome
-from ..verdict import DUNNO, Action, Symbol, Verdict
-from .base import Check, CheckContext
 
 if TYPE_CHECKING:
     from ..config import Config

@@ -37,11 +37,11 @@ from ..links import Extractor, Link, ordered
 from ..message import Message
 from ..mimewalk import WalkLimits, walk
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..resolver import Resolver, ascii_domain
 from ..settings import ConfigError, positive, setting
-from ..verdict import DUNNO, Action, Symbol, Verdict
-from .base import Check, CheckContext
 
 if TYPE_CHECKING:
     from ..config import Config

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..model import IPAddress
+from ..pipeline.verdict import DUNNO, Action, Verdict
 from ..reply import Reply
-from ..verdict import DUNNO, Action, Verdict
 
 # A sliding window is kept as this many sub-counters ("slots") of equal width, so
 # its memory does not grow with the limit: an event is forgotten between

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from ..model import IPAddress
+from ..pipeline.verdict import CheckError
 from ..settings import ConfigError, display_path
-from ..verdict import CheckError
 from .actions import RuleAction
 from .source import LogicalLine, UnreadableTable, read_lines
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from ..pipeline.verdict import Action, Symbol, Verdict
 from ..reply import Reply, default_enhanced
-from ..verdict import Action, Symbol, Verdict
 
 _WORDS = ("OK", "DUNNO", "REJECT", "DEFER", "DISCARD", "HOLD", "PREPEND", "WARN", "SCORE")
 _REFUSING = ("REJECT", "DEFER", "DISCARD", "HOLD")

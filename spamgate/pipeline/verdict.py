@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .reply import Reply, default_enhanced
+from ..reply import Reply, default_enhanced
 
 
 class Action(enum.Enum):

@@ -17,10 +17,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from . import metrics
-from .checks.base import Check, CheckContext, CheckError, TransactionObserver
-from .model import Stage
-from .reply import Reply
+from .. import metrics
+from ..model import Stage
+from ..reply import Reply
+from .check import Check, CheckContext, CheckError, TransactionObserver
 from .verdict import Action, CheckFailures, Outcome, Verdict
 
 log = logging.getLogger("spamgate.pipeline")

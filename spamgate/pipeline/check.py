@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from ..model import IPAddress, Recipient, Session, Stage, Transaction
-from ..verdict import CheckError, Verdict
+from .verdict import CheckError, Verdict
 
 if TYPE_CHECKING:
     from .. import metrics
