@@ -31,11 +31,11 @@ import time
 
 from spamgate.checks.attachments import AttachmentCheck, AttachmentSettings
 from spamgate.checks.clamav import ClamavCheck, ClamavSettings
+from spamgate.checks.engines.dnslist import ListPolicy
 from spamgate.checks.rspamd import RspamdCheck, RspamdSettings
 from spamgate.checks.spamassassin import SpamassassinCheck, SpamassassinSettings
 from spamgate.checks.uribl import UriblCheck, UriblSettings
 from spamgate.config import DnsSettings
-from spamgate.dnslist import ListPolicy
 from spamgate.message import Message
 from spamgate.model import Client, Recipient, Session, Stage, Transaction
 from spamgate.pipeline.check import CheckContext

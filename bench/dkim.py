@@ -6,7 +6,7 @@
 
 Parts (`--parts verify,offload,sessions`):
 
-* verify: the CPU time of verifying one RSA-2048 signature (`spamgate.dkimverify`,
+* verify: the CPU time of verifying one RSA-2048 signature (`spamgate.checks.engines.dkimverify`,
   i.e. dkimpy) on messages of 10 KB, 1 MB and 10 MB, with relaxed and with simple
   canonicalisation, in this process; and the same through the worker process
   pool spamgate uses for large messages (the message passed as a spooled file).
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.dns_checks import Procs, cpu_seconds, free_port, source, wait_port  # noqa: E402
-from spamgate.dkimverify import key_name, verify, verify_message  # noqa: E402
+from spamgate.checks.engines.dkimverify import key_name, verify, verify_message  # noqa: E402
 from tests.dkimkeys import Signer  # noqa: E402
 from tests.smtpclient import RawClient  # noqa: E402
 
@@ -85,7 +85,7 @@ def signed(size: int, canon: bytes = b"relaxed") -> bytes:
 
 def pool() -> concurrent.futures.ProcessPoolExecutor:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["spamgate.dkimverify"])
+    context.set_forkserver_preload(["spamgate.checks.engines.dkimverify"])
     return concurrent.futures.ProcessPoolExecutor(
         1, mp_context=context, initializer=os.nice, initargs=(10,)
     )

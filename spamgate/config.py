@@ -496,7 +496,7 @@ class Config:
 
 
 def all_sections() -> dict[str, type]:
-    from .checks import CHECK_SECTIONS
+    from .checks.registry import CHECK_SECTIONS
 
     return {**CORE_SECTIONS, **CHECK_SECTIONS}
 

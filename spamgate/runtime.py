@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from . import metrics
-from .checks import CHECK_TYPES
+from .checks.registry import CHECK_TYPES
 from .config import Config
 from .model import IPAddress
 from .pipeline.check import Check

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 
 from .background import Background
+from .checks.engines.dkimverify import lower_priority
 from .config import Config
-from .dkimverify import lower_priority
 from .model import IPAddress
 from .resolver import Resolver
 from .state import MemoryStore, StateStore, build_store
@@ -40,7 +40,7 @@ def _worker_processes(size: int) -> concurrent.futures.ProcessPoolExecutor:
     # regular expression runs over the whole body. "forkserver": workers start from
     # a clean process, not a fork of this one with its threads, sockets and loop.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["spamgate.dkimverify"])
+    context.set_forkserver_preload(["spamgate.checks.engines.dkimverify"])
     if not _may_lower_priority():
         return concurrent.futures.ProcessPoolExecutor(size, mp_context=context)
     return concurrent.futures.ProcessPoolExecutor(

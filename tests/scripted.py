@@ -21,7 +21,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from spamgate.checks import CHECK_TYPES
+from spamgate.checks.registry import CHECK_TYPES
 from spamgate.model import Stage
 from spamgate.pipeline.check import Check, CheckContext
 from spamgate.pipeline.verdict import DUNNO, Verdict, reject

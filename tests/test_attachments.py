@@ -9,7 +9,7 @@ import time
 import zipfile
 
 from spamgate import metrics
-from spamgate.archives import extensions, zip_listing
+from spamgate.checks.engines.archives import extensions, zip_listing
 
 from .conftest import GateFactory
 from .mimemaker import b64, header, plain, with_attachment, zip_of

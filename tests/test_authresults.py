@@ -14,8 +14,8 @@ import pytest
 
 from spamgate.authresults import authserv_id_of, build, claims
 from spamgate.checks.dkim import DkimResults
+from spamgate.checks.engines.dkimverify import SignatureResult
 from spamgate.config import loads
-from spamgate.dkimverify import SignatureResult
 from spamgate.explain import explain
 from spamgate.model import Client, Session, Transaction
 

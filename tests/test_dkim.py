@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spamgate.checks.dkim
-import spamgate.dkimverify
 from spamgate import metrics
 from spamgate.checks.dkim import DkimResults
 from spamgate.checks.dmarc import DmarcResults
+from spamgate.checks.engines import dkimverify
 from spamgate.config import loads
 from spamgate.message import Message
 from spamgate.model import Client, Session, Stage, Transaction
@@ -268,7 +268,7 @@ async def test_a_large_message_is_verified_in_a_worker_process(make, monkeypatch
         raise AssertionError("verified in the spamgate process")
 
     monkeypatch.setattr(spamgate.checks.dkim, "verify", here)
-    monkeypatch.setattr(spamgate.dkimverify, "verify", here)
+    monkeypatch.setattr(dkimverify, "verify", here)
     check = await make("inline_size = 1024\n")
     big = message(body=b"".join(b"line %d of a long message\r\n" % i for i in range(40000)))
     signed = ED.sign(RSA.sign(big))
@@ -290,9 +290,9 @@ async def test_a_large_message_is_verified_in_a_worker_process(make, monkeypatch
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from([b" ", b"\t", b"a", b"\r\n", b"  ", b"\t "])).map(b"".join))
 def test_our_whitespace_compression_is_dkimpys(content: bytes) -> None:
-    # dkimpy's own, which spamgate.dkimverify replaces (it matches every single space)
-    assert spamgate.dkimverify.compress_whitespace(content) == re.sub(b"[\t ]+", b" ", content)
-    assert dkim.canonicalization.compress_whitespace is spamgate.dkimverify.compress_whitespace
+    # dkimpy's own, which dkimverify replaces (it matches every single space)
+    assert dkimverify.compress_whitespace(content) == re.sub(b"[\t ]+", b" ", content)
+    assert dkim.canonicalization.compress_whitespace is dkimverify.compress_whitespace
 
 
 async def test_a_dead_worker_process_is_replaced(dns_server: DnsServer) -> None:

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
+from spamgate.checks.engines.spfquery import SpfEngine
 from spamgate.config import DnsSettings
 from spamgate.resolver import UNAVAILABLE, Resolver
-from spamgate.spfquery import SpfEngine
 
 from .conftest import GateFactory
 from .dnsserver import DnsServer

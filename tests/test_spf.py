@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from spamgate import metrics
+from spamgate.checks.engines.spfquery import SpfEngine
 from spamgate.checks.spf import SpfHeloResult, SpfResult
 from spamgate.config import DnsSettings, loads
 from spamgate.model import Client, Session, Stage, Transaction
@@ -19,7 +20,6 @@ from spamgate.pipeline.check import CheckContext
 from spamgate.resolver import Resolver
 from spamgate.runtime import Policy
 from spamgate.services import Services
-from spamgate.spfquery import SpfEngine
 
 from .conftest import GateFactory, config_text
 from .dnsserver import DnsServer

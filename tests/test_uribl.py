@@ -6,7 +6,7 @@ import resource
 import time
 
 from spamgate import metrics
-from spamgate.links import Extractor, normal_host
+from spamgate.checks.engines.links import Extractor, normal_host
 
 from .conftest import GateFactory
 from .dnsserver import DnsServer

@@ -16,13 +16,13 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ..backend import Outage, check_address, parse_address, printable
-from ..clamd import ClamdError, instream
 from ..model import Stage
 from ..pipeline.check import Check, CheckContext
 from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..settings import positive, setting
+from .engines.backend import Outage, check_address, parse_address, printable
+from .engines.clamd import ClamdError, instream
 
 if TYPE_CHECKING:
     from ..config import Config

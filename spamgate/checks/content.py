@@ -20,13 +20,13 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..content import ContentLimits, ContentView, extract
 from ..message import Message
 from ..model import Stage
 from ..pipeline.check import CheckContext
 from ..pipeline.verdict import Symbol, Verdict
 from ..tables import Query, Table
 from ..tables.actions import ReplyContext, to_verdict
+from .engines.contentview import ContentLimits, ContentView, extract
 from .rules import RulesSettings, TableCheck
 
 if TYPE_CHECKING:

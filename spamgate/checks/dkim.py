@@ -34,7 +34,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import metrics
-from ..dkimverify import (
+from ..message import Message
+from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, CheckError, Verdict
+from ..resolver import DnsError, Resolver
+from ..settings import positive, setting
+from .engines.dkimverify import (
     KeyAnswer,
     SignatureResult,
     describe,
@@ -42,12 +48,6 @@ from ..dkimverify import (
     verify,
     verify_message,
 )
-from ..message import Message
-from ..model import Stage
-from ..pipeline.check import Check, CheckContext
-from ..pipeline.verdict import DUNNO, CheckError, Verdict
-from ..resolver import DnsError, Resolver
-from ..settings import positive, setting
 
 if TYPE_CHECKING:
     from ..config import Config

@@ -62,7 +62,6 @@ import dmarc as dmarclib
 from publicsuffixlist import PublicSuffixList
 
 from .. import metrics
-from ..dkimverify import describe
 from ..message import Message
 from ..model import Stage, Transaction
 from ..pipeline.check import Check, CheckContext
@@ -71,6 +70,7 @@ from ..reply import Reply
 from ..resolver import DnsError, Resolver, ascii_domain
 from ..settings import ConfigError, positive, setting
 from .dkim import DkimResults
+from .engines.dkimverify import describe
 from .spf import SpfResult
 
 if TYPE_CHECKING:

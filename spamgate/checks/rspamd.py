@@ -21,13 +21,13 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ..backend import Outage, scanner_symbols
 from ..model import Stage
 from ..pipeline.check import Check, CheckContext
 from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
-from ..rspamdclient import RspamdError, checkv2
 from ..settings import positive, setting
+from .engines.backend import Outage, scanner_symbols
+from .engines.rspamdclient import RspamdError, checkv2
 
 if TYPE_CHECKING:
     from ..config import Config

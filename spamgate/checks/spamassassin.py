@@ -19,13 +19,13 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ..backend import Outage, check_address, parse_address, scanner_symbols
 from ..model import Stage
 from ..pipeline.check import Check, CheckContext
 from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..settings import positive, setting
-from ..spamd import SpamdError, symbols
+from .engines.backend import Outage, check_address, parse_address, scanner_symbols
+from .engines.spamd import SpamdError, symbols
 
 if TYPE_CHECKING:
     from ..config import Config

@@ -26,7 +26,7 @@ from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..resolver import ascii_domain
 from ..settings import positive, setting
-from ..spfquery import SpfEngine, SpfOutcome
+from .engines.spfquery import SpfEngine, SpfOutcome
 
 if TYPE_CHECKING:
     from ..config import Config

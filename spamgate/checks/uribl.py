@@ -23,7 +23,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from ..dnslist import (
+from ..message import Message
+from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
+from ..reply import Reply
+from ..resolver import Resolver, ascii_domain
+from ..settings import ConfigError, positive, setting
+from .engines.dnslist import (
     ListPolicy,
     ZoneAnswer,
     check_sites,
@@ -33,15 +40,8 @@ from ..dnslist import (
     ip_query,
     txt_reason,
 )
-from ..links import Extractor, Link, ordered
-from ..message import Message
-from ..mimewalk import WalkLimits, walk
-from ..model import Stage
-from ..pipeline.check import Check, CheckContext
-from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
-from ..reply import Reply
-from ..resolver import Resolver, ascii_domain
-from ..settings import ConfigError, positive, setting
+from .engines.links import Extractor, Link, ordered
+from .engines.mimewalk import WalkLimits, walk
 
 if TYPE_CHECKING:
     from ..config import Config

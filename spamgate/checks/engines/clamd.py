@@ -22,8 +22,8 @@ import contextlib
 import struct
 from dataclasses import dataclass
 
+from ...message import Message
 from .backend import connect, message_blocks
-from .message import Message
 
 _REPLY_MAX = 4096
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from email.errors import HeaderParseError
 
-from .message import Message
+from ...message import Message
 
 _MAX_CARRY = 65536  # a "line" longer than this is body, whatever it holds
 # Bytes outside the base64 alphabet (and "="): dropped before decoding, as RFC 2045

@@ -40,8 +40,8 @@ from typing import Any
 
 import spf
 
-from . import metrics
-from .resolver import DnsAnswer, DnsError, Resolver, ascii_domain
+from ... import metrics
+from ...resolver import DnsAnswer, DnsError, Resolver, ascii_domain
 
 # Enough for any record within RFC 7208's limits (10 DNS mechanisms, 10 names per
 # mx/ptr, fetched together); more means something is wrong: temperror.

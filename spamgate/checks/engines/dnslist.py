@@ -26,11 +26,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from . import metrics
-from .model import IPAddress
-from .pipeline.verdict import Action, Symbol, Verdict
-from .reply import Reply
-from .resolver import DnsAnswer, DnsError, Resolver, ascii_domain, is_domain
+from ... import metrics
+from ...model import IPAddress
+from ...pipeline.verdict import Action, Symbol, Verdict
+from ...reply import Reply
+from ...resolver import DnsAnswer, DnsError, Resolver, ascii_domain, is_domain
 
 # What the lists' own "refused" answers mean (Spamhaus: "must not be used to reject").
 ERROR_CODES: dict[str, str] = {

@@ -19,7 +19,7 @@ import email.policy
 import re
 from dataclasses import dataclass
 
-from .message import Message
+from ...message import Message
 
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 

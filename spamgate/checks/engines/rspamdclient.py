@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from ...message import Message
 from .backend import message_blocks, printable
-from .message import Message
 
 _ANSWER_MAX = 1048576
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, httpx.AsyncClient]] = (

@@ -21,8 +21,8 @@ import contextlib
 import re
 from dataclasses import dataclass
 
+from ...message import Message
 from .backend import Address, connect, message_blocks
-from .message import Message
 
 _ANSWER_MAX = 65536
 _STATUS = re.compile(rb"^SPAMD/\d+\.\d+ (\d+) (\S+)")

@@ -33,8 +33,8 @@ import idna
 from publicsuffixlist import PublicSuffixList
 from selectolax.lexbor import LexborHTMLParser
 
-from .model import IPAddress
-from .resolver import is_domain
+from ...model import IPAddress
+from ...resolver import is_domain
 
 Source = Literal["href", "src", "text", "mailto", "redirect"]
 # Order of looking up: links a reader clicks first.
