@@ -66,10 +66,6 @@ LATENCY_BUCKETS = (
     10,
     30,
 )
-# Rule ids of tables up to this long are created at zero when the table loads, so
-# a rule's first hit shows as an increase; longer tables (big blocklists) only get
-# series for the rules that match, to keep the series count bounded.
-PRECREATED_RULES_PER_TABLE = 1000
 SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 10485760, 33554432)
 SCORE_BUCKETS = (-5, 0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 50)
 
@@ -121,7 +117,6 @@ DNS_RESULTS = (
     "shared",
     "breaker_open",
 )
-DNSBL_RESULTS_SET = ("listed", "not_listed", "error")
 # RFC 8601 result words per method.
 _SPF = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 AUTH_RESULT_SETS = {

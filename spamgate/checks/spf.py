@@ -15,13 +15,14 @@ no SPF check for either.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import spf
 
 from ..model import Client, Stage
-from ..pipeline.check import Check, CheckContext
+from ..pipeline.check import Check, CheckContext, Series
 from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..resolver import ascii_domain
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 SpfAction = Literal["continue", "score", "reject", "tempfail"]
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+AUTH_RESULTS = "spamgate_auth_results_total"  # where results are counted, by method
 
 # Scores the symbols suggest; [scoring] symbols overrides them by name.
 SCORES = {"fail": 5.0, "softfail": 3.0, "permerror": 1.0}
@@ -92,6 +94,10 @@ class SpfResult:
     identity: ClassVar[str] = "mailfrom"
     method: ClassVar[str] = "spf"  # the metric's method label
 
+    def counted(self) -> Iterable[Series]:
+        """The result, in spamgate_auth_results_total (method spf or spf_helo)."""
+        yield AUTH_RESULTS, (self.method, self.result)
+
     @property
     def smtp_property(self) -> str:
         """The RFC 8601 property for Authentication-Results: smtp.mailfrom, smtp.helo."""
@@ -136,7 +142,7 @@ class SpfCheck(Check):
             assert ctx.transaction is not None
             kind = SpfResult
             sender, actions, scores = ctx.transaction.mail_from, self.settings.actions, SCORES
-        outcome = await self.engine.check(str(client.address), sender, helo, method=kind.method)
+        outcome = await self.engine.check(str(client.address), sender, helo)
         domain = (sender or f"postmaster@{helo}").rpartition("@")[2]
         result = _result(kind, outcome, ascii_domain(domain) or domain, sender, client, helo)
         return _verdict(result, actions.get(result.result, "continue"), scores)

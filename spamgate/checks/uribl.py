@@ -35,6 +35,7 @@ from .engines.dnslist import (
     ZoneAnswer,
     check_sites,
     check_symbol_sites,
+    counted_answers,
     describe_errors,
     domain_query,
     ip_query,
@@ -172,6 +173,8 @@ class UriblResult:
         else:
             outcome = "clean"
         yield "spamgate_content_scans_total", ("uribl", outcome)
+        for answer in self.looked_up:
+            yield from counted_answers(answer.answers)
         for what, n in (
             ("looked_up", len(self.looked_up)),
             ("allowlisted", len(self.allowlisted)),

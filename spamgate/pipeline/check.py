@@ -17,18 +17,23 @@ from ..model import IPAddress, Recipient, Session, Stage, Transaction
 from .verdict import CheckError, Verdict
 
 if TYPE_CHECKING:
-    from .. import metrics
     from ..config import Config
     from ..message import Message
     from ..services import Services
 
 OnError = Literal["continue", "tempfail"]
 
+# A metric series a check or its result names, without importing the metrics: the
+# exposition name ("spamgate_dnsbl_results_total") and the label values. A result
+# may also name a histogram observation as (name, labels, value).
+Series = tuple[str, Sequence[str]]
+
 __all__ = [
     "Check",
     "CheckContext",
     "CheckError",
     "OnError",
+    "Series",
     "TransactionEnd",
     "TransactionObserver",
 ]
@@ -77,15 +82,22 @@ class Check(abc.ABC):
     async def check(self, ctx: CheckContext) -> Verdict:
         """Decide for `ctx.stage`; must not modify `ctx`."""
 
-    def metric_series(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
+    def metric_series(self) -> Iterable[Series]:
         """Counter series this check's verdicts and results can add to, by labels.
 
-        Known rule ids (`metrics.RULE_HITS`, ("table", "rule")) and DNS list zones
-        (`metrics.DNSBL_RESULTS`) are created at zero when the configuration loads,
-        so that Prometheus sees a rule's first hit as an increase, not as a new
-        series that starts at 1. The check only names them; it never counts.
+        Known rule ids (`spamgate_rule_hits_total`, ("table", "rule")) and DNS list
+        zones (`spamgate_dnsbl_results_total`) are created at zero when the
+        configuration loads, so that Prometheus sees a rule's first hit as an
+        increase, not as a new series that starts at 1. The check only names
+        them; it never counts.
         """
         return ()
+
+    def failure(self, kind: str) -> object | None:
+        """A finding to count when this check fails (`kind`: exception, timeout, or a
+        `CheckError`'s), as a result that names its series (`counted()`); None: the
+        runner's own spamgate_check_errors_total says it all."""
+        return None
 
     @property
     def label(self) -> str:

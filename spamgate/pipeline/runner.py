@@ -174,6 +174,9 @@ class Pipeline:
         quiet: bool = False,
     ) -> Verdict:
         metrics.CHECK_ERRORS.labels(check.label, kind).inc()
+        finding = check.failure(kind)
+        if finding is not None:
+            metrics.count_result(finding)
         results = ctx.session.results if ctx.transaction is None else ctx.transaction.results
         results.put((results.get(CheckFailures) or CheckFailures()).add(check.label, kind))
         level = logging.DEBUG if quiet else logging.WARNING

@@ -26,8 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ... import metrics
 from ...model import IPAddress
+from ...pipeline.check import Series
 from ...pipeline.verdict import Action, Symbol, Verdict
 from ...reply import Reply
 from ...resolver import DnsAnswer, DnsError, Resolver, ascii_domain, is_domain
@@ -40,6 +40,9 @@ ERROR_CODES: dict[str, str] = {
     "127.0.1.255": "IP address queried on a domain list",
 }
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+# The series a zone's answers are counted in, and its closed set of results.
+DNSBL_RESULTS = "spamgate_dnsbl_results_total"
+ZONE_RESULTS = ("listed", "not_listed", "error")
 
 _SITE = re.compile(
     r"^(?P<zone>[^=*\s]+)(?:=(?P<filter>[^*\s]+))?(?:\*(?P<weight>[-+]?\d+(?:\.\d+)?))?$"
@@ -197,6 +200,15 @@ class ListResult:
     def errors(self) -> tuple[ZoneAnswer, ...]:
         return tuple(a for a in self.answers if a.status == "error")
 
+    def counted(self) -> Iterable[Series]:
+        """Each zone's answer, in spamgate_dnsbl_results_total (the runner counts)."""
+        return counted_answers(self.answers)
+
+
+def counted_answers(answers: Iterable[ZoneAnswer]) -> Iterable[Series]:
+    for a in answers:
+        yield DNSBL_RESULTS, (a.zone, a.status)
+
 
 @dataclass(frozen=True)
 class ListPolicy:
@@ -223,11 +235,11 @@ class ListPolicy:
     def enabled(self) -> bool:
         return bool(self.zones)
 
-    def metric_series(self) -> Iterable[tuple[metrics.Counter, tuple[str, str]]]:
+    def metric_series(self) -> Iterable[Series]:
         """Every zone's result series, created at zero with the check (`Check.metric_series`)."""
         for zone in self.zones:
-            for result in metrics.DNSBL_RESULTS_SET:
-                yield metrics.DNSBL_RESULTS, (zone, result)
+            for result in ZONE_RESULTS:
+                yield DNSBL_RESULTS, (zone, result)
 
     def _zone_sites(self, zone: str) -> Iterable[Site]:
         yield from (s for s in self.sites if s.zone == zone)
@@ -261,15 +273,11 @@ class ListPolicy:
         try:
             answer = await resolver.lookup(name, "A", timeout=timeout)
         except DnsError as exc:
-            out = ZoneAnswer(zone, name, "error", detail=f"lookup failed ({exc.kind})")
-            metrics.child(metrics.DNSBL_RESULTS, zone, out.status).inc()
-            return out
+            return ZoneAnswer(zone, name, "error", detail=f"lookup failed ({exc.kind})")
         return self._answer(zone, name, answer)
 
     def _answer(self, zone: str, name: str, answer: DnsAnswer) -> ZoneAnswer:
-        out = self._read(zone, name, answer.addresses)
-        metrics.child(metrics.DNSBL_RESULTS, zone, out.status).inc()
-        return out
+        return self._read(zone, name, answer.addresses)
 
     def _read(self, zone: str, name: str, addresses: list[str]) -> ZoneAnswer:
         if not addresses:

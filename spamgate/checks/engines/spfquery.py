@@ -40,7 +40,6 @@ from typing import Any
 
 import spf
 
-from ... import metrics
 from ...resolver import DnsAnswer, DnsError, Resolver, ascii_domain
 
 # Enough for any record within RFC 7208's limits (10 DNS mechanisms, 10 names per
@@ -149,14 +148,8 @@ class SpfEngine:
         # (client, sender, HELO) -> (outcome, until); see the module doc.
         self._memo: dict[tuple[str, str, str], tuple[SpfOutcome, float]] = {}
 
-    async def check(self, ip: str, sender: str, helo: str, *, method: str = "spf") -> SpfOutcome:
-        """check_host() for `sender` (empty: postmaster@`helo`, RFC 7208 §2.4),
-        counted under `method` (spf, spf_helo) in spamgate_auth_results_total."""
-        outcome = await self._check(ip, sender, helo)
-        metrics.child(metrics.AUTH_RESULTS, method, outcome.result).inc()
-        return outcome
-
-    async def _check(self, ip: str, sender: str, helo: str) -> SpfOutcome:
+    async def check(self, ip: str, sender: str, helo: str) -> SpfOutcome:
+        """check_host() for `sender` (empty: postmaster@`helo`, RFC 7208 §2.4)."""
         local, _, domain = (sender or f"postmaster@{helo}").rpartition("@")
         name = ascii_domain(domain)
         if name is None:
