@@ -99,6 +99,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem)
         return 1
+    from .state import state_warnings
+
+    for warning in state_warnings(config):
+        print(warning)
     print(f"{args.config}: ok")
     return 0
 

@@ -60,7 +60,7 @@ class Services:
                 config.resolve_path(config.server.quarantine), config.hostname
             ),
             resolver=Resolver(config.dns),
-            state=build_store(config.state),
+            state=build_store(config),
         )
 
     async def client_name(self, address: IPAddress) -> str:
