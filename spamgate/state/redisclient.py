@@ -27,6 +27,7 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError
 
 from .. import metrics
 from ..settings import ConfigError, parse_hostport
@@ -273,8 +274,14 @@ class ClusterTarget(Target):
         return self.where() + (", TLS" if self.tls else "")
 
     async def probe(self) -> None:
-        # Every primary, so that a node still down keeps the store down.
-        await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+        # Every primary, and each must see the cluster whole: a node that is back
+        # but not yet readmitted would refuse its slots (CLUSTERDOWN).
+        infos = await self.client.cluster_info(target_nodes=RedisCluster.PRIMARIES)
+        if "cluster_state" in infos:  # one primary: redis-py gives its answer alone
+            infos = {"the primary": infos}
+        bad = sorted(name for name, info in infos.items() if info.get("cluster_state") != "ok")
+        if bad:
+            raise ClusterDownError(f"cluster_state is not ok on {', '.join(bad)}")
 
 
 def _options(timeout: float) -> dict[str, Any]:
@@ -282,8 +289,9 @@ def _options(timeout: float) -> dict[str, Any]:
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         # One quick retry on a fresh connection covers a pooled connection that a
-        # restarted server closed (or, through Sentinel, one to a demoted primary);
-        # longer outages are the store's probe's business.
+        # restarted server closed (through Sentinel: one to a demoted primary; in a
+        # Cluster: after a refresh of the slot map); longer outages are the store's
+        # probe's business, so that the log names the error, not our timeout.
         "retry": Retry(NoBackoff(), 1),
     }
 
@@ -317,8 +325,6 @@ def connect(s: StateSettings, credentials: Credentials, timeout: float) -> Targe
         return SentinelTarget(
             [parse_hostport(a) for a in s.sentinels], s.service_name, options, sentinel_options
         )
-    # The Cluster client retries and refreshes its slot map by its own policy.
-    del options["retry"]
     return ClusterTarget([parse_hostport(a) for a in s.cluster], options)
 
 

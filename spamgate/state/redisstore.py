@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -151,12 +152,17 @@ _OUTAGE = (
 )
 
 
+_CLIENT_REPR = re.compile(r"<redis\.asyncio\.client\.Redis\(.*?host=([^,]+),port=(\d+).*?\)>\)>\)>")
+
+
 def explain(exc: BaseException, timeout: float) -> str:
     """An admin's reading of a redis-py error, for the log."""
-    text = str(exc) or type(exc).__name__
+    text = (str(exc) or type(exc).__name__).rstrip(".")
     if isinstance(exc, AuthenticationError | AuthenticationWrongNumberOfArgsError):
         return f"it refused our credentials ([state] username, password_file): {text}"
     if isinstance(exc, MasterNotFoundError):
+        # redis-py names each Sentinel by the repr of its whole client
+        text = _CLIENT_REPR.sub(r"sentinel \1:\2", text)
         return f"the sentinels name no usable primary: {text}"
     if isinstance(exc, TimeoutError) and not isinstance(exc, RedisError):
         return f"no answer within {timeout:g}s ([state] timeout)"
