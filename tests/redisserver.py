@@ -106,6 +106,8 @@ class RedisServer(_Process):
     def __init__(self, port: int | None = None, args: Sequence[str] = ()) -> None:
         self.port = port or free_port()
         self.args = list(args)
+        # A replica writes the primary's snapshot to its directory: not the tests' own.
+        self.dir = tempfile.TemporaryDirectory(prefix="spamgate-redis-")
 
     @property
     def url(self) -> str:
@@ -129,6 +131,7 @@ class RedisServer(_Process):
                 "--appendonly", "no",
                 "--daemonize", "no",
                 "--loglevel", "warning",
+                "--dir", self.dir.name,
                 *self.args,
             ],
             timeout,
