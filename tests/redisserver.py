@@ -144,7 +144,9 @@ class RedisServer(_Process):
 class Sentinel(_Process):
     """One redis-sentinel watching `service` (its config file is its own: it rewrites it)."""
 
-    def __init__(self, directory: Path, service: str, primary: int, quorum: int) -> None:
+    def __init__(
+        self, directory: Path, service: str, primary: int, quorum: int, extra: str = ""
+    ) -> None:
         self.port = free_port()
         self.myid = secrets.token_hex(20)
         self.conf = directory / f"sentinel-{self.port}.conf"
@@ -161,6 +163,7 @@ class Sentinel(_Process):
             f"sentinel failover-timeout {service} 4000\n"
             f"sentinel parallel-syncs {service} 1\n"
             f"sentinel myid {self.myid}\n"
+            f"{extra}"
         )
         self.conf.write_text(self.head)
 
@@ -279,7 +282,7 @@ class SentinelSet:
 class ClusterSet:
     """A Redis Cluster of three primaries (no replicas), made by `redis-cli --cluster create`."""
 
-    def __init__(self, nodes: int = 3) -> None:
+    def __init__(self, nodes: int = 3, args: Sequence[str] = ()) -> None:
         self.dir = tempfile.TemporaryDirectory(prefix="spamgate-cluster-")
         self.nodes = []
         for n in range(nodes):
@@ -293,6 +296,7 @@ class ClusterSet:
                         "--cluster-node-timeout", "2000",
                         "--cluster-port", str(free_port()),
                         "--dir", self.dir.name,
+                        *args,
                     ]
                 )
             )  # fmt: skip
