@@ -13,6 +13,7 @@ primary, and the address in use for every log line.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
 import logging
 import os
@@ -147,8 +148,6 @@ def _tls_options(s: StateSettings) -> dict[str, Any]:
 
 def _resolved(config: Config) -> StateSettings:
     """[state] with its file names made absolute (they are relative to the config file)."""
-    import dataclasses
-
     s = config.state
     files = ("tls_ca_file", "tls_cert_file", "tls_key_file")
     return dataclasses.replace(
