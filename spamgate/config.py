@@ -6,6 +6,7 @@ prints them and a test keeps the README's reference in step with them.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -91,8 +92,9 @@ class ServerSettings:
     workers: int = setting(
         1,
         "Worker processes, each with its own socket per listener (SO_REUSEPORT) and "
-        "a share of max_sessions; one process uses one core.",
-        check=positive,
+        "a share of max_sessions; one process uses one core. 0: one per core spamgate "
+        "may run on, less one for Postfix (at least 1).",
+        check=non_negative,
     )
     uvloop: bool = setting(
         True,
@@ -547,6 +549,12 @@ def all_sections() -> dict[str, type]:
     return {**CORE_SECTIONS, **CHECK_SECTIONS}
 
 
+def cores_for_workers() -> int:
+    """`workers = 0`: a worker per core this process may run on (its CPU affinity,
+    as taskset or a cpuset allow), less one for the Postfix behind it."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def loads(text: str, path: str = "<config>") -> Config:
     """Parse config text; raise ConfigError listing every problem found."""
     where = Located(path, text)
@@ -574,6 +582,8 @@ def loads(text: str, path: str = "<config>") -> Config:
     for name, cls in known.items():
         built.setdefault(name, cls())
     server: ServerSettings = built["server"]
+    if server.workers == 0:
+        server = dataclasses.replace(server, workers=cores_for_workers())
     # With [[listener]] tables, the default `listen` would add a surprise listener.
     explicit_listen = "listen" in raw.get("server", {})
     listeners = _resolve_listeners(
@@ -581,10 +591,8 @@ def loads(text: str, path: str = "<config>") -> Config:
     )
     positions = [-1] * (len(listeners) - len(listener_tables)) + [n for n, _ in listener_tables]
     problems += _listener_problems(listeners, positions, built["tls"], built["upstream"], where)
-    if problems:
-        raise ConfigError(problems)
     base_dir = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
-    return Config(
+    config = Config(
         path=path if path != "<config>" else None,
         server=server,
         listeners=tuple(listeners),
@@ -601,6 +609,19 @@ def loads(text: str, path: str = "<config>") -> Config:
         hostname=server.hostname or socket.getfqdn(),
         base_dir=base_dir,
     )
+    if problems:
+        raise InvalidConfig(problems, config)
+    return config
+
+
+class InvalidConfig(ConfigError):
+    """Problems in the file's settings, with `partial`: the configuration as it is
+    with each bad setting left at its default. `spamgate check` goes on with it to
+    the rule tables and the certificate, to report every problem at once."""
+
+    def __init__(self, problems: list[str], partial: Config) -> None:
+        super().__init__(problems)
+        self.partial = partial
 
 
 class _NthTable(Located):
@@ -610,7 +631,7 @@ class _NthTable(Located):
         super().__init__(where.path, where.text)
         self.nth = nth
 
-    def line_of(self, section: str, key: str | None = None) -> int:
+    def line_of(self, section: str, key: str | None = None, item: str | None = None) -> int:
         seen = -1
         inside = False
         header_line = 1
@@ -720,6 +741,26 @@ def _listener_problems(
     if bool(tls.cert_file) != bool(tls.key_file):
         problems.append(where.at("tls", None, "[tls] needs both cert_file and key_file"))
     return problems
+
+
+def hostname_problem(config: Config) -> str | None:
+    """Why the host name does not do for an MX, or None. Clients see it in the
+    greeting and EHLO reply, and a `${myhostname}` HELO rule (the shipped "You are
+    not me") refuses every client that says it: with "localhost", clients that say
+    "localhost"."""
+    name = config.hostname.rstrip(".").lower()
+    if "." in name and name != "localhost.localdomain" and not name.endswith(".localhost"):
+        return None
+    which = (
+        f'[server] hostname "{config.hostname}"'
+        if config.server.hostname
+        else f'[server] hostname is unset and this machine\'s name, "{config.hostname}",'
+    )
+    return (
+        f"{which} is not a fully qualified domain name: set [server] hostname to this "
+        "MX's public name (spamgate greets clients with it, and a ${myhostname} HELO rule "
+        'such as "You are not me" refuses clients that say it)'
+    )
 
 
 def load(path: str | None) -> Config:

@@ -261,6 +261,73 @@ AUTH_RESULTS = Counter(
     registry=REGISTRY,
 )
 
+# -- content checks (links, antivirus, external scorers, attachments) ---------------
+# Each check's result words: a closed set per check, created at zero with the check.
+CONTENT_RESULTS = {
+    "uribl": ("clean", "listed", "no_links"),
+    "clamav": ("clean", "infected", "partial"),
+    "rspamd": (
+        "no_action",
+        "greylist",
+        "add_header",
+        "rewrite_subject",
+        "soft_reject",
+        "reject",
+        "skipped",
+    ),
+    "spamassassin": ("ham", "spam", "skipped"),
+    "attachments": ("clean", "blocked", "scored", "none"),
+}
+URIBL_DOMAIN_RESULTS = ("looked_up", "allowlisted", "over_limit")
+ATTACHMENT_KINDS = (
+    "extension",
+    "double_extension",
+    "archive_member",
+    "type_mismatch",
+    "archive_unreadable",
+)
+CONTENT_SCANS = Counter(
+    "spamgate_content_scans_total",
+    "Messages a content check judged, by check and result (failures are in "
+    "spamgate_check_errors_total).",
+    ["check", "result"],
+    registry=REGISTRY,
+)
+BACKEND_OUTAGES = Counter(
+    "spamgate_backend_outages_total",
+    "Outages of the daemons content checks ask (clamd, rspamd, spamd), counted once as "
+    "each one starts; the messages it affected are in spamgate_check_errors_total.",
+    ["check"],
+    registry=REGISTRY,
+)
+SCANNER_SCORE = Histogram(
+    "spamgate_scanner_score",
+    "Scores rspamd and SpamAssassin gave the messages they scanned.",
+    ["check"],
+    buckets=SCORE_BUCKETS,
+    registry=REGISTRY,
+)
+SCANNER_SYMBOLS = Counter(
+    "spamgate_scanner_symbols_total",
+    "rspamd symbols and SpamAssassin rules that fired, for the names listed in the "
+    "check's count_symbols (a closed set).",
+    ["check", "symbol"],
+    registry=REGISTRY,
+)
+URIBL_DOMAINS = Counter(
+    "spamgate_uribl_domains_total",
+    "Link domains found in messages: looked up, allowlisted, or over_limit (past max_domains).",
+    ["result"],
+    registry=REGISTRY,
+)
+ATTACHMENT_FINDINGS = Counter(
+    "spamgate_attachment_findings_total",
+    "Attachment findings by kind (extension, double_extension, archive_member, "
+    "type_mismatch, archive_unreadable).",
+    ["kind"],
+    registry=REGISTRY,
+)
+
 # -- TLS and AUTH passthrough -------------------------------------------------------
 STARTTLS = Counter(
     "spamgate_starttls_total",
@@ -389,20 +456,47 @@ class Counted(Protocol):
 
     Checks never touch metrics; a result object (an SPF result, DNSBL findings)
     implements `counted()`, and the pipeline runner increments each series it
-    yields: `yield metrics.AUTH_RESULTS, ("spf", "pass")`.
+    yields: `yield metrics.AUTH_RESULTS, ("spf", "pass")`, or by exposition name,
+    which needs no import of this module: `yield "spamgate_auth_results_total", (...)`.
     """
 
-    def counted(self) -> Iterable[tuple[Counter, Sequence[str]]]: ...
+    def counted(self) -> Iterable[tuple[Counter | str, Sequence[str]]]: ...
 
 
 def count_result(result: object) -> None:
-    """Increment the series a `Counted` result names; other results count nothing."""
+    """Increment the series a `Counted` result names; other results count nothing.
+
+    An item may also be (histogram, labels, value): the value is observed (a
+    content scanner's score).
+    """
     # What isinstance(result, Counted) decides, without its runtime-Protocol check
     # (about 20 us a call, three calls a message).
     counted = getattr(result, "counted", None)
     if counted is not None:
-        for counter, labels in counted():
-            child(counter, *labels).inc()
+        for item in counted():
+            if len(item) == 3:
+                child(named(item[0]), *item[1]).observe(item[2])
+            else:
+                child(named(item[0]), *item[1]).inc()
+
+
+_by_name: dict[str, Any] = {}
+
+
+def named(metric: Counter | Histogram | str) -> Any:
+    """A metric, or the metric of that exposition name ("spamgate_content_scans_total").
+
+    Checks and their engines name series by these names, so that they need not
+    import this module (KeyError for a name that is not defined here).
+    """
+    if not isinstance(metric, str):
+        return metric
+    if not _by_name:
+        for obj in _metric_objects():
+            _by_name[obj._name] = obj
+            if isinstance(obj, Counter):
+                _by_name[obj._name + "_total"] = obj
+    return _by_name[metric]
 
 
 _children: dict[tuple[object, tuple[str, ...]], Any] = {}
@@ -467,6 +561,10 @@ def _precreate() -> None:
             AUTH_RESULTS.labels(method, result)
     for result in RELOAD_RESULTS:
         RELOADS.labels(result)
+    for result in URIBL_DOMAIN_RESULTS:
+        URIBL_DOMAINS.labels(result)
+    for kind in ATTACHMENT_KINDS:
+        ATTACHMENT_FINDINGS.labels(kind)
     for result in STARTTLS_RESULTS:
         STARTTLS.labels(result)
     for result in AUTH_PASSTHROUGH_RESULTS:
@@ -504,7 +602,7 @@ def declare_checks(
     """
     for label, stages, series in checks:
         for counter, labels in series:
-            counter.labels(*labels)
+            named(counter).labels(*labels)
         CHECK_DURATION.labels(label)
         for kind in CHECK_ERROR_KINDS:
             CHECK_ERRORS.labels(label, kind)

@@ -90,6 +90,14 @@ class CheckError(Exception):
 
     kind = "exception"
 
+    def __init__(self, message: str = "", *, quiet: bool = False, result: object = None) -> None:
+        super().__init__(message)
+        # The check logged this failure itself (a backend outage is logged once,
+        # when it starts): the runner logs it at debug level only.
+        self.quiet = quiet
+        # A `metrics.Counted` finding to count anyway (the outage's start).
+        self.result = result
+
 
 def reject(text: str = "Access denied", code: int = 554, *, rule: str | None = None) -> Verdict:
     reply = Reply.make(code, text)

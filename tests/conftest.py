@@ -20,6 +20,7 @@ import trustme
 from spamgate.config import loads
 from spamgate.server import Server
 
+from .daemons import CLAMD, RSPAMD, SPAMD, Clamd, Rspamd, Spamd
 from .dnsserver import DnsServer
 from .postfix import POSTFIX, PostfixInstance
 from .redisserver import (
@@ -311,3 +312,33 @@ def state_toml(request: pytest.FixtureRequest) -> str:
     if request.param == "cluster":
         return state_section(request.getfixturevalue("redis_cluster"))
     return state_section(request.getfixturevalue("redis_server"))
+
+
+# -- content scanners (clamd, spamd, rspamd) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def clamd() -> Iterator[Clamd]:
+    """One private clamd for the session, with only the tests' signature (daemons.py)."""
+    need_binary(CLAMD, "clamd (clamav-daemon)")
+    server = Clamd().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def spamd() -> Iterator[Spamd]:
+    """One private spamd for the session: Debian's shipped rules, local tests only."""
+    need_binary(SPAMD, "spamd (SpamAssassin)")
+    server = Spamd().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def rspamd() -> Iterator[Rspamd]:
+    """One private rspamd for the session, with a minimal configuration of its own."""
+    need_binary(RSPAMD, "rspamd")
+    server = Rspamd().start()
+    yield server
+    server.cleanup()

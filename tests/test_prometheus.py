@@ -1,8 +1,9 @@
 """The dashboard and the rule files, proven against a real Prometheus.
 
 A fresh spamgate process (`python -m tests.scripted run`: the real CLI, with real
-rule tables, real DNS list and SPF checks against the test DNS server, and the
-stand-in of tests/scripted.py for DKIM/DMARC results) is scraped every second by a
+rule tables, real DNS list, SPF, DKIM and DMARC checks against the test DNS server
+and messages signed by the test, plus the scripted check of tests/scripted.py for a
+failing check and a refusal at DATA) is scraped every second by a
 private Prometheus on loopback. The test drives a scripted mix
 of accepted, rejected (at connect, HELO, MAIL, RCPT, DATA and end of data),
 tempfailed, discarded and monitor-mode traffic, reloads into monitor mode and then
@@ -247,13 +248,11 @@ class Tally:
 BODY = b"From: a@example.org\r\nSubject: hello\r\n\r\nHello\r\n"
 
 
-def body(subject: str = "hello", dkim: str | None = None, dmarc: str | None = None) -> bytes:
-    head = f"From: a@example.org\r\nSubject: {subject}\r\n"
-    if dkim:
-        head += f"X-Sim-DKIM: {dkim}\r\n"
-    if dmarc:
-        head += f"X-Sim-DMARC: {dmarc}\r\n"
-    return head.encode() + b"\r\nHello\r\n"
+def body(subject: str = "hello", author: str = "a@example.org") -> bytes:
+    return (
+        f"From: {author}\r\nTo: <u@example.test>\r\nSubject: {subject}\r\n"
+        "Date: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nHello\r\n"
+    ).encode()
 
 
 CLIENT = "127.0.0.20"  # outside mynetworks (127.0.0.1/32): DNS lists and SPF apply
@@ -302,8 +301,13 @@ class Traffic:
         source: str = CLIENT,
         helo: str = HELO,
         spf: str | None = "none",
+        auth: tuple[str, str] | None = ("none", "none"),
     ) -> list[int]:
-        """One session, one transaction, QUIT; the reply codes after EHLO."""
+        """One session, one transaction, QUIT; the reply codes after EHLO.
+
+        `auth`: the DKIM and DMARC results of a message that reaches their checks
+        at the end of data (unsigned mail from a domain without DMARC: none, none);
+        None when a check before them ends the stage."""
         c = await self.session(source, helo)
         codes = [(await c.cmd(f"MAIL FROM:<{sender}>")).code]
         codes += [(await c.cmd(f"RCPT TO:<{r}>")).code for r in rcpts]
@@ -312,6 +316,9 @@ class Traffic:
         if r.code == 354:
             await c.send(content + b".\r\n")
             codes.append((await c.reply()).code)
+            if auth:
+                self.t.add("auth", "dkim", auth[0])
+                self.t.add("auth", "dmarc", auth[1])
         await c.cmd("QUIT")
         await c.close()
         if spf:
@@ -320,21 +327,28 @@ class Traffic:
 
     async def enforce_mix(self) -> None:
         t = self.t
-        for i in range(5):  # clean mail, SPF-authenticated, of different sizes
-            content = body("small score", "pass", "pass") + (b"x" * 76 + b"\r\n") * (40 * i)
-            codes = await self.mail(f"a{i}@spf-pass.test", ["u@example.test"], content, spf="pass")
+        for i in range(5):  # clean mail: SPF, DKIM and DMARC pass; of different sizes
+            content = scripted.signed(
+                body("small score", "a@spf-pass.test") + (b"x" * 76 + b"\r\n") * (40 * i)
+            )
+            codes = await self.mail(
+                f"a{i}@spf-pass.test",
+                ["u@example.test"],
+                content,
+                spf="pass",
+                auth=("pass", "pass"),
+            )
             assert codes == [250, 250, 354, 250]
             t.add("outcome", "accepted")
-            t.add("auth", "dkim", "pass")
-            t.add("auth", "dmarc", "pass")
             self.hit("header.regexp", "small score")
             t.add("eod")
-        for _ in range(2):  # mail that fails DKIM and DMARC, accepted all the same
-            codes = await self.mail("a@example.org", ["u@example.test"], body("hi", "fail", "fail"))
+        for _ in range(2):  # mail that fails DKIM and DMARC (p=none), accepted all the same
+            content = scripted.signed_then_changed(body("hi", "a@dmarc-none.test"))
+            codes = await self.mail(
+                "a@example.org", ["u@example.test"], content, auth=("fail", "fail")
+            )
             assert codes == [250, 250, 354, 250]
             t.add("outcome", "accepted")
-            t.add("auth", "dkim", "fail")
-            t.add("auth", "dmarc", "fail")
             t.add("eod")
         for _ in range(7):  # a stranger tries to relay
             codes = await self.mail("x@example.org", ["victim@elsewhere.test"], source=STRANGER)
@@ -387,7 +401,9 @@ class Traffic:
         t.add("outcome", "rejected")
         # refused at the end of data: by a header rule, then by the score
         for _ in range(2):
-            codes = await self.mail("a@example.org", ["u@example.test"], body("reject-eod"))
+            codes = await self.mail(
+                "a@example.org", ["u@example.test"], body("reject-eod"), auth=None
+            )
             assert codes == [250, 250, 354, 550]
             t.add("verdict", "eod", "header.regexp", "reject")
             self.hit("header.regexp", "reject-eod")
@@ -405,7 +421,9 @@ class Traffic:
         await c.cmd("QUIT")
         await c.close()
         t.add("verdict", "mail", "limits", "reject")
-        codes = await self.mail("a@example.org", ["u@example.test"], BODY + b"x" * 25000 + b"\r\n")
+        codes = await self.mail(
+            "a@example.org", ["u@example.test"], BODY + b"x" * 25000 + b"\r\n", auth=None
+        )
         assert codes == [250, 250, 354, 552]
         t.add("verdict", "eod", "limits", "reject")
         t.add("outcome", "rejected")

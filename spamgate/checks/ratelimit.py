@@ -225,7 +225,12 @@ class RateLimitCheck(Check):
         if not active:
             return []
         classes = [
-            (ClientSet.load(spec, config, "a rate-limit override table"), parse_overrides(text))
+            (
+                ClientSet.load(
+                    spec, config, "a rate-limit override table", ("ratelimit", "overrides", spec)
+                ),
+                parse_overrides(text),
+            )
             for spec, text in s.overrides.items()
         ]
         overrides = _by_tables(classes) if classes else None
