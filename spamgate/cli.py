@@ -120,6 +120,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     hostname = hostname_problem(config)
     if hostname:
         print(config.where().at("server", "hostname", f"warning: {hostname}"))
+    from .state import state_warnings
+
+    for warning in state_warnings(config):
+        print(warning)
     print(f"{args.config}: ok")
     return 0
 

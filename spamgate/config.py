@@ -397,12 +397,49 @@ def _redis_url(value: str) -> str | None:
 class StateSettings:
     redis: str = setting(
         "",
-        'Redis shared by all instances, "redis://host:port/db"; empty: in-process (not shared).',
+        'One Redis shared by all instances, "redis://host:port/db" ("rediss://" for TLS); '
+        "empty (and no sentinels or cluster): in-process, not shared.",
         check=_redis_url,
     )
-    key_prefix: str = setting("spamgate:", "Prefix of every Redis key spamgate writes.")
+    sentinels: list[str] = setting(
+        [],
+        'Redis Sentinels as "host:port": the primary of service_name is found through them '
+        "and followed after a failover.",
+        check=hostports,
+    )
+    service_name: str = setting("", "The Sentinels' name for the primary (sentinel monitor).")
+    cluster: list[str] = setting(
+        [],
+        'Some nodes of a Redis Cluster as "host:port"; the others are found from them.',
+        check=hostports,
+    )
+    username: str = setting("", "ACL user spamgate logs in as; empty: the default user.")
+    password_file: str = setting(
+        "", "File holding the password of username (one line; keep it out of this file)."
+    )
+    sentinel_password_file: str = setting(
+        "", "File holding the password of the Sentinels themselves (their requirepass), if any."
+    )
+    tls: bool = setting(
+        False, "TLS to the Sentinels and the primary, or to the Cluster nodes (see redis for one)."
+    )
+    tls_ca_file: str = setting(
+        "", "PEM CA bundle to verify the Redis servers with; empty: the system's CAs."
+    )
+    tls_cert_file: str = setting(
+        "", "PEM client certificate, for servers with tls-auth-clients yes; empty: none."
+    )
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file.")
+    key_prefix: str = setting(
+        "spamgate:",
+        'Prefix of every Redis key spamgate writes (a hash tag, "{spamgate}:", keeps them '
+        "on one Cluster node).",
+    )
     timeout: float = setting(
-        0.5, "Seconds to connect to Redis or wait for one answer.", check=positive
+        0.5,
+        "Seconds one state operation may take in all (connecting, retries and a failover "
+        "included) before on_unavailable applies.",
+        check=positive,
     )
     retry_interval: float = setting(
         2.0, "Seconds between reconnection attempts while Redis is unreachable.", check=positive
@@ -416,6 +453,29 @@ class StateSettings:
         "Entries the in-process store keeps at most; the least recently used go first.",
         check=positive,
     )
+
+    def __post_init__(self) -> None:
+        # Reported by the loader as "[state]: ..." at the section's line.
+        given = [k for k in ("redis", "sentinels", "cluster") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one of redis, sentinels and cluster, not {' and '.join(given)}")
+        if self.sentinels and not self.service_name:
+            raise ValueError("sentinels need a service_name (the name in 'sentinel monitor')")
+        if self.service_name and not self.sentinels:
+            raise ValueError("service_name is for sentinels; give them too")
+        if self.tls and self.redis.startswith("redis://"):
+            raise ValueError('tls = true with a "redis://" URL: write "rediss://" for TLS')
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+
+    @property
+    def shared(self) -> bool:
+        """True when the state lives in Redis (one server, Sentinel or Cluster)."""
+        return bool(self.redis or self.sentinels or self.cluster)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.redis.startswith("rediss://")
 
 
 @dataclass(frozen=True)

@@ -427,6 +427,11 @@ STATE_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+STATE_PRIMARY_CHANGES = Counter(
+    "spamgate_state_primary_changes_total",
+    "Times the Sentinels named another Redis primary (a failover) and spamgate followed it.",
+    registry=REGISTRY,
+)
 STATE_EVICTIONS = Counter(
     "spamgate_state_store_evictions_total",
     "Live entries the in-process store dropped to stay within [state] memory_max_keys.",

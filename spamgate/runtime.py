@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from . import metrics
 from .checks.registry import CHECK_TYPES
-from .config import Config
+from .config import Config, StateSettings
 from .model import IPAddress
 from .pipeline.check import Check
 from .pipeline.runner import Pipeline
@@ -83,9 +83,11 @@ def build(config: Config) -> tuple[Services, Policy]:
         services = Services.build(config)
     except ConfigError as exc:
         problems += exc.problems
-        # Go on without upstream TLS, whose CA file was the problem, to find the rest.
+        # Go on without upstream TLS and the shared store, whose files were the
+        # problem, to find the rest.
         upstream = dataclasses.replace(config.upstream, tls="off")
-        services = Services.build(dataclasses.replace(config, upstream=upstream))
+        bare = dataclasses.replace(config, upstream=upstream, state=StateSettings())
+        services = Services.build(bare)
     try:
         policy = Policy.build(config, services)
     except ConfigError as exc:

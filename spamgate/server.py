@@ -31,7 +31,7 @@ from .reply import Reply
 from .runtime import Policy, Runtime, build, sources
 from .settings import ConfigError, parse_hostport
 from .smtp.protocol import SMTPSession
-from .state import StoreUnavailable
+from .state import StoreUnavailable, state_warnings
 
 log = logging.getLogger("spamgate")
 
@@ -131,6 +131,8 @@ class Server:
             loop_name(loop),
         )
         log.info("state store: %s", self.services.state.describe())
+        for warning in state_warnings(self.config):
+            log.warning("%s", warning)
         with contextlib.suppress(StoreUnavailable):  # logged; serving goes on regardless
             await self.services.state.ping()
 

@@ -18,6 +18,7 @@ from .checks.engines.dkimverify import lower_priority
 from .config import Config
 from .model import IPAddress
 from .resolver import Resolver
+from .settings import ConfigError
 from .state import MemoryStore, StateStore, build_store
 from .upstream import Upstream, build_upstream
 from .upstream.maildir import MaildirUpstream
@@ -81,13 +82,25 @@ class Services:
 
     @classmethod
     def build(cls, config: Config) -> Services:
+        """ConfigError listing the problems of the upstream's and the store's files."""
+        problems: list[str] = []
+        try:
+            upstream = build_upstream(config)
+        except ConfigError as exc:
+            problems += exc.problems
+        try:
+            state = build_store(config)
+        except ConfigError as exc:
+            problems += exc.problems
+        if problems:
+            raise ConfigError(problems)
         return cls(
-            upstream=build_upstream(config),
+            upstream=upstream,
             quarantine=MaildirUpstream(
                 config.resolve_path(config.server.quarantine), config.hostname
             ),
             resolver=Resolver(config.dns),
-            state=build_store(config.state),
+            state=state,
         )
 
     async def client_name(self, address: IPAddress) -> str:
