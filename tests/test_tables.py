@@ -7,11 +7,12 @@ import time
 
 import pytest
 
+from spamgate.checks.engines.ruleverdict import ReplyContext, to_verdict
 from spamgate.pipeline.verdict import Action, Symbol
 from spamgate.reply import Reply
 from spamgate.settings import ConfigError
-from spamgate.tables import Query, RuleTimeout, TableLimits, load_table
-from spamgate.tables.actions import ReplyContext, parse_action, to_verdict
+from spamgate.tables import Query, TableLimits, TableTimeout, load_table
+from spamgate.tables.actions import parse_action
 from spamgate.tables.keys import email_keys, ip_keys
 
 
@@ -247,7 +248,7 @@ def test_regexp_catastrophic_backtracking_is_stopped(tmp_path) -> None:
         limits=TableLimits(regexp_timeout=0.05, match_length=100000),
     )
     started = time.monotonic()
-    with pytest.raises(RuleTimeout, match=r"t\.regexp:1: regexp ran longer than"):
+    with pytest.raises(TableTimeout, match=r"t\.regexp:1: regexp ran longer than"):
         t.first(Query("text", "a" * 5000 + "!"))
     assert time.monotonic() - started < 1
 

@@ -25,8 +25,8 @@ from ..model import Stage
 from ..pipeline.check import CheckContext
 from ..pipeline.verdict import Symbol, Verdict
 from ..tables import Query, Table
-from ..tables.actions import ReplyContext, to_verdict
 from .engines.contentview import ContentLimits, ContentView, extract
+from .engines.ruleverdict import ReplyContext, lookups, to_verdict
 from .rules import RulesSettings, TableCheck
 
 if TYPE_CHECKING:
@@ -117,10 +117,11 @@ class ContentCheck(TableCheck):
             view = known or extract(message, self.limits)
             return view, scan(self.table, self.lines(view), deadline)
 
-        if message.size > INLINE_LIMIT:
-            view, verdict = await asyncio.to_thread(work)
-        else:
-            view, verdict = work()
+        with lookups():
+            if message.size > INLINE_LIMIT:
+                view, verdict = await asyncio.to_thread(work)
+            else:
+                view, verdict = work()
         # Recorded for the next content table, so the message is parsed once.
         return verdict if known is not None else replace(verdict, result=view)
 

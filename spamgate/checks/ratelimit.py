@@ -32,10 +32,12 @@ from ..pipeline.check import Check, CheckContext
 from ..pipeline.verdict import DUNNO, Action, Verdict
 from ..reply import Reply
 from ..settings import setting
-from ..state import StateStore, StoreUnavailable, Window, network_of, unavailable_verdict
+from ..state import StateStore, StoreUnavailable, Window, network_of
 from ..state.base import prefix_check
 from ..tables import split_spec
 from ..tables.clientset import ClientSet, source_of
+from .engines.ruleverdict import lookups
+from .engines.unavailable import unavailable_verdict
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -227,7 +229,12 @@ class RateLimitCheck(Check):
         classes = [
             (
                 ClientSet.load(
-                    spec, config, "a rate-limit override table", ("ratelimit", "overrides", spec)
+                    spec,
+                    config,
+                    "a rate-limit override table",
+                    ("ratelimit", "overrides", spec),
+                    limits=config.section("rules").limits,
+                    timeout=config.section("rules").timeout,
                 ),
                 parse_overrides(text),
             )
@@ -268,7 +275,9 @@ class RateLimitCheck(Check):
         if any(ctx.session.client.address in net for net in self.exempt):
             return DUNNO
         requests: list[tuple[str, str, Window]] = []
-        for name, limit in self._limits_for(ctx).items():
+        with lookups():
+            limits = self._limits_for(ctx)
+        for name, limit in limits.items():
             kind = KINDS[name]
             if kind.stage is not ctx.stage:
                 continue

@@ -26,7 +26,8 @@ from ..pipeline.check import Check, CheckContext, TransactionEnd, TransactionObs
 from ..pipeline.verdict import DUNNO, Action, Verdict
 from ..reply import Reply
 from ..settings import non_negative, positive, setting
-from ..state import StateStore, StoreUnavailable, Window, unavailable_verdict
+from ..state import StateStore, StoreUnavailable, Window
+from .engines.unavailable import unavailable_verdict
 
 if TYPE_CHECKING:
     from ..config import Config

@@ -22,8 +22,8 @@ from ..pipeline.check import Check, CheckContext, Series
 from ..pipeline.verdict import DUNNO, Verdict
 from ..settings import ConfigError, positive, setting
 from ..tables import Match, Query, Table, TableLimits, load_configured, split_spec
-from ..tables.actions import ReplyContext, to_verdict
 from ..tables.keys import NULL_SENDER
+from .engines.ruleverdict import ReplyContext, lookups, to_verdict
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -125,7 +125,7 @@ def load_tables(config: Config, key: str) -> list[Table]:
     problems: list[str] = []
     for spec in getattr(settings, key):
         try:
-            tables.append(load_configured(spec, config, "rules", key))
+            tables.append(load_configured(spec, config, "rules", key, limits=settings.limits))
         except ConfigError as exc:
             problems += exc.problems
     if problems:
@@ -201,7 +201,8 @@ class TableCheck(Check):
         if asked is None:
             return DUNNO
         query, reply = asked
-        return decide(self.table.matches(query, time.monotonic() + self.timeout), reply)
+        with lookups():
+            return decide(self.table.matches(query, time.monotonic() + self.timeout), reply)
 
     def query(self, ctx: CheckContext) -> tuple[Query, ReplyContext] | None:
         raise NotImplementedError

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from ..model import IPAddress
-from ..pipeline.verdict import CheckError
 from ..settings import ConfigError, display_path
 from .actions import RuleAction
 from .source import LogicalLine, UnreadableTable, read_lines
@@ -30,10 +29,8 @@ TABLE_TYPES = ("cidr", "regexp", "hash")
 MYHOSTNAME = "${myhostname}"
 
 
-class RuleTimeout(CheckError):
+class TableTimeout(Exception):
     """A lookup took longer than its bound (a regexp that backtracks, a huge input)."""
-
-    kind = "timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,18 +137,19 @@ def load_table(
 
 
 def load_configured(
-    spec: str, config: Config, section: str, key: str, item: str | None = None
+    spec: str,
+    config: Config,
+    section: str,
+    key: str,
+    item: str | None = None,
+    *,
+    limits: TableLimits | None = None,
 ) -> Table:
     """Load a table the configuration names at `[section] key` (`item`: the entry of
     a key that is itself a table); a file that cannot be read at all is reported at
     that line of the configuration, after `[section] key:`, with the file's path."""
     try:
-        return load_table(
-            spec,
-            base_dir=config.base_dir,
-            hostname=config.hostname,
-            limits=config.section("rules").limits,
-        )
+        return load_table(spec, base_dir=config.base_dir, hostname=config.hostname, limits=limits)
     except UnreadableTable as exc:
         if config.path is None:
             raise
@@ -188,9 +186,9 @@ def split_rule(text: str) -> tuple[str, str]:
 __all__ = [
     "Match",
     "Query",
-    "RuleTimeout",
     "Table",
     "TableLimits",
+    "TableTimeout",
     "load_configured",
     "load_table",
     "split_spec",
