@@ -99,6 +99,7 @@ PROTOCOL_ERROR_KINDS = (
     "timeout",
     "message_too_big",
     "too_many_recipients",
+    "header_too_big",
     "bare_cr",
     "proxy_header",
 )
@@ -604,23 +605,6 @@ def _precreate() -> None:
         STARTTLS.labels(result)
     for result in AUTH_PASSTHROUGH_RESULTS:
         AUTH_PASSTHROUGH.labels(result)
-    for stage, check, action in (
-        ("rcpt", "relay", "reject"),
-        ("rcpt", "score", "reject"),
-        ("rcpt", "score", "defer"),
-        ("eod", "score", "reject"),
-        ("eod", "score", "defer"),
-        ("mail", "limits", "reject"),
-        ("rcpt", "limits", "defer"),
-        ("eod", "limits", "reject"),
-        ("eod", "protocol", "reject"),
-        ("connect", "protocol", "reject"),
-    ):
-        VERDICTS.labels(stage, check, action)
-    for stage in ("rcpt", "eod"):
-        for action in ("reject", "defer"):
-            WOULD_VERDICTS.labels(stage, "score", action)
-    WOULD_VERDICTS.labels("eod", "score", "tag")  # X-Spam headers monitor mode left out
     BUILD_INFO.labels(**_versions()).set(1)
     # Unknown until the first session or /readyz probe reaches (or misses) the MTA:
     # NaN, not 0, so "upstream down" alerts do not fire on an idle, fresh process.
@@ -645,6 +629,18 @@ def declare_checks(
             for action in ("reject", "defer"):
                 VERDICTS.labels(stage, label, action)
                 WOULD_VERDICTS.labels(stage, label, action)
+
+
+def declare_core(decisions: Iterable[tuple[str, str, str, bool]]) -> None:
+    """Create the series of the core's own decisions (relay, limits, protocol,
+    score: `Pipeline.series()`) at zero: (stage, label, action, may be monitored).
+    Only final actions are enforced decisions; the score's "tag" is only ever a
+    monitor-mode "would"."""
+    for stage, label, action, monitored in decisions:
+        if action != "tag":
+            VERDICTS.labels(stage, label, action)
+        if monitored:
+            WOULD_VERDICTS.labels(stage, label, action)
 
 
 _config_hash: str | None = None

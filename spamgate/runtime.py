@@ -11,17 +11,18 @@ import collections
 import dataclasses
 import hashlib
 import logging
-import ssl
 import time
-from dataclasses import dataclass
 
 from . import metrics
 from .checks.registry import CHECK_TYPES
 from .config import Config, StateSettings
-from .model import IPAddress
+from .flow.disposal import Quarantine
+from .flow.driver import SessionDriver
+from .model import IPAddress, Session
 from .pipeline.check import Check
-from .pipeline.runner import Pipeline
-from .relay import RelayPolicy
+from .pipeline.observer import Observer
+from .pipeline.policy import Policy
+from .pipeline.runner import CorePolicy, Pipeline
 from .services import Services
 from .settings import ConfigError
 from .tls import server_context
@@ -29,49 +30,36 @@ from .tls import server_context
 log = logging.getLogger("spamgate")
 
 
-@dataclass(frozen=True)
-class Policy:
-    config: Config
-    pipeline: Pipeline
-    relay: RelayPolicy
-    digest: str
-    # The STARTTLS certificate, loaded with this snapshot (a reload renews it).
-    tls: ssl.SSLContext | None = None
-    # Check labels authenticated (AUTH passthrough) clients skip; "all" skips every one.
-    auth_skip: frozenset[str] = frozenset()
-
-    @classmethod
-    def build(cls, config: Config, services: Services) -> Policy:
-        """Build every check; raises settings.ConfigError listing every bad rule file line."""
-        checks: list[Check] = []
-        problems: list[str] = []
-        for kind in CHECK_TYPES:
-            try:
-                checks.extend(kind.from_config(config, services))
-            except ConfigError as exc:
-                problems += [p for p in exc.problems if p not in problems]
-        known = {kind.name for kind in CHECK_TYPES} | {c.label for c in checks} | {"all"}
-        unknown = [name for name in config.auth.skip_checks if name not in known]
-        if unknown:
-            names = ", ".join(f'"{n}"' for n in unknown)
-            problems.append(
-                config.where().at("auth", "skip_checks", f"[auth] skip_checks: unknown {names}")
-            )
-        tls = None
+def build_policy(config: Config, services: Services) -> Policy:
+    """Build every check; raises settings.ConfigError listing every bad rule file line."""
+    checks: list[Check] = []
+    problems: list[str] = []
+    for kind in CHECK_TYPES:
         try:
-            tls = server_context(config)
+            checks.extend(kind.from_config(config, services))
         except ConfigError as exc:
-            problems += exc.problems
-        if problems:
-            raise ConfigError(problems)
-        return cls(
-            config=config,
-            pipeline=Pipeline(checks, monitor=config.server.mode == "monitor"),
-            relay=RelayPolicy(config.server.relay_domains, config.server.mynetworks),
-            digest=config_digest(config),
-            tls=tls,
-            auth_skip=frozenset(config.auth.skip_checks),
+            problems += [p for p in exc.problems if p not in problems]
+    known = {kind.name for kind in CHECK_TYPES} | {c.label for c in checks} | {"all"}
+    unknown = [name for name in config.auth.skip_checks if name not in known]
+    if unknown:
+        names = ", ".join(f'"{n}"' for n in unknown)
+        problems.append(
+            config.where().at("auth", "skip_checks", f"[auth] skip_checks: unknown {names}")
         )
+    tls = None
+    try:
+        tls = server_context(config)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    pipeline = Pipeline(
+        checks,
+        CorePolicy.from_config(config),
+        monitor=config.server.mode == "monitor",
+        skip=frozenset(config.auth.skip_checks),
+    )
+    return Policy(config=config, pipeline=pipeline, digest=config_digest(config), tls=tls)
 
 
 def build(config: Config) -> tuple[Services, Policy]:
@@ -89,7 +77,7 @@ def build(config: Config) -> tuple[Services, Policy]:
         bare = dataclasses.replace(config, upstream=upstream, state=StateSettings())
         services = Services.build(bare)
     try:
-        policy = Policy.build(config, services)
+        policy = build_policy(config, services)
     except ConfigError as exc:
         problems += [p for p in exc.problems if p not in problems]
     if problems:
@@ -128,6 +116,7 @@ class Runtime:
     def __init__(self, policy: Policy, services: Services, share: int = 1) -> None:
         self.policy = policy
         self.services = services
+        self.disposal = Quarantine(services.quarantine)
         # Workers sharing the limits: this process takes 1/share of max_sessions.
         self.share = share
         self.active = 0
@@ -148,11 +137,25 @@ class Runtime:
     def config(self) -> Config:
         return self.policy.config
 
+    def driver(self, session: Session, observer: Observer | None = None) -> SessionDriver:
+        """The session driver for a new client session, on the current policy."""
+        services = self.services
+        return SessionDriver(
+            self.policy,
+            session,
+            upstream=services.upstream,
+            disposal=self.disposal,
+            background=services.background,
+            names=services.client_name if self.policy.config.dns.reverse_lookup else None,
+            observer=observer,
+        )
+
     def _note_policy(self, policy: Policy) -> None:
         checks = policy.pipeline.checks
         metrics.declare_checks(
             (c.label, [s.value for s in c.stages], c.metric_series()) for c in checks
         )
+        metrics.declare_core(policy.pipeline.series())
         metrics.note_config(policy.digest, self.loaded_at)
 
     def swap(self, policy: Policy) -> None:

@@ -28,7 +28,7 @@ from .exporter import Exporter
 from .fdlimit import FdReserve, raise_soft_limit, watermark
 from .health import Health
 from .reply import Reply
-from .runtime import Policy, Runtime, build, sources
+from .runtime import Runtime, build, build_policy, sources
 from .settings import ConfigError, parse_hostport
 from .smtp.protocol import SMTPSession
 from .state import StoreUnavailable, state_warnings
@@ -168,7 +168,7 @@ class Server:
             try:
                 config = await asyncio.to_thread(load, path)
                 seen = {**file_state(sources(config)), **seen}
-                policy = await asyncio.to_thread(Policy.build, config, self.services)
+                policy = await asyncio.to_thread(build_policy, config, self.services)
             except ConfigError as exc:
                 # Not retried until one of these files changes again.
                 self._watched = {**self._watched, **seen}

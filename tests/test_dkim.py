@@ -24,8 +24,10 @@ from spamgate.config import loads
 from spamgate.message import Message
 from spamgate.model import Client, Session, Stage, Transaction
 from spamgate.pipeline.check import CheckContext
+from spamgate.pipeline.ledger import Ledger
+from spamgate.pipeline.policy import Policy
 from spamgate.pipeline.verdict import Action, CheckFailures
-from spamgate.runtime import Policy
+from spamgate.runtime import build_policy
 from spamgate.services import Services
 from spamgate.spool import Spool
 
@@ -67,7 +69,7 @@ class Checker:
         txn = Transaction("alice@good.test")
         session.transaction = txn
         m = msg if isinstance(msg, Message) else Message(msg)
-        await self.pipeline.run(CheckContext(Stage.EOD, session, txn, message=m))
+        await self.pipeline.run(CheckContext(Stage.EOD, session, txn, message=m), Ledger({}))
         return txn.results.get(DkimResults)
 
 
@@ -80,7 +82,7 @@ async def make(dns_server: DnsServer) -> AsyncIterator:
         config = loads(config_text(None, f"[dkim]\nenabled = true\n{settings}", dns=dns_server))
         services = Services.build(config)
         built.append(services)
-        return Checker(services, Policy.build(config, services))
+        return Checker(services, build_policy(config, services))
 
     yield build
     for services in built:
@@ -310,7 +312,7 @@ async def test_a_dead_worker_process_is_replaced(dns_server: DnsServer) -> None:
         )
     )
     services = Services.build(config)
-    pipeline = Policy.build(config, services).pipeline
+    pipeline = build_policy(config, services).pipeline
     small = RSA.sign(message())
     big = RSA.sign(message(body=b"".join(b"line %d\r\n" % i for i in range(600000))))
 
@@ -319,7 +321,9 @@ async def test_a_dead_worker_process_is_replaced(dns_server: DnsServer) -> None:
         session = Session("t1", client)
         txn = Transaction("bounce@other.test")  # SPF does not align: DMARC rests on DKIM
         session.transaction = txn
-        outcome = await pipeline.run(CheckContext(Stage.EOD, session, txn, message=Message(signed)))
+        outcome = await pipeline.run(
+            CheckContext(Stage.EOD, session, txn, message=Message(signed)), Ledger({})
+        )
         return txn, outcome
 
     try:

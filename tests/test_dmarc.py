@@ -15,8 +15,9 @@ from spamgate.config import loads
 from spamgate.message import Message
 from spamgate.model import Client, Session, Stage, Transaction
 from spamgate.pipeline.check import CheckContext
+from spamgate.pipeline.ledger import Ledger
 from spamgate.pipeline.verdict import CheckFailures
-from spamgate.runtime import Policy
+from spamgate.runtime import build_policy
 from spamgate.services import Services
 from spamgate.settings import ConfigError
 
@@ -243,7 +244,7 @@ async def test_monitor_mode_refuses_nothing(
 def test_dmarc_needs_spf_and_dkim() -> None:
     config = loads("[dmarc]\nenabled = true\n[spf]\nenabled = true\n", "g.toml")
     with pytest.raises(ConfigError) as err:
-        Policy.build(config, Services.build(config))
+        build_policy(config, Services.build(config))
     assert err.value.problems == [
         "g.toml: [dmarc] needs [dkim] enabled: DMARC passes on either, so judging it "
         "without one refuses legitimate mail"
@@ -320,7 +321,7 @@ async def test_a_failed_spf_check_that_would_have_aligned(dns_server: DnsServer)
     publish(dns_server)
     config = loads(config_text(None, CONFIG, dns=dns_server))
     services = Services.build(config)
-    pipeline = Policy.build(config, services).pipeline
+    pipeline = build_policy(config, services).pipeline
     # Real machinery, broken: the thread pool pyspf runs in is gone.
     services.threads.shutdown()
 
@@ -329,9 +330,9 @@ async def test_a_failed_spf_check_that_would_have_aligned(dns_server: DnsServer)
         session = Session("t1", client)
         txn = Transaction(sender)
         session.transaction = txn
-        await pipeline.run(CheckContext(Stage.MAIL, session, txn))
+        await pipeline.run(CheckContext(Stage.MAIL, session, txn), Ledger({}))
         m = Message(message(author))
-        return txn, await pipeline.run(CheckContext(Stage.EOD, session, txn, message=m))
+        return txn, await pipeline.run(CheckContext(Stage.EOD, session, txn, message=m), Ledger({}))
 
     try:
         before = sample("spamgate_dmarc_internal_errors_total", cause="spf")

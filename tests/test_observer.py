@@ -12,7 +12,6 @@ from spamgate import metrics
 from spamgate.background import Background
 from spamgate.model import Stage
 from spamgate.pipeline.check import Check, CheckContext, TransactionEnd, TransactionObserver
-from spamgate.pipeline.runner import Pipeline
 from spamgate.pipeline.verdict import DUNNO, Verdict
 
 from .conftest import Gate, GateFactory
@@ -45,7 +44,7 @@ class Recorder(Check, TransactionObserver):
 
 def observe(gate: Gate, *observers: Check) -> None:
     rt = gate.server.runtime
-    rt.swap(dataclasses.replace(rt.policy, pipeline=Pipeline(list(observers))))
+    rt.swap(dataclasses.replace(rt.policy, pipeline=rt.policy.pipeline.with_checks(observers)))
 
 
 async def test_outcomes_reach_observers(gate_factory: GateFactory, sink: Sink) -> None:

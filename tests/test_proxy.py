@@ -415,12 +415,12 @@ async def test_raw_client_helper_sees_close(gate_factory: GateFactory) -> None:
 async def test_a_bug_in_a_session_is_logged_and_answered(gate_factory, monkeypatch, caplog) -> None:
     # Found when a module could not be imported after the privilege drop: the
     # session ended without a word, in the log or to the client.
-    from spamgate.flow import SessionFlow
+    from spamgate.flow.driver import SessionDriver
 
     async def broken(self):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(SessionFlow, "connect", broken)
+    monkeypatch.setattr(SessionDriver, "connect", broken)
     gate = await gate_factory()
     c, banner = await gate.client()
     assert (banner.code, banner.enhanced) == (421, "4.3.0")

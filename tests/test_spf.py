@@ -17,8 +17,9 @@ from spamgate.checks.spf import SpfHeloResult, SpfResult
 from spamgate.config import DnsSettings, loads
 from spamgate.model import Client, Session, Stage, Transaction
 from spamgate.pipeline.check import CheckContext
+from spamgate.pipeline.ledger import Ledger
 from spamgate.resolver import Resolver
-from spamgate.runtime import Policy
+from spamgate.runtime import build_policy
 from spamgate.services import Services
 
 from .conftest import GateFactory, config_text
@@ -275,16 +276,17 @@ async def test_results_are_kept_for_later_checks(dns_server: DnsServer, sink: Si
     publish_spf(dns_server)
     config = loads(config_text(sink, "[spf]\nenabled = true\n", dns=dns_server))
     services = Services.build(config)
-    pipeline = Policy.build(config, services).pipeline
+    pipeline = build_policy(config, services).pipeline
     client = Client(ipaddress.ip_address("127.0.0.2"), 4000, helo="bad.test")
     session = Session("t1", client)
-    await pipeline.run(CheckContext(Stage.HELO, session))
+    await pipeline.run(CheckContext(Stage.HELO, session), Ledger({}))
     helo = session.results.get(SpfHeloResult)
     assert helo is not None and (helo.result, helo.domain) == ("fail", "bad.test")
     assert (helo.sender, helo.smtp_property) == ("postmaster@bad.test", "smtp.helo")
     txn = Transaction("someone@Soft.Test")
     session.transaction = txn
-    outcome = await pipeline.run(CheckContext(Stage.MAIL, session, txn))
+    ledger = Ledger({})
+    await pipeline.run(CheckContext(Stage.MAIL, session, txn), ledger)
     mail = txn.results.get(SpfResult)
     assert mail is not None and type(mail) is SpfResult
     assert (mail.result, mail.domain, mail.sender) == ("softfail", "soft.test", "someone@Soft.Test")
@@ -293,10 +295,10 @@ async def test_results_are_kept_for_later_checks(dns_server: DnsServer, sink: Si
         "bad.test",
         "smtp.mailfrom",
     )
-    assert [s.name for s in outcome.symbols] == ["SPF_SOFTFAIL"]
+    assert [s.name for s in ledger.scorer.transaction] == ["SPF_SOFTFAIL"]
     null = Transaction("")
     session.transaction = null
-    await pipeline.run(CheckContext(Stage.MAIL, session, null))
+    await pipeline.run(CheckContext(Stage.MAIL, session, null), Ledger({}))
     assert null.results.get(SpfResult).sender == "postmaster@bad.test"
     await services.aclose()
 

@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from spamgate.config import loads
-from spamgate.runtime import Policy, Runtime
+from spamgate.runtime import Runtime, build_policy
 from spamgate.services import Services
 
 from .conftest import config_text
@@ -214,7 +214,7 @@ async def test_port_in_use(sink: Sink, running, world_dir) -> None:  # noqa: F81
 def test_max_sessions_shared_out() -> None:
     config = loads(config_text(None, "[limits]\nmax_sessions = 3\n"))
     services = Services.build(config)
-    runtime = Runtime(Policy.build(config, services), services, share=2)
+    runtime = Runtime(build_policy(config, services), services, share=2)
     addresses = [f"127.0.0.{n}" for n in range(1, 4)]
     admitted = [runtime.admit(ipaddress.ip_address(a)) for a in addresses]
     assert admitted == [None, None, "max_sessions"]  # this worker's part: 2 of 3

@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..message import Message
 from ..model import Stage
 from ..pipeline.check import CheckContext
 from ..pipeline.verdict import Symbol, Verdict
@@ -140,10 +139,3 @@ class BodyRules(ContentCheck):
 
     def lines(self, view: ContentView) -> tuple[str, ...]:
         return view.body
-
-
-def message_view(message: Message, settings: RulesSettings) -> ContentView:
-    """The view rules see, for `spamgate explain`."""
-    return extract(
-        message, ContentLimits(settings.scan_size, settings.body_part_size, settings.parts)
-    )

@@ -79,7 +79,7 @@ class RhsblCheck(Check):
         return self.policy.metric_series()
 
     async def check(self, ctx: CheckContext) -> Verdict:
-        if ctx.session.relay_permitted or ctx.session.pending is not None:
+        if ctx.session.relay_permitted or ctx.held is not None:
             # ours, or already refused (delayed reject): no lookups to make
             return DUNNO
         if ctx.stage is Stage.HELO:

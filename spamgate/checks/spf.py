@@ -130,7 +130,7 @@ class SpfCheck(Check):
         return [cls(s, SpfEngine(services.resolver, services.threads, s.timeout))]
 
     async def check(self, ctx: CheckContext) -> Verdict:
-        if ctx.session.relay_permitted or ctx.session.pending is not None:
+        if ctx.session.relay_permitted or ctx.held is not None:
             # ours, or already refused (delayed reject): no lookups to make
             return DUNNO
         client = ctx.session.client

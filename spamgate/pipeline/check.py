@@ -48,6 +48,9 @@ class CheckContext:
     transaction: Transaction | None = None
     recipient: Recipient | None = None  # the RCPT being decided, at Stage.RCPT
     message: Message | None = None  # at Stage.EOD
+    # A refusal held for the first RCPT (delayed rejection): the client is refused
+    # already, so a check with costly lookups may spare them.
+    held: Verdict | None = None
 
 
 class Check(abc.ABC):

@@ -9,7 +9,7 @@ admin reading a rule file or a log line sees words they already know.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..reply import Reply, default_enhanced
 
@@ -24,21 +24,22 @@ class Action(enum.Enum):
     DISCONNECT = "disconnect"  # 421/521: reply, then close the session
     DISCARD = "discard"  # say 250, drop the message
     HOLD = "hold"  # say 250, put the message in quarantine
+    TAG = "tag"  # mark the message as spam (X-Spam headers); not final
 
     @property
     def is_final(self) -> bool:
-        return self is not Action.DUNNO
+        return self not in _NOT_FINAL
 
     @property
     def refuses(self) -> bool:
         """Actions that monitor mode turns into a log line."""
-        return self in (
-            Action.REJECT,
-            Action.DEFER,
-            Action.DISCONNECT,
-            Action.DISCARD,
-            Action.HOLD,
-        )
+        return self in _REFUSING
+
+
+_NOT_FINAL = frozenset({Action.DUNNO, Action.TAG})
+_REFUSING = frozenset(
+    {Action.REJECT, Action.DEFER, Action.DISCONNECT, Action.DISCARD, Action.HOLD, Action.TAG}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,28 +131,20 @@ def defer(text: str = "Try again later", code: int = 450, *, rule: str | None = 
     return Verdict(Action.DEFER, reply, rule=rule)
 
 
-def from_reply(reply: Reply, *, rule: str | None = None) -> Verdict:
-    """A verdict for an explicit `4NN`/`5NN text` rule action."""
-    if reply.enhanced is None:
-        reply = Reply(reply.code, default_enhanced(reply.code), reply.lines)
-    if reply.code in (421, 521):
-        return Verdict(Action.DISCONNECT, reply, rule=rule)
-    if reply.code >= 500:
-        return Verdict(Action.REJECT, reply, rule=rule)
-    if reply.code >= 400:
-        return Verdict(Action.DEFER, reply, rule=rule)
-    return Verdict(Action.OK, rule=rule)
-
-
 @dataclass
 class Outcome:
-    """What the runner made of all verdicts of one stage (mutable while it runs)."""
+    """What the runner made of one stage (mutable while it runs): its final verdict,
+    who decided it (a check's label, or the core's: relay, limits, score, ...), and
+    whether a refusal was held for the first RCPT rather than given now."""
 
     final: Verdict | None = None
-    symbols: list[Symbol] = field(default_factory=list)
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    would: list[Verdict] = field(default_factory=list)  # monitor-mode actions not taken
+    decider: str | None = None
+    held: bool = False
 
     @property
-    def refused(self) -> bool:
-        return self.final is not None and self.final.action.refuses
+    def refusal(self) -> Verdict | None:
+        """The refusal to give now, with its reply (not a held one, not DISCARD/HOLD)."""
+        final = self.final
+        if final is None or final.reply is None or self.held:
+            return None
+        return final

@@ -1,19 +1,26 @@
 """Relay control: the rule that keeps spamgate from being an open relay.
 
-It is part of the core, not a check: no rule file, monitor mode or allowlist can
-turn it off. A recipient is accepted when its domain is one of ours
-(`relay_domains`, where ".example.com" also covers subdomains), when it is the
-bare `postmaster` mailbox (RFC 5321 §4.5.1), or when the client may relay
-(`mynetworks`, or authenticated through AUTH passthrough).
+It is one of the core's entries, not a check: mandatory, so no rule file, monitor
+mode, allowlist or [auth] skip_checks can turn it off. A recipient is accepted
+when its domain is one of ours (`relay_domains`, where ".example.com" also covers
+subdomains), when it is the bare `postmaster` mailbox (RFC 5321 §4.5.1), or when
+the client may relay (`mynetworks`, or authenticated through AUTH passthrough).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from .model import IPAddress
-from .reply import Reply
+from ..model import IPAddress, Stage
+from ..reply import Reply
+from .entry import CoreEntry
+from .verdict import Action, Verdict
+
+if TYPE_CHECKING:
+    from .check import CheckContext
+    from .ledger import Ledger
 
 
 class RelayPolicy:
@@ -47,3 +54,20 @@ class RelayPolicy:
     @staticmethod
     def denied(recipient: str) -> Reply:
         return Reply(554, "5.7.1", (f"<{recipient}>: Relay access denied",))
+
+
+class RelayControl(CoreEntry):
+    """At each RCPT: the recipient is ours, or the client may relay; else 554."""
+
+    label = "relay"
+    mandatory = True
+    decisions = ((Stage.RCPT, Action.REJECT),)
+
+    def __init__(self, policy: RelayPolicy) -> None:
+        self.policy = policy
+
+    def decide(self, ctx: CheckContext, ledger: Ledger) -> Verdict | None:
+        rcpt = ctx.recipient
+        if rcpt is None or ctx.session.relay_permitted or self.policy.is_local(rcpt.address):
+            return None
+        return Verdict(Action.REJECT, self.policy.denied(rcpt.address))

@@ -22,10 +22,10 @@ import re
 import authres
 import authres.dmarc
 
-from .checks.dkim import DkimResults
-from .checks.dmarc import DmarcResults
-from .checks.spf import SpfHeloResult, SpfResult
-from .model import Session, Transaction
+from ..checks.dkim import DkimResults
+from ..checks.dmarc import DmarcResults
+from ..checks.spf import SpfHeloResult, SpfResult
+from ..model import Session, Transaction
 
 NAME = "Authentication-Results"
 
