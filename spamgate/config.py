@@ -11,6 +11,7 @@ import ipaddress
 import os
 import socket
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -555,20 +556,18 @@ class Config:
         return parse_hostport(self.upstream.address)
 
 
-def all_sections() -> dict[str, type]:
-    from .checks.registry import CHECK_SECTIONS
-
-    return {**CORE_SECTIONS, **CHECK_SECTIONS}
-
-
 def cores_for_workers() -> int:
     """`workers = 0`: a worker per core this process may run on (its CPU affinity,
     as taskset or a cpuset allow), less one for the Postfix behind it."""
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
-def loads(text: str, path: str = "<config>") -> Config:
-    """Parse config text; raise ConfigError listing every problem found."""
+def loads(text: str, path: str = "<config>", sections: Mapping[str, type] | None = None) -> Config:
+    """Parse config text; raise ConfigError listing every problem found.
+
+    `sections` are the sections beside the core's (the checks', by name: the
+    composition root hands them in); a section not known is an error.
+    """
     where = Located(path, text)
     try:
         raw = tomllib.loads(text)
@@ -580,7 +579,7 @@ def loads(text: str, path: str = "<config>") -> Config:
             msg = msg.split(" (at line ", 1)[0]
         raise ConfigError([f"{path}:{line}: {msg}"]) from None
     problems: list[str] = []
-    known = all_sections()
+    known = {**CORE_SECTIONS, **(sections or {})}
     built: dict[str, Any] = {}
     listener_tables = _listener_tables(raw.pop("listener", []), where, problems)
     for name, table in raw.items():
@@ -775,10 +774,11 @@ def hostname_problem(config: Config) -> str | None:
     )
 
 
-def load(path: str | None) -> Config:
-    """Load the file at `path`; None gives the embedded defaults."""
+def load(path: str | None, sections: Mapping[str, type] | None = None) -> Config:
+    """Load the file at `path` (`sections`: as for `loads`); None gives the
+    embedded defaults."""
     if path is None:
-        return loads("")
+        return loads("", sections=sections)
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -788,4 +788,4 @@ def load(path: str | None) -> Config:
         raise ConfigError([f"{path}: {exc.strerror}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}:1: not UTF-8 text"]) from None
-    return loads(text, path)
+    return loads(text, path, sections)

@@ -15,7 +15,9 @@ import ipaddress
 import logging
 from typing import TextIO
 
+from . import app
 from .config import Config
+from .flow.disposal import Quarantine
 from .flow.driver import SessionDriver
 from .message import Message
 from .model import Client, Session, Stage
@@ -23,8 +25,6 @@ from .pipeline.check import Check
 from .pipeline.entry import CoreEntry
 from .pipeline.observer import Observer
 from .pipeline.verdict import Action, Symbol, Verdict
-from .runtime import Runtime, build_policy
-from .services import Services
 from .state import MemoryStore
 from .tables import Query, Table
 from .tables.keys import NULL_SENDER, parse_ip
@@ -76,6 +76,7 @@ class _ListHandler(logging.Handler):
 async def explain(
     config: Config,
     *,
+    checks: app.Checks = app.DEFAULT_CHECKS,
     client_ip: str,
     client_name: str | None,
     helo: str,
@@ -94,13 +95,12 @@ async def explain(
     dry, hold = DryUpstream(NOT_DELIVERED), DryUpstream(NOT_DELIVERED)
     # A throwaway state store too: explaining must not use up, or greylist for, a
     # real client's quota in the store the running instances share.
-    services = dataclasses.replace(
-        Services.build(config), upstream=dry, quarantine=hold, state=MemoryStore()
+    built = app.build(
+        config, checks=checks, upstream=dry, disposal=Quarantine(hold), state=MemoryStore()
     )
-    runtime = Runtime(build_policy(config, services), services)
     client = Client(address=address, port=0, name=client_name or "[UNAVAILABLE]")
     printer = _Printer(out, config.scoring.symbols)
-    flow = runtime.driver(Session(id="EXPLAIN", client=client), observer=printer)
+    flow = built.driver(Session(id="EXPLAIN", client=client), observer=printer)
     symbols = printer.symbols
     handler = _ListHandler(out)
     loggers = [logging.getLogger("spamgate.session"), logging.getLogger("spamgate.pipeline")]
@@ -109,13 +109,13 @@ async def explain(
             lg.addHandler(handler)
             lg.setLevel(logging.INFO)
             lg.propagate = False
-    if runtime.policy.pipeline.monitor:
+    if built.policy.pipeline.monitor:
         out.write('mode = "monitor": nothing is refused; would-be actions are logged\n')
     try:
         decision = await _converse(flow, dry, hold, helo, sender, recipients, message, out)
     finally:
         await flow.close("explain")
-        await services.aclose()
+        await built.aclose()
         for lg in loggers:
             lg.removeHandler(handler)
             lg.propagate = True

@@ -58,7 +58,7 @@ class Health:
         self.server = server
         self.loop = loop
         self.upstream = UpstreamProbe(
-            server.services.upstream.probe, server.config.metrics.probe_interval
+            server.app.upstream.probe, server.config.metrics.probe_interval
         )
 
     def live(self) -> Status:

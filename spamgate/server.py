@@ -22,13 +22,14 @@ import time
 from collections.abc import Callable, Iterable
 
 from . import daemon, metrics
-from .config import Config, Listener, load
+from .app import App
+from .config import Config, Listener
 from .daemon import PrivilegeError, StartupError, cannot_listen, drop_privileges
 from .exporter import Exporter
 from .fdlimit import FdReserve, raise_soft_limit, watermark
 from .health import Health
 from .reply import Reply
-from .runtime import Runtime, build, build_policy, sources
+from .services import Services
 from .settings import ConfigError, parse_hostport
 from .smtp.protocol import SMTPSession
 from .state import StoreUnavailable, state_warnings
@@ -59,20 +60,19 @@ def file_state(paths: Iterable[str]) -> FileState:
 class Server:
     def __init__(
         self,
-        config: Config,
+        app: App,
         *,
         sockets: list[socket.socket] | None = None,
-        share: int = 1,
         exporter: bool = True,
     ) -> None:
-        """`sockets`: one bound, listening socket per listener (a worker's, from the
-        supervisor); None binds them here. `share`: how many workers share the
-        limits (each worker takes its part of max_sessions). `exporter`: serve
-        [metrics] listen here (False in workers: the supervisor serves the sum)."""
-        self.config = config
-        watched = file_state(sources(config))
-        self.services, policy = build(config)
-        self.runtime = Runtime(policy, self.services, share=share)
+        """Serve `app` (built by `app.build`, which says how many workers share the
+        limits). `sockets`: one bound, listening socket per listener (a worker's,
+        from the supervisor); None binds them here. `exporter`: serve [metrics]
+        listen here (False in workers: the supervisor serves the sum)."""
+        self.app = app
+        self.config = config = app.config
+        watched = file_state(app.sources(config))
+        self.runtime = app.runtime
         self._sockets = sockets
         self._serve_metrics = exporter
         self.servers: list[asyncio.base_events.Server] = []
@@ -88,10 +88,15 @@ class Server:
         self._watcher: asyncio.Task[None] | None = None
         self._fd_reserve: FdReserve | None = None
 
+    @property
+    def services(self) -> Services:
+        """What the checks use (DNS, the state store): the application's."""
+        return self.app.services
+
     def _factory(self, index: int) -> Callable[[], SMTPSession]:
         # The listener's options are looked up per connection, so a reload can
         # change them for an address that is already bound.
-        return lambda: SMTPSession(self.runtime, self.listeners[index])
+        return lambda: SMTPSession(self.app, self.listeners[index])
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -130,11 +135,11 @@ class Server:
             self.config.server.mode,
             loop_name(loop),
         )
-        log.info("state store: %s", self.services.state.describe())
+        log.info("state store: %s", self.app.services.state.describe())
         for warning in state_warnings(self.config):
             log.warning("%s", warning)
         with contextlib.suppress(StoreUnavailable):  # logged; serving goes on regardless
-            await self.services.state.ping()
+            await self.app.services.state.ping()
 
     def _start_exporter(self, listen: str) -> None:
         host, port = parse_hostport(listen)
@@ -166,9 +171,9 @@ class Server:
         async with self._reload_lock:
             seen = file_state([path]) if path else {}
             try:
-                config = await asyncio.to_thread(load, path)
-                seen = {**file_state(sources(config)), **seen}
-                policy = await asyncio.to_thread(build_policy, config, self.services)
+                config = await asyncio.to_thread(self.app.load, path)
+                seen = {**file_state(self.app.sources(config)), **seen}
+                policy = await asyncio.to_thread(self.app.build_policy, config)
             except ConfigError as exc:
                 # Not retried until one of these files changes again.
                 self._watched = {**self._watched, **seen}
@@ -260,7 +265,7 @@ class Server:
             if not rt.sessions:
                 break
             await asyncio.sleep(0.02)
-        await self.services.aclose()
+        await self.app.aclose()
         if self._fd_reserve is not None:
             self._fd_reserve.close()
         if self.exporter is not None:

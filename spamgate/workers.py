@@ -42,8 +42,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import daemon, metrics
-from .config import Config, load
+from . import app, daemon, metrics
+from .config import Config
 from .daemon import PrivilegeError, StartupError, cannot_listen, drop_privileges
 from .exporter import Exporter
 from .settings import ConfigError, parse_hostport
@@ -116,6 +116,7 @@ class Supervisor:
     config: Config
     path: str | None
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    checks: app.Checks = app.DEFAULT_CHECKS
     workers: list[Worker] = field(default_factory=list)
     sockets: list[list[socket.socket]] = field(default_factory=list)
     _signals: list[int] = field(default_factory=list)
@@ -243,7 +244,8 @@ class Supervisor:
 
         async def main() -> int:
             try:
-                server = Server(self.config, sockets=mine, share=len(self.workers), exporter=False)
+                built = app.build(self.config, checks=self.checks, share=len(self.workers))
+                server = Server(built, sockets=mine, exporter=False)
             except ConfigError as exc:
                 for problem in exc.problems:
                     log.error("worker %d: %s", index, problem)
@@ -333,7 +335,7 @@ class Supervisor:
         if self.path is None:
             return
         try:
-            config = load(self.path)
+            config = app.load(self.path, self.checks)
         except ConfigError as exc:
             log.warning("supervisor: %s; a new worker keeps the last good configuration", exc)
             return
@@ -413,10 +415,11 @@ def run(
     config: Config,
     path: str | None,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None,
+    checks: app.Checks = app.DEFAULT_CHECKS,
 ) -> int:
     """`spamgate run` with workers > 1; the process's exit status."""
     try:
-        return Supervisor(config, path, loop_factory).run()
+        return Supervisor(config, path, loop_factory, checks).run()
     except (StartupError, PrivilegeError) as exc:
         print(f"spamgate: {exc}", file=sys.stderr)
         return 1

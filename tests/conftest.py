@@ -11,13 +11,14 @@ import os
 import ssl
 import textwrap
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
 import trustme
 
-from spamgate.config import loads
+from spamgate.app import DEFAULT_CHECKS, build, loads
+from spamgate.pipeline.check import Check
 from spamgate.server import Server
 
 from .daemons import CLAMD, RSPAMD, SPAMD, Clamd, Rspamd, Spamd
@@ -220,13 +221,15 @@ async def gate_factory(sink: Sink, dns_server: DnsServer, tmp_path) -> AsyncIter
         server: dict | None = None,
         up: dict | None = None,
         resolver: dict | None = None,
+        checks: Sequence[type[Check]] = DEFAULT_CHECKS,
     ) -> Gate:
+        """`checks`: the check types spamgate runs (a test's own, or the registry's)."""
         target = sink if upstream == "sink" else upstream
         sink_or_none = target if isinstance(target, Sink) else None
         text = config_text(sink_or_none, extra, server, up, dns_server, resolver)
         path = tmp_path / f"spamgate-{len(gates)}.toml"
         path.write_text(text)
-        srv = Server(loads(text, str(path)))
+        srv = Server(build(loads(text, str(path), checks), checks=checks))
         await srv.start()
         g = Gate(srv)
         gates.append(g)

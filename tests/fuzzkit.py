@@ -46,7 +46,7 @@ from pathlib import Path
 
 import trustme
 
-from spamgate.config import loads
+from spamgate.app import build, loads
 from spamgate.server import Server
 
 from .dnsserver import DnsServer
@@ -220,7 +220,7 @@ class Harness:
         )
         path = Path(self._dir.name) / "spamgate.toml"
         path.write_text(text)
-        self.server = Server(loads(text, str(path)))
+        self.server = Server(build(loads(text, str(path))))
         await self.server.start()
         ports = [port for _host, port in self.server.addresses]
         self.port, self.proxy_port, self.tls_port = ports[0], ports[1], ports[2]

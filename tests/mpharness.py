@@ -18,13 +18,13 @@ import signal
 import sys
 
 from spamgate import metrics
-from spamgate.config import load
+from spamgate.app import build, load
 from spamgate.exporter import Exporter
 from spamgate.server import Server
 
 
 async def worker(config_path: str, report: int) -> int:
-    server = Server(load(config_path))
+    server = Server(build(load(config_path)))
     await server.start()
     os.write(report, f"{server.addresses[0][1]}\n".encode())
     os.close(report)

@@ -6,14 +6,14 @@ Refusals at connect, HELO, MAIL, RCPT and end of data come from real rule tables
 the test DNS server (`publish_dns`, DNS_CHECKS) and messages signed by the test
 (SIGNER). Two things no real check does on demand come from one scripted check,
 through the same pipeline runner as real checks (so timeouts, monitor mode and
-counting are the real ones), registered after the real checks:
+counting are the real ones), run after the real checks (`CHECKS`):
 
 * `scripted`:
   - RCPT to `boom*@` makes the check raise (its on_error applies);
   - DATA: a sender `reject-data@...` is refused at the DATA command, a stage no
     rule table covers.
 
-`python -m tests.scripted run -c FILE` runs spamgate with it registered.
+`python -m tests.scripted run -c FILE` runs spamgate with it (`CHECKS`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from spamgate.checks.registry import CHECK_TYPES
+from spamgate.app import DEFAULT_CHECKS
 from spamgate.model import Stage
 from spamgate.pipeline.check import Check, CheckContext
 from spamgate.pipeline.verdict import DUNNO, Verdict, reject
@@ -158,23 +158,11 @@ class ScriptedCheck(Check):
         return DUNNO
 
 
-SCRIPTED = [ScriptedCheck]
-
-
-def register() -> None:
-    for kind in SCRIPTED:
-        if kind not in CHECK_TYPES:
-            CHECK_TYPES.append(kind)
-
-
-def unregister() -> None:
-    for kind in SCRIPTED:
-        if kind in CHECK_TYPES:
-            CHECK_TYPES.remove(kind)
+# What the metrics tests run: the registry's checks, then the scripted one.
+CHECKS = (*DEFAULT_CHECKS, ScriptedCheck)
 
 
 if __name__ == "__main__":
     from spamgate.cli import main
 
-    register()
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], checks=CHECKS))

@@ -10,7 +10,6 @@ from typing import ClassVar
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from spamgate import runtime
 from spamgate.model import Stage
 from spamgate.pipeline.check import Check, CheckContext
 from spamgate.pipeline.verdict import Action, Verdict
@@ -235,11 +234,8 @@ class RejectStrangers(Check):
         return Verdict(Action.REJECT, Reply(550, "5.7.1", ("listed",)), rule="testreject")
 
 
-async def test_authenticated_clients_skip_chosen_checks(
-    auth_gate, sink: Sink, tls_files, monkeypatch
-) -> None:
-    monkeypatch.setattr(runtime, "CHECK_TYPES", [RejectStrangers])
-    gate = await auth_gate('[auth]\nskip_checks = ["testreject"]\n')
+async def test_authenticated_clients_skip_chosen_checks(auth_gate, sink: Sink, tls_files) -> None:
+    gate = await auth_gate('[auth]\nskip_checks = ["testreject"]\n', checks=[RejectStrangers])
     c, _ = await tls_client(gate, tls_files)
     await c.cmd("MAIL FROM:<alice@example.test>")
     r = await c.cmd("RCPT TO:<u@example.test>")
@@ -250,12 +246,11 @@ async def test_authenticated_clients_skip_chosen_checks(
     assert replies[-1].code == 250
 
 
-async def test_skip_checks_names_are_checked(auth_gate, monkeypatch) -> None:
+async def test_skip_checks_names_are_checked(auth_gate) -> None:
     from spamgate.settings import ConfigError
 
-    monkeypatch.setattr(runtime, "CHECK_TYPES", [RejectStrangers])
     with pytest.raises(ConfigError) as err:
-        await auth_gate('[auth]\nskip_checks = ["testrject"]\n')
+        await auth_gate('[auth]\nskip_checks = ["testrject"]\n', checks=[RejectStrangers])
     where, _, message = err.value.problems[0].rpartition(": [auth]")
     path, line = where.rsplit(":", 1)
     assert message == ' skip_checks: unknown "testrject"'

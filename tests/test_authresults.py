@@ -12,9 +12,9 @@ import authres
 import authres.dmarc
 import pytest
 
+from spamgate.app import loads
 from spamgate.checks.dkim import DkimResults
 from spamgate.checks.engines.dkimverify import SignatureResult
-from spamgate.config import loads
 from spamgate.explain import explain
 from spamgate.flow.authresults import authserv_id_of, build, claims
 from spamgate.model import Client, Session, Transaction

@@ -132,7 +132,7 @@ async def test_shipped_pool_reuses_connections_to_the_shipped_listener(
         await c.close()
         marks.append(mark)
         if n == 0:  # the connection goes back to the pool once the session ends
-            pool = gate.server.services.upstream.pool
+            pool = gate.server.app.upstream.pool
             for _ in range(200):
                 if pool.idle:
                     break

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from spamgate.app import load, loads
 from spamgate.cli import END, START, reference_markdown
-from spamgate.config import load, loads
 from spamgate.settings import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from spamgate.app import loads
 from spamgate.cli import main
-from spamgate.config import loads
 from spamgate.explain import explain
 
 from .conftest import GateFactory, config_text

@@ -17,17 +17,16 @@ from hypothesis import strategies as st
 
 import spamgate.checks.dkim
 from spamgate import metrics
+from spamgate.app import build_policy, loads
 from spamgate.checks.dkim import DkimResults
 from spamgate.checks.dmarc import DmarcResults
 from spamgate.checks.engines import dkimverify
-from spamgate.config import loads
 from spamgate.message import Message
 from spamgate.model import Client, Session, Stage, Transaction
 from spamgate.pipeline.check import CheckContext
 from spamgate.pipeline.ledger import Ledger
 from spamgate.pipeline.policy import Policy
 from spamgate.pipeline.verdict import Action, CheckFailures
-from spamgate.runtime import build_policy
 from spamgate.services import Services
 from spamgate.spool import Spool
 

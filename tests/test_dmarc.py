@@ -10,14 +10,13 @@ import logging
 import pytest
 
 from spamgate import metrics
+from spamgate.app import build_policy, loads
 from spamgate.checks.dmarc import DmarcCheck, org_domain
-from spamgate.config import loads
 from spamgate.message import Message
 from spamgate.model import Client, Session, Stage, Transaction
 from spamgate.pipeline.check import CheckContext
 from spamgate.pipeline.ledger import Ledger
 from spamgate.pipeline.verdict import CheckFailures
-from spamgate.runtime import build_policy
 from spamgate.services import Services
 from spamgate.settings import ConfigError
 

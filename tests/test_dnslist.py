@@ -6,8 +6,8 @@ import ipaddress
 
 import pytest
 
+from spamgate.app import loads
 from spamgate.checks.engines.dnslist import Site, domain_query, ip_query
-from spamgate.config import loads
 from spamgate.settings import ConfigError
 
 V4 = ipaddress.IPv4Address

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from spamgate.app import build, loads
 from spamgate.checks.greylist import normalise_sender
-from spamgate.config import loads
 from spamgate.server import Server
 from spamgate.settings import ConfigError
 
@@ -127,7 +127,7 @@ def test_allowlist_tables_say_ok_or_dunno(tmp_path) -> None:
     (tmp_path / "grey.cidr").write_text("127.0.0.0/24 OK\n10.0.0.0/8 REJECT go away\n")
     cfg = loads(greylist(allowlist='["cidr:grey.cidr"]'), str(tmp_path / "s.toml"))
     with pytest.raises(ConfigError) as err:
-        Server(cfg)
+        Server(build(cfg))
     assert err.value.problems == [
         f"{tmp_path}/grey.cidr:2: a greylist allowlist says OK or DUNNO, not REJECT"
     ]

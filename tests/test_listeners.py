@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from spamgate.config import Listener, loads
+from spamgate.app import loads
+from spamgate.config import Listener
 from spamgate.settings import ConfigError
 
 TLS = '[tls]\ncert_file = "c.pem"\nkey_file = "k.pem"\n'

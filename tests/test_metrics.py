@@ -94,12 +94,10 @@ class Counts:
 
 @pytest.fixture
 def checks(tmp_path, dns_server) -> Iterator[str]:
-    """Rule tables written, DNS zones and keys published, the scripted check
-    registered; yields the config sections that use them."""
+    """Rule tables written, DNS zones and keys published; yields the config sections
+    that use them (gates that run them are started with `checks=scripted.CHECKS`)."""
     scripted.publish_dns(dns_server)
-    scripted.register()
     yield scripted.write_rules(tmp_path) + scripted.DNS_CHECKS
-    scripted.unregister()
 
 
 OUTSIDE = "127.0.0.20"  # a client outside mynetworks: DNS lists and SPF apply
@@ -373,7 +371,7 @@ async def test_size_limits_are_rejections(gate_factory: GateFactory) -> None:
 
 async def test_transaction_outcomes(gate_factory: GateFactory, sink: Sink, checks: str) -> None:
     sink.behaviour.refuse_local = "nobody"
-    gate = await gate_factory(checks)
+    gate = await gate_factory(checks, checks=scripted.CHECKS)
     counts = Counts()
     assert (await send(gate, "a@example.org", ["u@example.test"]))[-1].code == 250
     assert (await send(gate, "a@example.org", ["discard@example.test"]))[-1].code == 250
@@ -403,7 +401,7 @@ async def test_transaction_outcomes(gate_factory: GateFactory, sink: Sink, check
 
 
 async def test_verdicts_rules_and_results(gate_factory: GateFactory, checks: str) -> None:
-    gate = await gate_factory(checks)
+    gate = await gate_factory(checks, checks=scripted.CHECKS)
     counts = Counts()
 
     async def mail(sender: str, rcpts: list[str], body: bytes = BODY, source: str = OUTSIDE):
@@ -465,7 +463,7 @@ async def test_verdicts_rules_and_results(gate_factory: GateFactory, checks: str
 async def test_monitor_mode_counts_what_would_have_happened(
     gate_factory: GateFactory, sink: Sink, checks: str
 ) -> None:
-    gate = await gate_factory(checks, server={"mode": '"monitor"'})
+    gate = await gate_factory(checks, server={"mode": '"monitor"'}, checks=scripted.CHECKS)
     counts = Counts()
     replies = await send(gate, "a@spf-fail.test", ["reject@example.test"], source="127.0.0.2")
     assert replies[-1].code == 250
@@ -476,7 +474,7 @@ async def test_monitor_mode_counts_what_would_have_happened(
     assert counts.verdicts("rcpt", "recipient") == 0
     assert counts.delta("spamgate_transactions_total", outcome="accepted") == 1
     # WARN in enforce mode is counted the same way, and relay control is never "would"
-    gate2 = await gate_factory(checks)
+    gate2 = await gate_factory(checks, checks=scripted.CHECKS)
     counts = Counts()
     assert (await send(gate2, "a@example.org", ["warn@example.test"]))[-1].code == 250
     replies = await send(gate2, "a@example.org", ["x@elsewhere.test"], source="127.0.0.5")
@@ -490,7 +488,7 @@ async def test_monitor_mode_counts_what_would_have_happened(
 async def test_score_observed_and_check_errors_counted(
     gate_factory: GateFactory, checks: str
 ) -> None:
-    gate = await gate_factory(checks + "\n[scoring]\nreject = 10\n")
+    gate = await gate_factory(checks + "\n[scoring]\nreject = 10\n", checks=scripted.CHECKS)
     counts = Counts()
     body = b"Subject: big score\r\nFrom: a@example.org\r\n\r\nx\r\n"
     assert (await send(gate, "a@example.org", ["u@example.test"], body))[-1].code == 550
@@ -534,7 +532,7 @@ async def test_reloads_publish_config_hash_and_result(gate_factory: GateFactory,
 
 async def test_promtool_accepts_a_real_scrape(gate_factory: GateFactory, checks: str) -> None:
     need_binary("/usr/bin/promtool", "promtool (Debian package prometheus)")
-    gate = await gate_factory(checks + METRICS)
+    gate = await gate_factory(checks + METRICS, checks=scripted.CHECKS)
     await send(gate, "a@spf-pass.test", ["reject@example.test", "u@example.test"])
     await send(gate, "a@example.org", ["u@example.test"], source="127.0.0.3")
     _, _, text = await aget(base_url(gate) + "/metrics")

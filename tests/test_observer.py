@@ -61,7 +61,7 @@ async def test_outcomes_reach_observers(gate_factory: GateFactory, sink: Sink) -
     await c.cmd("RCPT TO:<u@example.test>")
     await c.cmd("QUIT")
     await c.closed()
-    await gate.server.services.background.drain()
+    await gate.server.app.background.drain()
     assert [(e.sender, e.outcome) for e in rec.events] == [
         ("a@example.org", "accepted"),
         ("b@example.org", "rejected"),
@@ -82,7 +82,7 @@ async def test_observer_failure_is_logged_not_fatal(
     for _ in range(2):
         replies = await c.mail("a@example.org", ["u@example.test"], BODY)
         assert replies[-1].code == 250
-    await gate.server.services.background.drain()
+    await gate.server.app.background.drain()
     assert len(rec.events) == 2 and rec.events[0].trusted
     assert "recorder outcome failed" in caplog.text
     assert len(sink.messages) == 2

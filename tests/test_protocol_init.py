@@ -12,7 +12,7 @@ import ssl
 
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 
-from spamgate.config import loads
+from spamgate.app import build, loads
 from spamgate.server import Server
 from spamgate.smtp.protocol import SMTPSession, _NoHooks
 
@@ -46,8 +46,8 @@ def comparable(value: object) -> object:
 
 
 async def check_same_state(text: str, tls: bool) -> None:
-    server = Server(loads(text))
-    session = SMTPSession(server.runtime)
+    server = Server(build(loads(text)))
+    session = SMTPSession(server.app)
     ref = reference(session, server.runtime.policy.tls)
     expected, ours = vars(ref), vars(session)
     aiosmtpd_keys = set(expected)

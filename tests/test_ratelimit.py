@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from spamgate.app import build, loads
 from spamgate.checks.ratelimit import Limit, parse_limit
-from spamgate.config import loads
 from spamgate.settings import ConfigError
 
 from .conftest import GateFactory
@@ -205,7 +205,7 @@ def test_override_tables_are_checked(tmp_path) -> None:
     assert 'overrides: "cidr:p.cidr": "lots" is not "COUNT/PERIOD"' in err.value.problems[0]
     cfg = loads(text + '"cidr:p.cidr" = "unlimited"\n', str(tmp_path / "c.toml"))
     with pytest.raises(ConfigError) as err:
-        Server(cfg)
+        Server(build(cfg))
     assert err.value.problems == [
         f"{tmp_path}/p.cidr:1: a rate-limit override table says OK or DUNNO, not REJECT"
     ]
@@ -221,7 +221,7 @@ async def test_counts_survive_a_reload(gate_factory: GateFactory, state_toml: st
 
 
 def test_override_and_allowlist_tables_are_watched(tmp_path) -> None:
-    from spamgate.runtime import sources
+    from spamgate.app import sources
 
     text = (
         '[ratelimit]\nmessages_per_ip = "1/1m"\n'

@@ -262,7 +262,7 @@ def test_tls_files_must_be_readable(tmp_path) -> None:
 
 def test_scaling_examples_are_valid_configurations() -> None:
     """Every [state] example in docs/scaling.md loads as it stands."""
-    from spamgate.config import loads
+    from spamgate.app import loads
 
     blocks = [b.split("```", 1)[0] for b in DOCS.read_text().split("```toml\n")[1:]]
     assert len(blocks) == 4

@@ -22,7 +22,7 @@ async def relay_attempt(gate: Gate, source: str = STRANGER) -> list[int]:
 
 
 async def learned(gate: Gate) -> None:
-    await gate.server.services.background.drain()
+    await gate.server.app.background.drain()
 
 
 async def test_rejected_clients_are_refused_at_connect(

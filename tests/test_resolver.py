@@ -299,7 +299,7 @@ async def test_reverse_lookup_off_asks_nothing(
 
 
 def test_nameservers_are_addresses() -> None:
-    from spamgate.config import loads
+    from spamgate.app import loads
     from spamgate.settings import ConfigError
 
     cfg = loads('[dns]\nnameservers = ["127.0.0.1:5353", "[::1]:53"]\n')

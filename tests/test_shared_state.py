@@ -76,7 +76,7 @@ async def test_reputation_learned_on_one_instance_applies_on_another(
     state = state_section(redis_server) + "[reputation]\nreject_limit = 1\n"
     a, b = await gate_factory(state), await gate_factory(state)
     assert codes(await send(a, rcpts=("x@elsewhere.test",)))[3] == 554
-    await a.server.services.background.drain()
+    await a.server.app.background.drain()
     assert (await send(b))[0].code == 421
 
 

@@ -12,14 +12,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from spamgate import metrics
+from spamgate.app import build_policy, loads
 from spamgate.checks.engines.spfquery import SpfEngine
 from spamgate.checks.spf import SpfHeloResult, SpfResult
-from spamgate.config import DnsSettings, loads
+from spamgate.config import DnsSettings
 from spamgate.model import Client, Session, Stage, Transaction
 from spamgate.pipeline.check import CheckContext
 from spamgate.pipeline.ledger import Ledger
 from spamgate.resolver import Resolver
-from spamgate.runtime import build_policy
 from spamgate.services import Services
 
 from .conftest import GateFactory, config_text

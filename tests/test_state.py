@@ -24,7 +24,7 @@ def sample(name: str, **labels: str) -> float:
 
 def redis_store(server: RedisServer | SentinelSet | ClusterSet, **kw: object) -> RedisStore:
     """A store on one server, the primary Sentinels name or a Cluster; a prefix of its own."""
-    from spamgate.config import loads
+    from spamgate.app import loads
     from spamgate.state.redisclient import Credentials, connect
 
     timeout = float(kw.get("timeout", 0.5))  # type: ignore[arg-type]
@@ -209,7 +209,7 @@ async def test_redis_outage_fails_fast_and_recovers(fresh_redis: RedisServer) ->
 
 
 def test_state_settings_are_checked() -> None:
-    from spamgate.config import loads
+    from spamgate.app import loads
     from spamgate.settings import ConfigError
 
     cfg = loads('[state]\nredis = "redis://127.0.0.1:6390/2"\non_unavailable = "tempfail"\n')

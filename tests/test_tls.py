@@ -10,7 +10,7 @@ import ssl
 import pytest
 
 from spamgate import metrics
-from spamgate.config import loads
+from spamgate.app import build, loads
 from spamgate.settings import ConfigError
 
 from .conftest import GateFactory, issue
@@ -251,7 +251,7 @@ async def test_tls_files_checked_at_load(tmp_path) -> None:
     text += 'key_file = "nope.key"\n'
     path.write_text(text)
     with pytest.raises(ConfigError) as err:
-        Server(loads(text, str(path)))
+        Server(build(loads(text, str(path))))
     assert err.value.problems == [
         f"{path}:5: [tls] cert_file {tmp_path}/nope.crt: no such file",
         f"{path}:6: [tls] key_file {tmp_path}/nope.key: no such file",

@@ -29,7 +29,7 @@ def xclient_attrs(line: str) -> dict[str, str]:
 
 
 def pooled(gate: Gate) -> int:
-    return len(gate.server.services.upstream.pool.idle)
+    return len(gate.server.app.upstream.pool.idle)
 
 
 async def until(condition, timeout: float = 5.0) -> None:

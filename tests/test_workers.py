@@ -18,9 +18,7 @@ import sys
 
 import pytest
 
-from spamgate.config import loads
-from spamgate.runtime import Runtime, build_policy
-from spamgate.services import Services
+from spamgate.app import build, loads
 
 from .conftest import config_text
 from .sink import Sink
@@ -213,11 +211,21 @@ async def test_port_in_use(sink: Sink, running, world_dir) -> None:  # noqa: F81
 
 def test_max_sessions_shared_out() -> None:
     config = loads(config_text(None, "[limits]\nmax_sessions = 3\n"))
-    services = Services.build(config)
-    runtime = Runtime(build_policy(config, services), services, share=2)
+    runtime = build(config, share=2).runtime
     addresses = [f"127.0.0.{n}" for n in range(1, 4)]
     admitted = [runtime.admit(ipaddress.ip_address(a)) for a in addresses]
     assert admitted == [None, None, "max_sessions"]  # this worker's part: 2 of 3
+
+
+def test_stress_is_near_each_workers_own_part() -> None:
+    """With workers, stress engages near a worker's part of max_sessions: it never
+    has more, so a threshold on the whole of it would never be reached."""
+    config = loads(config_text(None, "[limits]\nmax_sessions = 8\nstress_threshold = 0.5\n"))
+    runtime = build(config, share=4).runtime  # 2 sessions each; stress from 1
+    assert runtime.admit(ipaddress.ip_address("127.0.0.1")) is None
+    assert runtime.stressed
+    runtime.release(ipaddress.ip_address("127.0.0.1"))
+    assert not runtime.stressed
 
 
 async def test_metrics_sum_over_workers(sink: Sink, running) -> None:

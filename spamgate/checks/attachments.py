@@ -142,6 +142,7 @@ class AttachmentResult:
 
 
 class AttachmentCheck(Check):
+    section = ("attachments", AttachmentSettings)
     name = "attachments"
     stages = frozenset({Stage.EOD})
     concurrent = True

@@ -76,6 +76,7 @@ class ClamavResult:
 
 
 class ClamavCheck(Check):
+    section = ("clamav", ClamavSettings)
     name = "clamav"
     stages = frozenset({Stage.EOD})
     concurrent = True

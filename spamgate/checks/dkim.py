@@ -114,6 +114,7 @@ class DkimResults:
 
 
 class DkimCheck(Check):
+    section = ("dkim", DkimSettings)
     name = "dkim"
     stages = frozenset({Stage.EOD})
 

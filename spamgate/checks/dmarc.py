@@ -257,6 +257,7 @@ def author_domains(message: Message) -> tuple[list[str], str]:
 
 
 class DmarcCheck(Check):
+    section = ("dmarc", DmarcSettings)
     name = "dmarc"
     stages = frozenset({Stage.EOD})
 

@@ -52,6 +52,7 @@ class DnsblResult(ListResult):
 
 
 class DnsblCheck(Check):
+    section = ("dnsbl", DnsblSettings)
     name = "dnsbl"
     stages = frozenset({Stage.CONNECT})
 

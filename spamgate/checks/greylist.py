@@ -129,6 +129,7 @@ def normalise_sender(address: str) -> str:
 
 
 class GreylistCheck(Check):
+    section = ("greylist", GreylistSettings)
     name = "greylist"
     stages = frozenset({Stage.RCPT})
 

@@ -201,6 +201,7 @@ def _by_tables(classes: list[tuple[ClientSet, dict[str, Limit | None]]]) -> Over
 
 
 class RateLimitCheck(Check):
+    section = ("ratelimit", RateLimitSettings)
     name = "ratelimit"
     stages = frozenset({Stage.CONNECT, Stage.RCPT, Stage.DATA})
 

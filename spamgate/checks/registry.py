@@ -1,27 +1,29 @@
 """The checks spamgate knows, in the order they run within a stage.
 
 This list is the only place a check is registered: a new check is a module with a
-`Check` subclass, plus one line here (and its settings section, if it has one).
+`Check` subclass (its settings section named on the class, `Check.section`), plus
+one line here. The composition root (`app.py`) builds the checks of this list, and
+hands the configuration loader their sections.
 """
 
 from __future__ import annotations
 
 from ..pipeline.check import Check
-from .attachments import AttachmentCheck, AttachmentSettings
-from .clamav import ClamavCheck, ClamavSettings
+from .attachments import AttachmentCheck
+from .clamav import ClamavCheck
 from .content import BodyRules, HeaderRules
-from .dkim import DkimCheck, DkimSettings
-from .dmarc import DmarcCheck, DmarcSettings
-from .dnsbl import DnsblCheck, DnsblSettings
-from .greylist import GreylistCheck, GreylistSettings
-from .ratelimit import RateLimitCheck, RateLimitSettings
-from .reputation import ReputationCheck, ReputationSettings
-from .rhsbl import RhsblCheck, RhsblSettings
-from .rspamd import RspamdCheck, RspamdSettings
-from .rules import ClientRules, HeloRules, RecipientRules, RulesSettings, SenderRules
-from .spamassassin import SpamassassinCheck, SpamassassinSettings
-from .spf import SpfCheck, SpfSettings
-from .uribl import UriblCheck, UriblSettings
+from .dkim import DkimCheck
+from .dmarc import DmarcCheck
+from .dnsbl import DnsblCheck
+from .greylist import GreylistCheck
+from .ratelimit import RateLimitCheck
+from .reputation import ReputationCheck
+from .rhsbl import RhsblCheck
+from .rspamd import RspamdCheck
+from .rules import ClientRules, HeloRules, RecipientRules, SenderRules
+from .spamassassin import SpamassassinCheck
+from .spf import SpfCheck
+from .uribl import UriblCheck
 
 # Ordered: within one stage, checks run in this order and the first final verdict
 # wins. Cheap local lookups come before network lookups, so an admin's allowlist
@@ -55,21 +57,3 @@ CHECK_TYPES: list[type[Check]] = [
     RspamdCheck,
     SpamassassinCheck,
 ]
-
-# Settings sections owned by checks: TOML table name -> dataclass.
-CHECK_SECTIONS: dict[str, type] = {
-    "rules": RulesSettings,
-    "dnsbl": DnsblSettings,
-    "rhsbl": RhsblSettings,
-    "spf": SpfSettings,
-    "ratelimit": RateLimitSettings,
-    "greylist": GreylistSettings,
-    "reputation": ReputationSettings,
-    "dkim": DkimSettings,
-    "dmarc": DmarcSettings,
-    "uribl": UriblSettings,
-    "attachments": AttachmentSettings,
-    "clamav": ClamavSettings,
-    "rspamd": RspamdSettings,
-    "spamassassin": SpamassassinSettings,
-}

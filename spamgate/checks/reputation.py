@@ -60,6 +60,7 @@ class ReputationSettings:
 
 
 class ReputationCheck(Check, TransactionObserver):
+    section = ("reputation", ReputationSettings)
     name = "reputation"
     stages = frozenset({Stage.CONNECT})
 

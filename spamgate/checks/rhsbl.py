@@ -56,6 +56,7 @@ class SenderListResult(ListResult):
 
 
 class RhsblCheck(Check):
+    section = ("rhsbl", RhsblSettings)
     name = "rhsbl"
     stages = frozenset({Stage.HELO, Stage.MAIL})
 

@@ -110,6 +110,7 @@ class RspamdResult:
 
 
 class RspamdCheck(Check):
+    section = ("rspamd", RspamdSettings)
     name = "rspamd"
     stages = frozenset({Stage.EOD})
     concurrent = True

@@ -173,6 +173,8 @@ def rule_series(table: Table) -> Iterable[Series]:
 class TableCheck(Check):
     """One envelope table at one stage; subclasses say what is looked up."""
 
+    section = ("rules", RulesSettings)
+
     key: ClassVar[str]  # the [rules] list this check reads
 
     def __init__(self, table: Table, settings: RulesSettings) -> None:

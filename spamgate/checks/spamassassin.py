@@ -100,6 +100,7 @@ class SpamassassinResult:
 
 
 class SpamassassinCheck(Check):
+    section = ("spamassassin", SpamassassinSettings)
     name = "spamassassin"
     stages = frozenset({Stage.EOD})
     concurrent = True

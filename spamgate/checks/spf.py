@@ -113,6 +113,7 @@ class SpfHeloResult(SpfResult):
 
 
 class SpfCheck(Check):
+    section = ("spf", SpfSettings)
     name = "spf"
 
     def __init__(self, settings: SpfSettings, engine: SpfEngine) -> None:

@@ -224,6 +224,7 @@ def _read_allow_file(path: str) -> list[str]:
 
 
 class UriblCheck(Check):
+    section = ("uribl", UriblSettings)
     name = "uribl"
     stages = frozenset({Stage.EOD})
     concurrent = True

@@ -58,6 +58,11 @@ class Check(abc.ABC):
 
     name: ClassVar[str]
     stages: ClassVar[frozenset[Stage]]
+    # The configuration section the check owns: its TOML table name and the
+    # dataclass of its settings (`config.settings.setting` fields). Checks may share
+    # one (the rule tables' [rules]); the loader accepts the sections of the checks
+    # it is handed, and `config.section(name)` returns the parsed one.
+    section: ClassVar[tuple[str, type] | None] = None
     # Per-instance policy, settable from each check's config section.
     timeout: float = 10.0
     on_error: OnError = "continue"

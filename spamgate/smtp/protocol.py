@@ -27,11 +27,11 @@ from aiosmtpd.smtp import TLSSetupException, login_always_fail
 from aiosmtpd.smtp import __ident__ as _AIOSMTPD_IDENT
 
 from .. import metrics
+from ..app import App
 from ..config import Listener
 from ..flow.driver import EndOfMessage, SessionDriver
 from ..model import Client, Session, TLSInfo
 from ..reply import Reply
-from ..runtime import Runtime
 from ..spool import Spool
 from . import commands
 from .dataread import DataTimeout, read_data
@@ -134,7 +134,8 @@ class SMTPSession(_AiosmtpdSMTP):
     # The StreamReader buffer size; spamgate's own line limits apply per line.
     line_length_limit = 65536
 
-    def __init__(self, runtime: Runtime, listener: Listener | None = None) -> None:
+    def __init__(self, app: App, listener: Listener | None = None) -> None:
+        runtime = app.runtime
         cfg = runtime.config
         self.listener = listener or Listener(cfg.listeners[0].address)
         _fast_aiosmtpd_init(
@@ -150,6 +151,7 @@ class SMTPSession(_AiosmtpdSMTP):
         self._proxy_timeout = (
             cfg.server.proxy_protocol_timeout if self.listener.proxy_protocol else None
         )
+        self.app = app
         self.runtime = runtime
         self.cfg = cfg
         self.model: Session | None = None
@@ -270,7 +272,7 @@ class SMTPSession(_AiosmtpdSMTP):
             return
         metrics.SESSIONS.inc()
         self.model = Session(id=new_session_id(), client=client)
-        self.flow = self.runtime.driver(self.model)
+        self.flow = self.app.driver(self.model)
         self.runtime.sessions.add(self)
         reason = "disconnected"
         try:

@@ -21,9 +21,7 @@ One part of dkimpy is replaced: see `compress_whitespace` below.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 from dataclasses import dataclass
 
@@ -66,15 +64,6 @@ class SignatureResult:
     algorithm: str  # a=
     b: str  # the first 8 characters of b= (RFC 6008 header.b)
     reason: str = ""
-
-
-def lower_priority(increment: int) -> None:
-    """A worker process's initializer: lower its scheduling priority, where that is
-    allowed. An initializer that raises kills the worker, and with it the pool, so
-    a system-call filter that refuses setpriority() (EPERM) must not reach here as
-    an exception: the worker then runs at the priority it has."""
-    with contextlib.suppress(OSError):
-        os.nice(increment)
 
 
 def key_name(domain: str, selector: str) -> str:

@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from spamgate.app import loads
 from spamgate.background import Background
-from spamgate.config import loads
 from spamgate.flow.disposal import Quarantine
 from spamgate.flow.driver import EndOfMessage, SessionDriver
 from spamgate.message import Message, Outgoing
