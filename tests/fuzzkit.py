@@ -73,6 +73,7 @@ OUR_HEADERS = {
 FIELD = re.compile(rb"^[!-9;-~]+: [^\x00-\x08\x0a-\x1f\x7f]*\r\n$")
 CONTINUATION = re.compile(rb"^[ \t][^\x00-\x08\x0a-\x1f\x7f]*\r\n$")
 FOLDED = {"received", "authentication-results"}  # our fields that may be folded
+LEAD = b"lead-fold.test"  # in the fuzzer's first lines that start with white space
 # An Authentication-Results value that names gate.test (the authserv-id), after
 # one optional comment, in the spellings the fuzzer forges.
 CLAIMS_US = re.compile(rb'^\s*(?:\([^()]*\)\s*)?"?gate\.test"?\s*(?:;|$)', re.IGNORECASE)
@@ -444,8 +445,16 @@ def check_upstream(sink: Sink, accepted_before: int, transcript: Transcript) -> 
 
 
 def check_prepended(content: bytes) -> None:
-    """What spamgate put before the client's content is well-formed fields of our own."""
+    """What spamgate put before the client's content is well-formed fields of our own,
+    and nothing the client sent continues one of them: content that starts with
+    white space comes after an empty line (all of it body)."""
+    if LEAD in content.split(b"\r\n\r\n", 1)[0]:
+        raise Violation(f"the client's white-space lead continues our header: {content!r}")
     start = content.find(b"X-Fuzz-Id: ")
+    if 0 <= content.find(LEAD) < start:  # after the empty line we put before it
+        start = content.find(b"\r\n\r\n") + 2
+        if content[start + 2 : start + 3] not in (b" ", b"\t"):
+            raise Violation(f"an empty line before content that needs none: {content!r}")
     prefix = content[:start]
     current = None
     for line in prefix.split(b"\r\n")[:-1]:
