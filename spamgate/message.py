@@ -26,6 +26,7 @@ from functools import cached_property
 _FOLD = re.compile(r"\r\n(?=[ \t])")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # printable ASCII but ":"
 # The first byte of content that has no header section: a line that starts with
 # white space continues a field, and there is none to continue (see `relayed`).
 WHITE_SPACE = (b" ", b"\t")
@@ -171,15 +172,9 @@ class Message:
         block = self.header_bytes
         out: list[Header] = []
         for raw in _iter_fields(block):
-            name, sep, value = raw.partition(b":")
-            if not sep or not name or b" " in name.strip() or name != name.rstrip():
-                continue
-            out.append(
-                Header(
-                    name.decode("ascii", "replace"),
-                    value.decode("utf-8", "surrogateescape").strip(" \t"),
-                )
-            )
+            header = _field(raw)
+            if header is not None:
+                out.append(header)
         return tuple(out)
 
     def get_all(self, name: str) -> list[Header]:
@@ -283,13 +278,18 @@ def _iter_raw_fields(block: bytes) -> list[bytes]:
 
 
 def _field(raw: bytes) -> Header | None:
+    """One field, or None for a line that is not one.
+
+    The name is what Postfix's is_header() accepts: printable ASCII up to the
+    colon, and white space before the colon is allowed (RFC 5322 §4.5.3, obsolete
+    syntax). Postfix keeps such a field and writes it out as "Name:", so it must
+    count here too: a forged `Authentication-Results :` is one to remove.
+    """
     name, sep, value = raw.partition(b":")
-    if not sep or not name or b" " in name.strip() or name != name.rstrip():
+    name = name.rstrip(b" \t")
+    if not sep or not _FIELD_NAME.fullmatch(name):
         return None
-    return Header(
-        name.decode("ascii", "replace"),
-        value.decode("utf-8", "surrogateescape").strip(" \t\r\n"),
-    )
+    return Header(name.decode("ascii"), value.decode("utf-8", "surrogateescape").strip(" \t\r\n"))
 
 
 def _iter_fields(block: bytes) -> list[bytes]:

@@ -75,8 +75,12 @@ CONTINUATION = re.compile(rb"^[ \t][^\x00-\x08\x0a-\x1f\x7f]*\r\n$")
 FOLDED = {"received", "authentication-results"}  # our fields that may be folded
 LEAD = b"lead-fold.test"  # in the fuzzer's first lines that start with white space
 # An Authentication-Results value that names gate.test (the authserv-id), after
-# one optional comment, in the spellings the fuzzer forges.
-CLAIMS_US = re.compile(rb'^\s*(?:\([^()]*\)\s*)?"?gate\.test"?\s*(?:;|$)', re.IGNORECASE)
+# one optional comment, in the spellings the fuzzer forges: quoted, with a root
+# dot, cut by a control character, as an RFC 2047 encoded-word.
+CLAIMS_US = re.compile(
+    rb'^\s*(?:\([^()]*\)\s*)?(?:=\?[^?]*\?q\?)?"?gate\.test\.*(?![\w.-])', re.IGNORECASE
+)
+AR_NAME = re.compile(rb"^authentication-results[ \t]*:", re.IGNORECASE)
 MYNETWORKS = ipaddress.ip_network("127.0.0.1/32")
 LOCAL_DOMAIN = "example.test"
 ACCOUNT = ("alice", "s3cret")
@@ -478,8 +482,7 @@ def check_auth_results(content: bytes) -> None:
     ours = [
         i
         for i, f in enumerate(fields)
-        if f.lower().startswith(b"authentication-results:")
-        and CLAIMS_US.match(re.sub(rb"\r\n[ \t]", b" ", f.split(b":", 1)[1]))
+        if AR_NAME.match(f) and CLAIMS_US.match(re.sub(rb"\r\n[ \t]", b" ", f.split(b":", 1)[1]))
     ]
     if ours != [0]:
         raise Violation(f"Authentication-Results claiming gate.test at fields {ours}: {head!r}")

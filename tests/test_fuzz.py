@@ -281,6 +281,12 @@ FORGED = st.sampled_from(
         b"Authentication-Results: (looks innocent) gate.test; spf=pass\r\n",
         b"Authentication-Results: mx.other.test; spf=fail\r\n",
         b"Authentication-Results: gate.test.evil.test; dkim=pass\r\n",
+        b"Authentication-Results : gate.test; dkim=pass header.d=paypal.test\r\n",
+        b"Authentication-Results\t: gate.test; dmarc=pass\r\n",
+        b"Authentication-Results: gate.test.; dkim=pass\r\n",
+        b"Authentication-Results: gate.test\x00; dkim=pass\r\n",
+        b"Authentication-Results: gate.test\x01 ; dkim=pass\r\n",
+        b"Authentication-Results: =?utf-8?q?gate.test?=; dkim=pass\r\n",
         b"Received: from evil.test by gate.test; Thu, 1 Jan 2026 00:00:00 +0000\r\n",
     ]
 )
