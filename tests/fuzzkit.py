@@ -157,14 +157,18 @@ HOSTILE_PTR = {
 
 
 class ErrorLog(logging.Handler):
-    """Counts records at ERROR and above from spamgate and asyncio: each is a crash."""
+    """Counts records at ERROR and above, and any record with a traceback, from
+    spamgate, asyncio and aiosmtpd: each is a crash (no client input may raise)."""
+
+    LOGGERS = ("spamgate", "asyncio", "mail.log")
 
     def __init__(self) -> None:
-        super().__init__(logging.ERROR)
+        super().__init__(logging.NOTSET)
         self.records: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(self.format(record))
+        if record.levelno >= logging.ERROR or record.exc_info or record.stack_info:
+            self.records.append(self.format(record))
 
 
 class Harness:
@@ -229,7 +233,7 @@ class Harness:
         await self.server.start()
         ports = [port for _host, port in self.server.addresses]
         self.port, self.proxy_port, self.tls_port = ports[0], ports[1], ports[2]
-        for name in ("spamgate", "asyncio"):
+        for name in ErrorLog.LOGGERS:
             logging.getLogger(name).addHandler(self.errors)
 
     def start(self) -> Harness:
@@ -241,7 +245,7 @@ class Harness:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
-        for name in ("spamgate", "asyncio"):
+        for name in ErrorLog.LOGGERS:
             logging.getLogger(name).removeHandler(self.errors)
         if self.server is not None:
             self.call(self.server.stop(grace=0.2))

@@ -171,6 +171,8 @@ async def test_an_endless_answer_is_under_the_idle_timeout(
 async def test_unknown_mechanism_and_sequence_errors(auth_gate, tls_files) -> None:
     gate = await auth_gate()
     c, _ = await tls_client(gate, tls_files)
+    r = await c.cmd(f"AUTH PLA\u0131N {PLAIN}")  # dotless i: Python upper-cases it to I
+    assert (r.code, r.enhanced) == (501, "5.5.4")
     r = await c.cmd("AUTH CRAM-MD5")
     assert (r.code, r.enhanced) == (504, "5.5.4")
     assert (await c.cmd("AUTH")).code == 501

@@ -131,6 +131,19 @@ PARAMS = st.lists(
             b"SIZE=1\tBODY=7BIT",
             b"SIZE=" + b"9" * 300,
             b"\xc3\xbc=1",
+            # Unicode that case mapping or str.isdigit() take for ASCII (issue 18)
+            "SIZE=\u0661\u0662".encode(),
+            "SIZE=\uff11\uff12".encode(),
+            "SIZE=\u00b2".encode(),
+            "BODY=8b\u0131tmime".encode(),
+            "RET=HDR\u017f".encode(),
+            "ENVID=\u00fc".encode(),
+            "NOTIFY=\u017fuccess".encode(),
+            "NOTIFY=DELAY,\u017fUCCESS".encode(),
+            "ORCPT=rfc822;\u00fc@example.test".encode(),
+            "ORCPT=utf-8;\u00fc@example.test".encode(),
+            "ORCPT=rfc\u0131822;a@example.test".encode(),
+            "\u017fIZE=1".encode(),
         ]
     ),
     max_size=3,
@@ -168,6 +181,7 @@ AUTHS = st.sampled_from(
         base64.b64encode(b"s3cret"),
         base64.b64encode(b"x\r\nRCPT TO:<x@elsewhere.test>"),
         b"A" * 13000,
+        b"A" * 70_000,  # beyond the read buffer
     ]
 )
 
@@ -175,7 +189,20 @@ AUTHS = st.sampled_from(
 @st.composite
 def command(draw) -> bytes:
     kind = draw(
-        st.sampled_from(["helo", "mail", "rcpt", "simple", "junk", "long", "auth", "xclient"])
+        st.sampled_from(
+            [
+                "helo",
+                "mail",
+                "rcpt",
+                "simple",
+                "junk",
+                "long",
+                "endless",
+                "lookalike",
+                "auth",
+                "xclient",
+            ]
+        )
     )
     end = draw(ENDINGS)
     if kind == "helo":
@@ -211,6 +238,23 @@ def command(draw) -> bytes:
         line = draw(st.one_of(JUNK, TEXT))
     elif kind == "long":
         line = b"MAIL FROM:<" + draw(LONG) + b"@example.org>"
+    elif kind == "endless":  # beyond the 64 KiB read buffer; often without an end
+        line = draw(st.sampled_from([b"MAIL FROM:<", b"NOOP ", b"AUTH PLAIN "])) + b"A" * 70_000
+        if draw(st.booleans()):
+            return line
+    elif kind == "lookalike":  # verbs and mechanisms Python would upper-case to ASCII
+        line = draw(
+            st.sampled_from(
+                [
+                    "ma\u0131l FROM:<a@example.org>",
+                    "RCPT TO:<u@example.test>",
+                    "rcpt to:<u@example.test>",
+                    "AUTH PLA\u0131N " + auth_plain(*ACCOUNT).decode(),
+                    "\u017fTARTTLS",
+                    "qu\u0131t",
+                ]
+            )
+        ).encode()
     elif kind == "auth":
         line = draw(AUTHS)
     else:
@@ -390,9 +434,17 @@ def steps_after(draw, opening: list[tuple[str, bytes]]) -> list[tuple[str, bytes
     if opening and opening[-1][1].startswith(b"RCPT") and draw(st.booleans()):
         steps += [("send", b"DATA\r\n"), ("data", draw(message()))]  # a message first
     for _ in range(draw(st.integers(min_value=0, max_value=6))):
-        choice = draw(st.sampled_from(["cmd", "cmd", "pipeline", "data", "data", "cut", "close"]))
+        choice = draw(
+            st.sampled_from(["cmd", "cmd", "pipeline", "params", "data", "data", "cut", "close"])
+        )
         if choice == "cmd":
             steps.append(("send", draw(command())))
+        elif choice == "params":  # a fresh transaction whose parameters are drawn
+            steps += [
+                ("send", b"RSET\r\nEHLO client.test\r\n"),
+                ("send", b"MAIL FROM:<a@example.org>" + draw(PARAMS) + b"\r\n"),
+                ("send", b"RCPT TO:<u@example.test>" + draw(PARAMS) + b"\r\n"),
+            ]
         elif choice == "pipeline":
             steps.append(("send", b"".join(draw(st.lists(command(), min_size=2, max_size=5)))))
         elif choice == "data":

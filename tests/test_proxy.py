@@ -285,6 +285,61 @@ async def test_dsn_and_other_parameters_passed_verbatim(
     assert (r.code, r.enhanced) == (555, "5.5.4")
 
 
+# Parameters whose Unicode case mapping or digits look like valid ones (issue 18):
+# each is a syntax error, never relayed, never a traceback.
+TRAPS = [
+    ("MAIL FROM:<a@example.org> SIZE=\u0661\u0662", "5.5.4"),  # Arabic-Indic digits
+    ("MAIL FROM:<a@example.org> SIZE=\uff11\uff12", "5.5.4"),  # full-width digits
+    ("MAIL FROM:<a@example.org> SIZE=\u00b2", "5.5.4"),  # superscript two: isdigit()
+    ("MAIL FROM:<a@example.org> BODY=8b\u0131tmime", "5.5.4"),  # dotless i upper-cases to I
+    ("MAIL FROM:<a@example.org> RET=HDR\u017f", "5.5.4"),  # long s upper-cases to S
+    ("MAIL FROM:<a@example.org> SMTPUTF8 SIZE=\u0661\u0662", "5.5.4"),
+    ("MAIL FROM:<a@example.org> SMTPUTF8 BODY=8b\u0131tmime", "5.5.4"),
+    ("MAIL FROM:<a@example.org> ENVID=\u00fc", "5.5.4"),
+]
+RCPT_TRAPS = [
+    "RCPT TO:<u@example.test> NOTIFY=\u017fuccess",
+    "RCPT TO:<u@example.test> NOTIFY=FAILURE,\u017fUCCESS",
+    "RCPT TO:<u@example.test> ORCPT=rfc822;\u00fc@example.test",
+    "RCPT TO:<u@example.test> ORCPT=utf-8;\u00fc@example.test",  # needs SMTPUTF8
+    "RCPT TO:<u@example.test> ORCPT=rfc822;a+ZZ",  # not xtext
+    "RCPT TO:<u@example.test> ORCPT=rfc\u0131822;a@example.test",
+]
+
+
+async def test_unicode_lookalike_parameters_are_syntax_errors(
+    gate_factory: GateFactory, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = await gate_factory()
+    c, _ = await gate.client(source="127.0.0.5")
+    assert (await c.cmd("EHLO c.test")).code == 250
+    for line, enhanced in TRAPS:
+        r = await c.cmd(line)
+        assert (r.code in (501, 555), r.enhanced) == (True, enhanced), (line, r)
+    assert (await c.cmd("MAIL FROM:<a@example.org>")).code == 250
+    for line in RCPT_TRAPS:
+        r = await c.cmd(line)
+        assert (r.code in (501, 555), r.enhanced) == (True, "5.5.4"), (line, r)
+    assert (await c.cmd("RSET")).code == 250
+    # the same with SMTPUTF8: a UTF-8 ORCPT of type utf-8 is fine (RFC 6533)
+    assert (await c.cmd("MAIL FROM:<a@example.org> SMTPUTF8")).code == 250
+    assert (await c.cmd("RCPT TO:<u@example.test> NOTIFY=\u017fuccess")).code == 501
+    r = await c.cmd("RCPT TO:<u@example.test> ORCPT=utf-8;\u00fc@example.test")
+    assert r.code == 250
+    assert not any(cmd.startswith("RCPT") and "\u017f" in cmd for cmd in sink.commands)
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
+
+
+async def test_verbs_are_ascii(gate_factory: GateFactory, sink: Sink) -> None:
+    """ "MA\u0130L" is no MAIL, though Python upper-cases "\u0131" to "I"."""
+    gate = await gate_factory()
+    c, _ = await gate.client()
+    assert (await c.cmd("EHLO c.test")).code == 250
+    assert (await c.cmd("ma\u0131l FROM:<a@example.org>")).code == 502
+    assert (await c.cmd("mail FROM:<a@example.org>")).code == 250
+    assert sum(cmd.startswith("MAIL") for cmd in sink.commands) == 1
+
+
 async def test_pipelined_transaction(gate_factory: GateFactory, sink: Sink) -> None:
     gate = await gate_factory()
     c, _ = await gate.client()

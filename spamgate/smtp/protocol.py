@@ -482,7 +482,8 @@ class SMTPSession(_AiosmtpdSMTP):
             await self._send(BAD_UTF8)
             return
         verb, _, arg = text.partition(" ")
-        verb = verb.upper()
+        # ASCII only: Python would upper-case "ma\u0131l" (dotless i) to MAIL.
+        verb = verb.upper() if verb.isascii() else verb
         if self._proxy_timeout is None and (
             verb == "PROXY" or (line == b"\r\n" and self._buffer_startswith(V2_SIGNATURE[2:]))
         ):
@@ -756,10 +757,10 @@ class SMTPSession(_AiosmtpdSMTP):
             await self._send(Reply(503, "5.5.1", ("Error: MAIL transaction in progress",)))
             return
         mechanism, _, initial = (arg or "").partition(" ")
-        mechanism, initial = mechanism.upper(), initial.strip()
-        if not mechanism:
+        if not mechanism or not mechanism.isascii():  # RFC 4422 §3.1: ASCII names
             await self._send(Reply(501, "5.5.4", ("Syntax: AUTH mechanism",)))
             return
+        mechanism, initial = mechanism.upper(), initial.strip()
         if mechanism not in {m.upper() for m in self.cfg.auth.mechanisms}:
             await self._send(Reply(504, "5.5.4", ("Unsupported authentication mechanism",)))
             return
