@@ -20,7 +20,9 @@ promises spamgate makes to the internet:
   command; MAIL/RCPT carry one path and known parameters only; headers spamgate
   prepends are well-formed fields of known names (no injection through CR/LF);
 * no relay: a client outside mynetworks that did not authenticate never gets a
-  recipient outside relay_domains to the upstream.
+  recipient outside relay_domains to the upstream, nor one whose local part
+  routes elsewhere (user%host, host!user, "user@host"); domains compare as ASCII
+  (a Kelvin sign is not a "k").
 
 The same runner replays the regression corpus (tests/corpus/*.smtp), so a case
 found by the fuzzer becomes plain test data.
@@ -82,7 +84,7 @@ CLAIMS_US = re.compile(
 )
 AR_NAME = re.compile(rb"^authentication-results[ \t]*:", re.IGNORECASE)
 MYNETWORKS = ipaddress.ip_network("127.0.0.1/32")
-LOCAL_DOMAIN = "example.test"
+LOCAL_DOMAINS = {"example.test", "bank.test"}
 ACCOUNT = ("alice", "s3cret")
 
 HEADER_RULES = r"""
@@ -101,7 +103,7 @@ FUZZ_CONFIG = """
 [server]
 listen = ["127.0.0.1:0"]
 hostname = "gate.test"
-relay_domains = ["example.test"]
+relay_domains = ["example.test", "bank.test"]
 mynetworks = ["127.0.0.1/32"]
 proxy_protocol_timeout = 1
 reload_interval = 0
@@ -517,9 +519,21 @@ def check_commands(
                 if m is None or m.group(1).upper() not in allowed:
                     raise Violation(f"unexpected parameter upstream: {cmd!r}")
             if verb == "RCPT" and not relay:
-                mailbox = path[len("TO:<") : -1].lower()
-                if mailbox != "postmaster" and mailbox.rpartition("@")[2] != LOCAL_DOMAIN:
-                    raise Violation(f"relayed for a client that may not relay: {cmd!r}")
+                _relay_check(path[len("TO:<") : -1], cmd)
+
+
+def _relay_check(mailbox: str, cmd: str) -> None:
+    """A recipient of a client that may not relay: postmaster, or a mailbox in one
+    of our domains (ASCII comparison) whose local part names no other host."""
+    if mailbox.isascii() and mailbox.lower() == "postmaster":
+        return
+    local, _, domain = mailbox.rpartition("@")
+    if not domain.isascii() or domain.lower().rstrip(".") not in LOCAL_DOMAINS:
+        raise Violation(f"relayed for a client that may not relay: {cmd!r}")
+    if local.startswith('"'):
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    if set(local) & set("@%!"):
+        raise Violation(f"routed for a client that may not relay: {cmd!r}")
 
 
 def _check_xclient(cmd: str, addr: str, login: bool) -> None:

@@ -96,6 +96,15 @@ ADDRS = st.sampled_from(
         b"<a@[IPv6:::1]>",
         b"<a\x00b@example.test>",
         b"<a\tb@example.test>",
+        # sender-specified routing and look-alike domains (issue 18)
+        b"<x!elsewhere.test@example.test>",
+        b'<"x@elsewhere.test"@example.test>',
+        b'<"x%elsewhere.test"@bank.test>',
+        b"<@bank.test:x%elsewhere.test@example.test>",
+        "<u@ban\u212a.test>".encode(),
+        "<u@BAN\u212a.TEST>".encode(),
+        "<u@\uff42ank.test>".encode(),
+        b"<u@Bank.Test.>",
     ]
 )
 PARAMS = st.lists(

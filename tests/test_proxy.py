@@ -218,6 +218,75 @@ async def test_subdomain_relay_domains(gate_factory: GateFactory, sink: Sink) ->
     assert (await c.cmd("RCPT TO:<u@x.example.test>")).code == 554
 
 
+# Sender-specified routing through a domain of ours (issue 18): refused from
+# clients that may not relay, as Postfix's allow_untrusted_routing = no does.
+ROUTED = [
+    "user%other.test@example.test",
+    "other.test!user@example.test",
+    '"user@other.test"@example.test',
+    '"user%other.test"@example.test',
+    '"other.test!user"@example.test',
+    '"user\\@other.test"@example.test',
+    "@example.test:user%other.test@example.test",
+]
+
+
+async def test_untrusted_clients_may_not_route(gate_factory: GateFactory, sink: Sink) -> None:
+    gate = await gate_factory()
+    c, _ = await gate.client(source="127.0.0.5")  # outside mynetworks (127.0.0.1/32)
+    await c.cmd("EHLO c.test")
+    await c.cmd("MAIL FROM:<a@example.org>")
+    for rcpt in ROUTED:
+        r = await c.cmd(f"RCPT TO:<{rcpt}>")
+        assert (r.code, r.enhanced) == (554, "5.7.1"), (rcpt, r)
+        assert "Relay access denied" in r.text
+    # A source route is not routing: it is dropped (RFC 5321 §3.6.1, Appendix C),
+    # as Postfix drops it, and never reaches the upstream.
+    assert (await c.cmd("RCPT TO:<@other.test:user@example.test>")).code == 250
+    assert (await c.cmd("RCPT TO:<@example.test:user@other.test>")).code == 554
+    rcpts = [cmd for cmd in sink.commands if cmd.startswith("RCPT")]
+    assert rcpts == ["RCPT TO:<user@example.test>"]
+
+
+async def test_trusted_clients_may_route(gate_factory: GateFactory, sink: Sink) -> None:
+    gate = await gate_factory()
+    c, _ = await gate.client(source="127.0.0.1")  # mynetworks
+    await c.cmd("EHLO c.test")
+    await c.cmd("MAIL FROM:<a@example.org>")
+    assert (await c.cmd("RCPT TO:<user%other.test@example.test>")).code == 250
+
+
+async def test_relay_domains_compare_as_ascii_and_idna(
+    gate_factory: GateFactory, sink: Sink
+) -> None:
+    """Never Unicode case folding: the Kelvin sign K lower-cases to "k" in Python,
+    but it is another domain to the upstream; IDN domains as A-labels."""
+    domains = '["bank.test", ".sub.bank.test", "b\u00e4nk.test", "xn--bcher-kva.test"]'
+    gate = await gate_factory(server={"relay_domains": domains})
+    c, _ = await gate.client(source="127.0.0.5")
+    await c.cmd("EHLO c.test")
+    assert (await c.cmd("MAIL FROM:<a@example.org> SMTPUTF8")).code == 250
+    for rcpt in (
+        "u@ban\u212a.test",  # Kelvin sign
+        "u@x.sub.ban\u212a.test",
+        "u@\uff42ank.test",  # full-width b
+        "u@B\u00c4NK.test",  # not a U-label (IDNA2008: no upper case)
+        "u@bank.te\u017ft",  # long s
+    ):
+        r = await c.cmd(f"RCPT TO:<{rcpt}>")
+        assert (r.code, r.enhanced) == (554, "5.7.1"), (rcpt, r)
+    for rcpt in (
+        "u@BANK.test",
+        "u@bank.test.",
+        "u@x.SUB.bank.test",
+        "u@b\u00e4nk.test",
+        "u@xn--bnk-qla.test",
+        "u@b\u00fccher.test",
+    ):
+        assert (await c.cmd(f"RCPT TO:<{rcpt}>")).code == 250, rcpt
+    assert not any("\u212a" in cmd or "\u017f" in cmd for cmd in sink.commands)
+
+
 async def test_several_transactions_and_rset(gate_factory: GateFactory, sink: Sink) -> None:
     gate = await gate_factory()
     c, _ = await gate.client()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..domains import ascii_lower
 from ..reply import Reply
 from . import xtext
 
@@ -128,7 +129,7 @@ def parse_path(
     if "@" not in path:
         # A bare local part: only <postmaster> is meaningful as a recipient
         # (RFC 5321 §4.5.1); a sender is left to the MTA, which appends its domain.
-        if keyword == "TO" and path.lower() != "postmaster":
+        if keyword == "TO" and ascii_lower(path) != "postmaster":
             return Reply(501, "5.1.3", ("Bad recipient address syntax",))
         if not (_DOT_ATOM.match(path) or _QUOTED.match(path)):
             return _bad(keyword)
