@@ -42,11 +42,13 @@ FOLDING = (
 RULES = {
     "helo.regexp": "/^(.*)$/ PREPEND X-Helo-Seen: $1\n",
     "sender.regexp": "/^(.*)$/ SCORE 6 ANY_SENDER\n",
+    "recipient.regexp": "/^(.*)$/ PREPEND X-Rcpt-Seen: $1\n",
 }
 CONFIG = """
 [rules]
 helo = ["regexp:helo.regexp"]
 sender = ["regexp:sender.regexp"]
+recipient = ["regexp:recipient.regexp"]
 [scoring]
 tag = 5
 """
@@ -54,6 +56,7 @@ tag = 5
 OURS = {
     "authentication-results",
     "x-helo-seen",
+    "x-rcpt-seen",
     "x-spam-flag",
     "x-spam-score",
     "x-spam-symbols",
