@@ -22,8 +22,8 @@ message must get 250 and carry exactly one policy marker of a good file.
 
 `--soak SECONDS` runs the chaos phase for that long and samples spamgate's RSS.
 
-    flock /work/notes/bench.lock python -m bench.chaos                 # 6,000 messages
-    flock /work/notes/bench.lock python -m bench.chaos --soak 900 --warmup 300   # memory
+    python -m bench.chaos                 # 6,000 messages
+    python -m bench.chaos --soak 900 --warmup 300   # memory
     python -m bench.chaos --quick                                      # smoke run
 
 Bounded: at most 500,000 messages, 1,800 s per phase, loopback only.

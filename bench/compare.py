@@ -1,15 +1,18 @@
-"""spamgate against Haraka and against smtp-sink alone, side by side (issue 8).
+"""spamgate against Haraka and against smtp-sink alone, side by side.
 
     python -m bench.compare                 # about 4 minutes; one table
     python -m bench.compare --quick         # a smoke run, under a minute
     python -m bench.compare --idle 5000     # and 5,000 idle sessions held meanwhile
     python -m bench.compare --workers 2     # spamgate with [server] workers = 2
 
-Everything runs on loopback, from the mail lab (`../shared/lab`, see its README):
-NSD with the test zones (127.0.0.1:5353), Postfix's smtp-sink (10026) and Haraka
-(2526, forwarding to the sink). Lab services that are not running are started
-(Haraka with LAB_HARAKA_NODELAY=1, its fairest setting, unless --haraka-stock) and
-stopped again at the end; running ones are used as they are. spamgate itself is
+Everything runs on loopback, from a mail lab: a directory (SPAMGATE_LAB) whose
+`lab.sh start|stop|status SERVICE` runs NSD with the test zones (`dns`, on
+127.0.0.1:5353: bl.test lists 127.0.0.2 and .3, good.test's SPF record allows
+127.0.0.0/8, 127.0.0.1 has a forward-confirmed reverse name), Postfix's smtp-sink
+(`sink`, 10026) and Haraka (`haraka`, 2526, forwarding to the sink), with
+pidfiles under $LAB_STATE/run/ (default /tmp/spamgate-lab). Services that are not
+running are started (Haraka with LAB_HARAKA_NODELAY=1, its fairest setting, unless
+--haraka-stock) and stopped again at the end; running ones are used as they are. spamgate itself is
 started here, as its own process, with the same checks as the lab's Haraka:
 
 | check           | spamgate                                  | Haraka (lab)                 |
@@ -60,9 +63,7 @@ from typing import Any
 from .loadgen import Load, LoadResult, Script, hold_idle
 
 ROOT = Path(__file__).resolve().parents[1]
-# ../shared/lab from the repository (or from a worktree one level further down)
-_LABS = [ROOT.parent / "shared" / "lab", ROOT.parents[1] / "shared" / "lab"]
-LAB = Path(os.environ.get("SPAMGATE_LAB") or next((p for p in _LABS if p.exists()), _LABS[0]))
+LAB = Path(os.environ.get("SPAMGATE_LAB", "lab"))
 LAB_STATE = Path(os.environ.get("LAB_STATE", "/tmp/spamgate-lab"))
 SINK_PORT, HARAKA_PORT, DNS = 10026, 2526, "127.0.0.1:5353"
 MAX_RUN_MESSAGES, MAX_RUN_SECONDS, MAX_ROUNDS = 20_000, 120.0, 10
@@ -114,7 +115,7 @@ def rss_mb(pids: list[int]) -> float:
 
 
 class Lab:
-    """The shared mail lab's services: started if needed, stopped if we started them."""
+    """The mail lab's services: started if needed, stopped if we started them."""
 
     def __init__(self, path: Path, haraka_stock: bool) -> None:
         self.path = path
@@ -128,7 +129,9 @@ class Lab:
 
     def ensure(self, services: list[str]) -> None:
         if not (self.path / "lab.sh").exists():
-            raise SystemExit(f"bench: no mail lab at {self.path} (set SPAMGATE_LAB)")
+            raise SystemExit(
+                f"bench: no mail lab at {self.path}: set SPAMGATE_LAB to its directory"
+            )
         for service in services:
             if self.script("status", service).returncode != 0:
                 out = self.script("start", service)

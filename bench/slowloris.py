@@ -19,7 +19,7 @@ Scenarios (`--scenarios`):
   tight-rate  as tight, plus [ratelimit] connections_per_ip = "20/1m" (the
             good clients are in mynetworks, which the rate limit exempts).
 
-    flock /work/notes/bench.lock python -m bench.slowloris
+    python -m bench.slowloris
     python -m bench.slowloris --quick
 
 Bounded: at most 3,000 tricklers and 120 s per measurement, loopback only.

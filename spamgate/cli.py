@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
-from .config import load
+from .config import Config, InvalidConfig, hostname_problem, load
 from .settings import ConfigError
 
 
@@ -29,11 +29,30 @@ def _setup_logging(level: str, *, with_pid: bool = False) -> None:
         handler.setFormatter(JournalFormatter(name))
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     # aiosmtpd logs every connection on "mail.log" and PROXY errors on "mail.debug";
     # our own lines say it better, with the session id.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.getLogger("mail.debug").setLevel(logging.ERROR)
+
+
+def problems_of(path: str | None) -> tuple[Config | None, list[str]]:
+    """The configuration at `path` and every problem in it, its rule tables and its
+    certificate, all at once (a bad setting does not hide a missing table)."""
+    from .runtime import build
+
+    problems: list[str] = []
+    try:
+        config: Config | None = load(path)
+    except ConfigError as exc:
+        problems += exc.problems
+        config = exc.partial if isinstance(exc, InvalidConfig) else None
+    if config is not None:
+        try:
+            build(config)
+        except ConfigError as exc:
+            problems += [p for p in exc.problems if p not in problems]
+    return config, problems
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -42,13 +61,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         config = load(args.config)
-    except ConfigError as exc:
+    except ConfigError:
         _setup_logging(args.log_level)
-        for problem in exc.problems:
+        for problem in problems_of(args.config)[1]:
             print(f"spamgate: {problem}", file=sys.stderr)
         return 1
     workers = config.server.workers
     _setup_logging(args.log_level, with_pid=workers > 1)
+    hostname = hostname_problem(config)
+    if hostname:
+        logging.getLogger("spamgate").warning("%s", hostname)
     factory = loop_factory(config.server.uvloop)
     if workers > 1:
         from . import workers as supervisor
@@ -90,16 +112,19 @@ def loop_factory(want_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] |
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .runtime import Policy
-    from .services import Services
-
-    try:
-        config = load(args.config)
-        Policy.build(config, Services.build(config))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem)
+    config, problems = problems_of(args.config)
+    for problem in problems:
+        print(problem)
+    if problems:
         return 1
+    assert config is not None
+    hostname = hostname_problem(config)
+    if hostname:
+        print(config.where().at("server", "hostname", f"warning: {hostname}"))
+    from .state import state_warnings
+
+    for warning in state_warnings(config):
+        print(warning)
     print(f"{args.config}: ok")
     return 0
 
@@ -182,16 +207,41 @@ START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 def cmd_reference(args: argparse.Namespace) -> int:
     text = reference_markdown()
-    if args.update:
-        with open(args.update, encoding="utf-8") as fh:
-            doc = fh.read()
-        head, _, rest = doc.partition(START)
-        _, _, tail = rest.partition(END)
-        with open(args.update, "w", encoding="utf-8") as fh:
-            fh.write(f"{head}{START}\n{text}\n{END}{tail}")
+    if not args.update:
+        print(text)
         return 0
-    print(text)
+    problem = update_reference(args.update, text)
+    if problem:
+        print(f"spamgate: {args.update}: {problem}", file=sys.stderr)
+        return 1
     return 0
+
+
+def update_reference(path: str, text: str) -> str | None:
+    """Replace the block between START and END in `path` with `text`; the problem,
+    if any, with the file left as it was (a file without the markers is not ours
+    to append to)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = fh.read()
+    except FileNotFoundError:
+        return "no such file"
+    except IsADirectoryError:
+        return "is a directory, not a file"
+    except OSError as exc:
+        return str(exc.strerror)
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    head, start, rest = doc.partition(START)
+    _, end, tail = rest.partition(END)
+    if not start or not end:
+        return f"no {START} ... {END} block to rewrite (add the two lines where it belongs)"
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(f"{head}{START}\n{text}\n{END}{tail}")
+    except OSError as exc:
+        return str(exc.strerror)
+    return None
 
 
 def _ip(text: str) -> str:
@@ -203,6 +253,15 @@ def _ip(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f'"{text}" is not one of {", ".join(LOG_LEVELS)}')
+    return text.lower()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spamgate", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"spamgate {__version__}")
@@ -210,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("-c", "--config", help="configuration file (default: embedded defaults)")
-    run.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    run.add_argument("--log-level", default="info", type=_log_level, help=", ".join(LOG_LEVELS))
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a configuration and its rule tables")

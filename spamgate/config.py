@@ -6,6 +6,7 @@ prints them and a test keeps the README's reference in step with them.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -97,8 +98,9 @@ class ServerSettings:
     workers: int = setting(
         1,
         "Worker processes, each with its own socket per listener (SO_REUSEPORT) and "
-        "a share of max_sessions; one process uses one core.",
-        check=positive,
+        "a share of max_sessions; one process uses one core. 0: one per core spamgate "
+        "may run on, less one for Postfix (at least 1).",
+        check=non_negative,
     )
     uvloop: bool = setting(
         True,
@@ -357,6 +359,18 @@ class DnsSettings:
     reverse_lookup: bool = setting(
         True, "Look up the client's verified reverse name (sent upstream as XCLIENT NAME)."
     )
+    breaker_failures: int = setting(
+        5,
+        "Queries in a row that a nameserver leaves unanswered before it counts as down "
+        "(logged, counted): lookups then skip it, and fail at once (temperror) while "
+        "every nameserver is down; 0: never.",
+        check=non_negative,
+    )
+    probe_interval: float = setting(
+        1.0,
+        "Seconds between the probes of a nameserver that is down; its first answer brings it back.",
+        check=positive,
+    )
 
 
 @dataclass(frozen=True)
@@ -389,12 +403,49 @@ def _redis_url(value: str) -> str | None:
 class StateSettings:
     redis: str = setting(
         "",
-        'Redis shared by all instances, "redis://host:port/db"; empty: in-process (not shared).',
+        'One Redis shared by all instances, "redis://host:port/db" ("rediss://" for TLS); '
+        "empty (and no sentinels or cluster): in-process, not shared.",
         check=_redis_url,
     )
-    key_prefix: str = setting("spamgate:", "Prefix of every Redis key spamgate writes.")
+    sentinels: list[str] = setting(
+        [],
+        'Redis Sentinels as "host:port": the primary of service_name is found through them '
+        "and followed after a failover.",
+        check=hostports,
+    )
+    service_name: str = setting("", "The Sentinels' name for the primary (sentinel monitor).")
+    cluster: list[str] = setting(
+        [],
+        'Some nodes of a Redis Cluster as "host:port"; the others are found from them.',
+        check=hostports,
+    )
+    username: str = setting("", "ACL user spamgate logs in as; empty: the default user.")
+    password_file: str = setting(
+        "", "File holding the password of username (one line; keep it out of this file)."
+    )
+    sentinel_password_file: str = setting(
+        "", "File holding the password of the Sentinels themselves (their requirepass), if any."
+    )
+    tls: bool = setting(
+        False, "TLS to the Sentinels and the primary, or to the Cluster nodes (see redis for one)."
+    )
+    tls_ca_file: str = setting(
+        "", "PEM CA bundle to verify the Redis servers with; empty: the system's CAs."
+    )
+    tls_cert_file: str = setting(
+        "", "PEM client certificate, for servers with tls-auth-clients yes; empty: none."
+    )
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file.")
+    key_prefix: str = setting(
+        "spamgate:",
+        'Prefix of every Redis key spamgate writes (a hash tag, "{spamgate}:", keeps them '
+        "on one Cluster node).",
+    )
     timeout: float = setting(
-        0.5, "Seconds to connect to Redis or wait for one answer.", check=positive
+        0.5,
+        "Seconds one state operation may take in all (connecting, retries and a failover "
+        "included) before on_unavailable applies.",
+        check=positive,
     )
     retry_interval: float = setting(
         2.0, "Seconds between reconnection attempts while Redis is unreachable.", check=positive
@@ -408,6 +459,29 @@ class StateSettings:
         "Entries the in-process store keeps at most; the least recently used go first.",
         check=positive,
     )
+
+    def __post_init__(self) -> None:
+        # Reported by the loader as "[state]: ..." at the section's line.
+        given = [k for k in ("redis", "sentinels", "cluster") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one of redis, sentinels and cluster, not {' and '.join(given)}")
+        if self.sentinels and not self.service_name:
+            raise ValueError("sentinels need a service_name (the name in 'sentinel monitor')")
+        if self.service_name and not self.sentinels:
+            raise ValueError("service_name is for sentinels; give them too")
+        if self.tls and self.redis.startswith("redis://"):
+            raise ValueError('tls = true with a "redis://" URL: write "rediss://" for TLS')
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+
+    @property
+    def shared(self) -> bool:
+        """True when the state lives in Redis (one server, Sentinel or Cluster)."""
+        return bool(self.redis or self.sentinels or self.cluster)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.redis.startswith("rediss://")
 
 
 @dataclass(frozen=True)
@@ -493,6 +567,12 @@ def all_sections() -> dict[str, type]:
     return {**CORE_SECTIONS, **CHECK_SECTIONS}
 
 
+def cores_for_workers() -> int:
+    """`workers = 0`: a worker per core this process may run on (its CPU affinity,
+    as taskset or a cpuset allow), less one for the Postfix behind it."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def loads(text: str, path: str = "<config>") -> Config:
     """Parse config text; raise ConfigError listing every problem found."""
     where = Located(path, text)
@@ -520,6 +600,8 @@ def loads(text: str, path: str = "<config>") -> Config:
     for name, cls in known.items():
         built.setdefault(name, cls())
     server: ServerSettings = built["server"]
+    if server.workers == 0:
+        server = dataclasses.replace(server, workers=cores_for_workers())
     # With [[listener]] tables, the default `listen` would add a surprise listener.
     explicit_listen = "listen" in raw.get("server", {})
     listeners = _resolve_listeners(
@@ -527,10 +609,8 @@ def loads(text: str, path: str = "<config>") -> Config:
     )
     positions = [-1] * (len(listeners) - len(listener_tables)) + [n for n, _ in listener_tables]
     problems += _listener_problems(listeners, positions, built["tls"], built["upstream"], where)
-    if problems:
-        raise ConfigError(problems)
     base_dir = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
-    return Config(
+    config = Config(
         path=path if path != "<config>" else None,
         server=server,
         listeners=tuple(listeners),
@@ -547,6 +627,19 @@ def loads(text: str, path: str = "<config>") -> Config:
         hostname=server.hostname or socket.getfqdn(),
         base_dir=base_dir,
     )
+    if problems:
+        raise InvalidConfig(problems, config)
+    return config
+
+
+class InvalidConfig(ConfigError):
+    """Problems in the file's settings, with `partial`: the configuration as it is
+    with each bad setting left at its default. `spamgate check` goes on with it to
+    the rule tables and the certificate, to report every problem at once."""
+
+    def __init__(self, problems: list[str], partial: Config) -> None:
+        super().__init__(problems)
+        self.partial = partial
 
 
 class _NthTable(Located):
@@ -556,7 +649,7 @@ class _NthTable(Located):
         super().__init__(where.path, where.text)
         self.nth = nth
 
-    def line_of(self, section: str, key: str | None = None) -> int:
+    def line_of(self, section: str, key: str | None = None, item: str | None = None) -> int:
         seen = -1
         inside = False
         header_line = 1
@@ -666,6 +759,26 @@ def _listener_problems(
     if bool(tls.cert_file) != bool(tls.key_file):
         problems.append(where.at("tls", None, "[tls] needs both cert_file and key_file"))
     return problems
+
+
+def hostname_problem(config: Config) -> str | None:
+    """Why the host name does not do for an MX, or None. Clients see it in the
+    greeting and EHLO reply, and a `${myhostname}` HELO rule (the shipped "You are
+    not me") refuses every client that says it: with "localhost", clients that say
+    "localhost"."""
+    name = config.hostname.rstrip(".").lower()
+    if "." in name and name != "localhost.localdomain" and not name.endswith(".localhost"):
+        return None
+    which = (
+        f'[server] hostname "{config.hostname}"'
+        if config.server.hostname
+        else f'[server] hostname is unset and this machine\'s name, "{config.hostname}",'
+    )
+    return (
+        f"{which} is not a fully qualified domain name: set [server] hostname to this "
+        "MX's public name (spamgate greets clients with it, and a ${myhostname} HELO rule "
+        'such as "You are not me" refuses clients that say it)'
+    )
 
 
 def load(path: str | None) -> Config:

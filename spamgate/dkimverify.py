@@ -13,15 +13,17 @@ RFC 8601 result: pass, fail (the signature or body hash did not verify), neutral
 (a signature that cannot be processed: bad syntax, expired), policy (one we do
 not accept: rsa-sha1 per RFC 8301, a key under the minimum size), temperror (its
 key could not be fetched), permerror (no key, a revoked key, a key that does not
-parse). dkimpy alone reports most of these as a bare False, so the key record is
-judged here first.
+parse, or one whose h= or t=s does not allow the signature). dkimpy alone
+reports most of these as a bare False, so the key record is judged here first.
 
 One part of dkimpy is replaced: see `compress_whitespace` below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 
@@ -64,6 +66,15 @@ class SignatureResult:
     algorithm: str  # a=
     b: str  # the first 8 characters of b= (RFC 6008 header.b)
     reason: str = ""
+
+
+def lower_priority(increment: int) -> None:
+    """A worker process's initializer: lower its scheduling priority, where that is
+    allowed. An initializer that raises kills the worker, and with it the pool, so
+    a system-call filter that refuses setpriority() (EPERM) must not reach here as
+    an exception: the worker then runs at the priority it has."""
+    with contextlib.suppress(OSError):
+        os.nice(increment)
 
 
 def key_name(domain: str, selector: str) -> str:
@@ -149,11 +160,15 @@ def _one(d: dkim.DKIM, idx: int, value: bytes, answers: dict[str, KeyAnswer]) ->
     if answer is None:
         return result("permerror", "no key for signature")
     try:
-        if parse_tag_value(answer).get(b"p", None) == b"":
+        key = parse_tag_value(answer)
+        if key.get(b"p", None) == b"":
             return result("permerror", "key revoked")
         dkim.evaluate_pk(name, answer)
     except (InvalidTagValueList, dkim.DKIMException, ValueError) as exc:
         return result("permerror", f"bad key: {_short(exc)}")
+    refused = _key_refuses(key, sig)
+    if refused:
+        return result("permerror", refused)
     try:
         ok = d.verify(idx, dnsfunc=lambda _name, timeout=5: answer)
     except dkim.ValidationError as exc:
@@ -167,6 +182,28 @@ def _one(d: dkim.DKIM, idx: int, value: bytes, answers: dict[str, KeyAnswer]) ->
     except dkim.DKIMException as exc:
         return result("permerror", _short(exc))
     return result("pass") if ok else result("fail", "signature did not verify")
+
+
+def _key_refuses(key: dict[bytes, bytes], sig: dict[bytes, bytes]) -> str:
+    """Why the key record does not allow this signature (RFC 6376 §3.6.1), or "".
+
+    dkimpy ignores both restrictions: `h=` lists the hash algorithms the key may be
+    used with (§6.1.2: otherwise PERMFAIL, "inappropriate hash algorithm"; names
+    we do not know are ignored), and the `s` flag of `t=` requires the i= domain
+    to be the d= domain itself, not a subdomain of it.
+    """
+    hashes = key.get(b"h")
+    if hashes is not None:
+        wanted = sig.get(b"a", b"").lower().rpartition(b"-")[2]
+        if wanted not in {h.strip().lower() for h in hashes.split(b":")}:
+            return f"key h= does not allow {_text(wanted)}"
+    flags = {f.strip().lower() for f in key.get(b"t", b"").split(b":")}
+    identity = sig.get(b"i")
+    if b"s" in flags and identity is not None:
+        domain = identity.rpartition(b"@")[2].strip().lower().rstrip(b".")
+        if domain != sig.get(b"d", b"").strip().lower().rstrip(b"."):
+            return "key t=s: the i= domain must be the d= domain"
+    return ""
 
 
 def _text(value: bytes) -> str:

@@ -139,6 +139,12 @@ async def explain(
         for sym in verdict.symbols:
             symbols.setdefault(sym.name, Symbol(sym.name, overrides.get(sym.name, sym.score)))
         out.write(f"  {check.label:<24} {_verdict_text(verdict)}\n")
+        # Findings that say more than the verdict (the links found and what each
+        # list said; what a scanner reported), when the result can tell.
+        details = getattr(verdict.result, "explain", None)
+        if details is not None:
+            for line in details():
+                out.write(f"  {'':<24}   {line}\n")
 
     flow.trace = trace
     handler = _ListHandler(out)

@@ -2,8 +2,9 @@
 
 Names carry the `spamgate_` prefix and their unit; labels come from closed sets only
 (stage, check, action, outcome, result, zone, table, rule, command, kind, reason,
-method, type) and never from client addresses, mail addresses or domains, so the
-number of series stays bounded whatever the traffic. Other modules only call
+method, type, cause; nameserver from the configuration) and never from client
+addresses, mail addresses or domains, so the number of series stays bounded
+whatever the traffic. Other modules only call
 `.labels(...).inc()`, `.observe()` or the small functions at the end; they never
 create metrics of their own.
 
@@ -107,9 +108,19 @@ PROTOCOL_ERROR_KINDS = (
 )
 CHECK_ERROR_KINDS = ("timeout", "exception")
 DNS_TYPES = ("A", "AAAA", "TXT", "PTR", "MX")
-# cached: answered from the cache; shared: joined an identical query in flight.
-# Only the others went to the network; timeout and error are failures.
-DNS_RESULTS = ("answer", "nxdomain", "nodata", "timeout", "error", "cached", "shared")
+# cached: answered from the cache; shared: joined an identical query in flight;
+# breaker_open: not sent, every nameserver being down. Only the others went to the
+# network; timeout, error and breaker_open are failures.
+DNS_RESULTS = (
+    "answer",
+    "nxdomain",
+    "nodata",
+    "timeout",
+    "error",
+    "cached",
+    "shared",
+    "breaker_open",
+)
 DNSBL_RESULTS_SET = ("listed", "not_listed", "error")
 # RFC 8601 result words per method.
 _SPF = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
@@ -236,9 +247,27 @@ SCORE = Histogram(
 # -- DNS and authentication ---------------------------------------------------------
 DNS_QUERIES = Counter(
     "spamgate_dns_queries_total",
-    # cached: answered from the cache; shared: joined an identical query in flight
-    "DNS lookups by type and result (answer, nxdomain, nodata, timeout, error, cached, shared).",
+    # cached: answered from the cache; shared: joined an identical query in flight;
+    # breaker_open: failed at once, every nameserver being down
+    "DNS lookups by type and result (answer, nxdomain, nodata, timeout, error, cached, "
+    "shared, breaker_open).",
     ["type", "result"],
+    registry=REGISTRY,
+)
+DNS_NAMESERVER_UP = Gauge(
+    "spamgate_dns_nameserver_up",
+    "1 while the nameserver answers, 0 while it counts as down (its circuit breaker "
+    "open: [dns] breaker_failures queries in a row went unanswered; probed until it "
+    "answers).",
+    ["nameserver"],
+    registry=REGISTRY,
+    # down in any live worker is down
+    multiprocess_mode="livemin",
+)
+DNS_BREAKER_OPENED = Counter(
+    "spamgate_dns_breaker_opened_total",
+    "Times a nameserver was found down (its circuit breaker opened).",
+    ["nameserver"],
     registry=REGISTRY,
 )
 DNS_LATENCY = Histogram(
@@ -258,6 +287,82 @@ AUTH_RESULTS = Counter(
     "spamgate_auth_results_total",
     "SPF, DKIM and DMARC results (method: spf, spf_helo, dkim, dmarc; RFC 8601 words).",
     ["method", "result"],
+    registry=REGISTRY,
+)
+DMARC_INTERNAL_ERRORS = Counter(
+    "spamgate_dmarc_internal_errors_total",
+    "Messages whose DMARC policy could not be applied because a check inside spamgate "
+    "failed (cause: spf, dkim, dmarc), not because of the sender or its DNS; "
+    "[dmarc] internal_error decided.",
+    ["cause"],
+    registry=REGISTRY,
+)
+DMARC_INTERNAL_CAUSES = ("spf", "dkim", "dmarc")
+
+# -- content checks (links, antivirus, external scorers, attachments) ---------------
+# Each check's result words: a closed set per check, created at zero with the check.
+CONTENT_RESULTS = {
+    "uribl": ("clean", "listed", "no_links"),
+    "clamav": ("clean", "infected", "partial"),
+    "rspamd": (
+        "no_action",
+        "greylist",
+        "add_header",
+        "rewrite_subject",
+        "soft_reject",
+        "reject",
+        "skipped",
+    ),
+    "spamassassin": ("ham", "spam", "skipped"),
+    "attachments": ("clean", "blocked", "scored", "none"),
+}
+URIBL_DOMAIN_RESULTS = ("looked_up", "allowlisted", "over_limit")
+ATTACHMENT_KINDS = (
+    "extension",
+    "double_extension",
+    "archive_member",
+    "type_mismatch",
+    "archive_unreadable",
+)
+CONTENT_SCANS = Counter(
+    "spamgate_content_scans_total",
+    "Messages a content check judged, by check and result (failures are in "
+    "spamgate_check_errors_total).",
+    ["check", "result"],
+    registry=REGISTRY,
+)
+BACKEND_OUTAGES = Counter(
+    "spamgate_backend_outages_total",
+    "Outages of the daemons content checks ask (clamd, rspamd, spamd), counted once as "
+    "each one starts; the messages it affected are in spamgate_check_errors_total.",
+    ["check"],
+    registry=REGISTRY,
+)
+SCANNER_SCORE = Histogram(
+    "spamgate_scanner_score",
+    "Scores rspamd and SpamAssassin gave the messages they scanned.",
+    ["check"],
+    buckets=SCORE_BUCKETS,
+    registry=REGISTRY,
+)
+SCANNER_SYMBOLS = Counter(
+    "spamgate_scanner_symbols_total",
+    "rspamd symbols and SpamAssassin rules that fired, for the names listed in the "
+    "check's count_symbols (a closed set).",
+    ["check", "symbol"],
+    registry=REGISTRY,
+)
+URIBL_DOMAINS = Counter(
+    "spamgate_uribl_domains_total",
+    "Link domains found in messages: looked up, allowlisted, or over_limit (past max_domains).",
+    ["result"],
+    registry=REGISTRY,
+)
+ATTACHMENT_FINDINGS = Counter(
+    "spamgate_attachment_findings_total",
+    "Attachment findings by kind (extension, double_extension, archive_member, "
+    "type_mismatch, archive_unreadable).",
+    ["kind"],
     registry=REGISTRY,
 )
 
@@ -327,6 +432,11 @@ STATE_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+STATE_PRIMARY_CHANGES = Counter(
+    "spamgate_state_primary_changes_total",
+    "Times the Sentinels named another Redis primary (a failover) and spamgate followed it.",
+    registry=REGISTRY,
+)
 STATE_EVICTIONS = Counter(
     "spamgate_state_store_evictions_total",
     "Live entries the in-process store dropped to stay within [state] memory_max_keys.",
@@ -384,20 +494,47 @@ class Counted(Protocol):
 
     Checks never touch metrics; a result object (an SPF result, DNSBL findings)
     implements `counted()`, and the pipeline runner increments each series it
-    yields: `yield metrics.AUTH_RESULTS, ("spf", "pass")`.
+    yields: `yield metrics.AUTH_RESULTS, ("spf", "pass")`, or by exposition name,
+    which needs no import of this module: `yield "spamgate_auth_results_total", (...)`.
     """
 
-    def counted(self) -> Iterable[tuple[Counter, Sequence[str]]]: ...
+    def counted(self) -> Iterable[tuple[Counter | str, Sequence[str]]]: ...
 
 
 def count_result(result: object) -> None:
-    """Increment the series a `Counted` result names; other results count nothing."""
+    """Increment the series a `Counted` result names; other results count nothing.
+
+    An item may also be (histogram, labels, value): the value is observed (a
+    content scanner's score).
+    """
     # What isinstance(result, Counted) decides, without its runtime-Protocol check
     # (about 20 us a call, three calls a message).
     counted = getattr(result, "counted", None)
     if counted is not None:
-        for counter, labels in counted():
-            child(counter, *labels).inc()
+        for item in counted():
+            if len(item) == 3:
+                child(named(item[0]), *item[1]).observe(item[2])
+            else:
+                child(named(item[0]), *item[1]).inc()
+
+
+_by_name: dict[str, Any] = {}
+
+
+def named(metric: Counter | Histogram | str) -> Any:
+    """A metric, or the metric of that exposition name ("spamgate_content_scans_total").
+
+    Checks and their engines name series by these names, so that they need not
+    import this module (KeyError for a name that is not defined here).
+    """
+    if not isinstance(metric, str):
+        return metric
+    if not _by_name:
+        for obj in _metric_objects():
+            _by_name[obj._name] = obj
+            if isinstance(obj, Counter):
+                _by_name[obj._name + "_total"] = obj
+    return _by_name[metric]
 
 
 _children: dict[tuple[object, tuple[str, ...]], Any] = {}
@@ -460,8 +597,14 @@ def _precreate() -> None:
     for method, results in AUTH_RESULT_SETS.items():
         for result in results:
             AUTH_RESULTS.labels(method, result)
+    for cause in DMARC_INTERNAL_CAUSES:
+        DMARC_INTERNAL_ERRORS.labels(cause)
     for result in RELOAD_RESULTS:
         RELOADS.labels(result)
+    for result in URIBL_DOMAIN_RESULTS:
+        URIBL_DOMAINS.labels(result)
+    for kind in ATTACHMENT_KINDS:
+        ATTACHMENT_FINDINGS.labels(kind)
     for result in STARTTLS_RESULTS:
         STARTTLS.labels(result)
     for result in AUTH_PASSTHROUGH_RESULTS:
@@ -499,7 +642,7 @@ def declare_checks(
     """
     for label, stages, series in checks:
         for counter, labels in series:
-            counter.labels(*labels)
+            named(counter).labels(*labels)
         CHECK_DURATION.labels(label)
         for kind in CHECK_ERROR_KINDS:
             CHECK_ERRORS.labels(label, kind)

@@ -2,10 +2,12 @@
 
 The runner is the only place that applies a check's timeout and error policy,
 monitor mode, metrics (verdicts, `Verdict.hits` rule hits, the series a
-`metrics.Counted` result names) and structured results, so every check behaves the same way
-under failure: an exception or a timeout is logged and counted, and the check's
-`on_error` decides between "no opinion" and a temporary failure. The first final
-verdict of a stage wins; symbols and headers from every check that ran accumulate.
+`metrics.Counted` result names) and structured results, so every check behaves
+the same way under failure: an exception or a timeout is logged, counted and
+recorded (`CheckFailures`, for later checks whose evidence is then missing), and
+the check's `on_error` decides between "no opinion" and a temporary failure. The
+first final verdict of a stage wins; symbols and headers from every check that
+ran accumulate.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from . import metrics
 from .checks.base import Check, CheckContext, CheckError, TransactionObserver
 from .model import Stage
 from .reply import Reply
-from .verdict import Action, Outcome, Verdict
+from .verdict import Action, CheckFailures, Outcome, Verdict
 
 log = logging.getLogger("spamgate.pipeline")
 
@@ -37,6 +39,9 @@ class Pipeline:
         self.monitor = monitor
         self._by_stage: dict[Stage, list[Check]] = {
             stage: [c for c in self.checks if stage in c.stages] for stage in Stage
+        }
+        self._concurrent = {
+            stage: any(c.concurrent for c in checks) for stage, checks in self._by_stage.items()
         }
         # Checks the flow tells how each transaction ended.
         self.observers: list[TransactionObserver] = [
@@ -61,12 +66,42 @@ class Pipeline:
         """
         outcome = Outcome()
         lg = logger or log
+        checks = self._by_stage[ctx.stage]
+        if skip:
+            checks = [c for c in checks if not ("all" in skip or c.label in skip)]
+        started = time.perf_counter()
+        if not self._concurrent[ctx.stage]:
+            return await self._take(checks, {}, ctx, outcome, lg, trace, started)
+        # Checks that wait on the network and read no other check's findings start
+        # together; their verdicts are still taken in registration order, and those
+        # not needed any more (an earlier final verdict) are cancelled.
+        early = {
+            id(c): asyncio.ensure_future(self._run_one(c, ctx, lg)) for c in checks if c.concurrent
+        }
+        try:
+            return await self._take(checks, early, ctx, outcome, lg, trace, started)
+        finally:
+            pending = [t for t in early.values() if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _take(
+        self,
+        checks: list[Check],
+        early: dict[int, asyncio.Future[Verdict]],
+        ctx: CheckContext,
+        outcome: Outcome,
+        lg: logging.LoggerAdapter,
+        trace: Trace | None,
+        stage_started: float,
+    ) -> Outcome:
         stage = ctx.stage.value
-        for check in self._by_stage[ctx.stage]:
-            if skip and ("all" in skip or check.label in skip):
-                continue
-            started = time.perf_counter()
-            verdict = await self._run_one(check, ctx, lg)
+        for check in checks:
+            task = early.get(id(check))
+            started = stage_started if task is not None else time.perf_counter()
+            verdict = await task if task is not None else await self._run_one(check, ctx, lg)
             if trace is not None:
                 trace(ctx.stage, check, verdict, time.perf_counter() - started)
             for table, line in verdict.hits:
@@ -112,14 +147,16 @@ class Pipeline:
             async with asyncio.timeout(check.timeout):
                 verdict = await check.check(ctx)
         except TimeoutError:
-            return self._failed(check, "timeout", f"timed out after {check.timeout:g}s", lg)
+            return self._failed(check, ctx, "timeout", f"timed out after {check.timeout:g}s", lg)
         except asyncio.CancelledError:
             raise
         except CheckError as exc:
-            return self._failed(check, exc.kind, str(exc), lg)
+            if exc.result is not None:
+                metrics.count_result(exc.result)
+            return self._failed(check, ctx, exc.kind, str(exc), lg, quiet=exc.quiet)
         except Exception as exc:
             lg.exception("check %s failed", check.label)
-            return self._failed(check, "exception", f"{type(exc).__name__}: {exc}", lg)
+            return self._failed(check, ctx, "exception", f"{type(exc).__name__}: {exc}", lg)
         finally:
             metrics.child(metrics.CHECK_DURATION, check.label).observe(
                 time.perf_counter() - started
@@ -127,9 +164,20 @@ class Pipeline:
         return verdict
 
     @staticmethod
-    def _failed(check: Check, kind: str, detail: str, lg: logging.LoggerAdapter) -> Verdict:
+    def _failed(
+        check: Check,
+        ctx: CheckContext,
+        kind: str,
+        detail: str,
+        lg: logging.LoggerAdapter,
+        *,
+        quiet: bool = False,
+    ) -> Verdict:
         metrics.CHECK_ERRORS.labels(check.label, kind).inc()
-        lg.warning("check %s %s; on_error=%s", check.label, detail, check.on_error)
+        results = ctx.session.results if ctx.transaction is None else ctx.transaction.results
+        results.put((results.get(CheckFailures) or CheckFailures()).add(check.label, kind))
+        level = logging.DEBUG if quiet else logging.WARNING
+        lg.log(level, "check %s %s; on_error=%s", check.label, detail, check.on_error)
         if check.on_error == "tempfail":
             return Verdict(Action.DEFER, CHECK_TEMPFAIL, rule=f"{check.label}:error")
         return Verdict()

@@ -4,8 +4,13 @@ DNS is where a before-queue filter hurts its users most: a resolver that takes 2
 to time out stalls every session, and a thousand sessions asking for the same name
 should not be a thousand queries. So all DNS goes through this module:
 
-* one dnspython async resolver, with a per-attempt `timeout` and a `lifetime` that
-  bounds every lookup, enforced again here so nothing can outlive it;
+* a dnspython async resolver per nameserver, with a per-attempt `timeout` and a
+  `lifetime` that bounds every lookup, enforced here so nothing can outlive it;
+  the nameservers are asked in turn, each attempt within `timeout`, until one
+  answers or the lifetime runs out;
+* a circuit breaker per nameserver (`nameserver.py`): one that stopped answering
+  is skipped, and with all of them down a lookup fails at once instead of
+  waiting out its lifetime; a probe brings it back;
 * dnspython's LRU cache, which honours TTLs for answers, NXDOMAIN and no-data alike
   (RFC 2308); errors and timeouts are not cached, so a recovered resolver is used
   at once. In front of it, a dict from the name as text to the `DnsAnswer` already
@@ -16,7 +21,9 @@ should not be a thousand queries. So all DNS goes through this module:
   repeated; a caller that gives up early leaves the shared query running so the
   others (and the cache) still get its answer;
 * answers as small values (`DnsAnswer`) and failures as one exception (`DnsError`),
-  so checks never deal with dnspython's exception zoo.
+  so checks never deal with dnspython's exception zoo;
+* a TXT record of no strings read as such (`_TxtOfNoStrings`), not as a reason
+  to drop the whole answer.
 
 `cached()` reads the cache without awaiting and is thread-safe, which lets pyspf,
 running in a worker thread, use answers the event loop already has.
@@ -35,15 +42,18 @@ from typing import TYPE_CHECKING, Literal
 
 import dns.asyncresolver
 import dns.exception
+import dns.immutable
 import dns.name
 import dns.nameserver
 import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.TXT
 import dns.resolver
 
 from . import metrics
+from .nameserver import Nameserver, reached
 from .settings import parse_hostport
 
 if TYPE_CHECKING:
@@ -116,9 +126,8 @@ class Resolver:
     def __init__(self, settings: DnsSettings) -> None:
         self.timeout = settings.timeout
         self.lifetime = settings.lifetime
-        self._resolver = _make_resolver(settings)
         self.cache = ExpiringLRUCache(settings.cache_size)
-        self._resolver.cache = self.cache
+        self.nameservers = _nameservers(settings, self.cache)
         self._inflight: dict[tuple[dns.name.Name, int], asyncio.Task[DnsAnswer]] = {}
         # (name as given, type) -> the answer, while it lasts; see the module doc.
         self._front: dict[tuple[str, str], DnsAnswer] = {}
@@ -206,13 +215,15 @@ class Resolver:
             task.exception()  # seen: every caller may have given up on it already
 
     async def _query(self, qname: dns.name.Name, rdtype: str) -> DnsAnswer:
+        if not any(ns.up for ns in self.nameservers):
+            # Every nameserver is down (its breaker open): no query would be answered.
+            metrics.DNS_QUERIES.labels(rdtype, "breaker_open").inc()
+            raise DnsError("error", f"{_text(qname)}/{rdtype}: {self._all_down()}")
         started = time.perf_counter()
         result = "error"
         try:
             async with asyncio.timeout(self.lifetime):
-                answer = await self._resolver.resolve(
-                    qname, rdtype, search=False, raise_on_no_answer=False
-                )
+                answer = await self._ask(qname, rdtype)
             out = _from_answer(qname, rdtype, answer)
             result = out.status
             return out
@@ -233,6 +244,54 @@ class Resolver:
         finally:
             metrics.DNS_QUERIES.labels(rdtype, result).inc()
             metrics.DNS_LATENCY.labels(rdtype).observe(time.perf_counter() - started)
+
+    async def _ask(self, qname: dns.name.Name, rdtype: str) -> dns.resolver.Answer:
+        """Ask the nameservers that are up in turn, one attempt of `timeout` each,
+        round after round until one answers (the caller bounds it by the lifetime).
+
+        An answer of any kind ends it: NXDOMAIN and no-data are answers; SERVFAIL
+        or REFUSED from one nameserver passes to the next, and from all of them is
+        the lookup's error. No answer at all counts against the nameserver's
+        breaker; when every breaker is open the lookup fails at once.
+        """
+        while True:
+            servers = [ns for ns in self.nameservers if ns.up]
+            if not servers:  # found down while this lookup was on its way
+                raise DnsError("error", f"{_text(qname)}/{rdtype}: {self._all_down()}")
+            refused: dns.resolver.NoNameservers | None = None
+            for ns in servers:
+                try:
+                    answer = await ns.resolver.resolve(
+                        qname,
+                        rdtype,
+                        search=False,
+                        raise_on_no_answer=False,
+                        lifetime=self.timeout,
+                    )
+                except dns.resolver.NXDOMAIN:
+                    ns.answered()
+                    raise
+                except dns.resolver.NoNameservers as exc:
+                    if not reached(exc):
+                        ns.unanswered(_servers_said(exc))
+                        continue
+                    ns.answered()
+                    refused = exc
+                    continue
+                except dns.exception.Timeout:
+                    ns.unanswered("timeout")
+                    continue
+                except dns.exception.DNSException:
+                    ns.answered()  # it answered: with something we cannot use
+                    raise
+                ns.answered()
+                return answer
+            if refused is not None:
+                raise refused
+
+    def _all_down(self) -> str:
+        names = ", ".join(ns.label for ns in self.nameservers)
+        return f"no nameserver is answering ({names}: down, probed in the background)"
 
     # -- the client's name ----------------------------------------------------------------
 
@@ -311,6 +370,8 @@ class Resolver:
         for task in list(self._inflight.values()):
             task.cancel()
         self._inflight.clear()
+        for ns in self.nameservers:
+            await ns.aclose()
 
 
 class ExpiringLRUCache(dns.resolver.LRUCache):
@@ -334,26 +395,77 @@ class ExpiringLRUCache(dns.resolver.LRUCache):
         return len(expired)
 
 
-def _make_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:
+@dns.immutable.immutable
+class _TxtOfNoStrings(dns.rdtypes.ANY.TXT.TXT):
+    """A TXT record that may hold no strings at all.
+
+    RFC 1035 §3.3.14 gives TXT "one or more" strings, but records of none
+    (RDLENGTH 0) are published. dnspython refuses to build one; its resolver then
+    drops the whole response as malformed and waits for another until the
+    lifetime runs out: an answer that came at once became a 5 s "timeout", an SPF
+    temperror, a DKIM key "not found in time". Read it as what it is, a record of
+    zero strings: it joins to "", which is no SPF record, no DKIM key and no DMARC
+    policy. Installed in place of dnspython's TXT class for class IN when this
+    module is imported.
+    """
+
+    def __init__(self, rdclass, rdtype, strings) -> None:  # type: ignore[no-untyped-def]
+        strings = tuple(strings)
+        super().__init__(rdclass, rdtype, strings or (b"",))
+        if not strings:
+            object.__setattr__(self, "strings", ())
+
+
+def _accept_txt_of_no_strings() -> None:
+    # dnspython has no public way to replace the class of a type it implements
+    # (register_type refuses one): its table, keyed by (class, type), is set here.
+    dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.TXT)
+    dns.rdata._rdata_classes[(dns.rdataclass.IN, dns.rdatatype.TXT)] = _TxtOfNoStrings
+
+
+_accept_txt_of_no_strings()
+
+
+def _nameservers(settings: DnsSettings, cache: dns.resolver.LRUCache) -> list[Nameserver]:
+    """The configured nameservers (or /etc/resolv.conf's), each with a resolver of
+    its own on the shared cache."""
+    addresses: list[tuple[str, int]] = []
     if settings.nameservers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        servers = []
-        for item in settings.nameservers:
-            host, port = parse_hostport(item)
-            servers.append(dns.nameserver.Do53Nameserver(host, port))
-        resolver.nameservers = servers
+        addresses = [parse_hostport(item) for item in settings.nameservers]
     else:
         try:
-            resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+            system = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+            for server in system.nameservers:
+                if isinstance(server, dns.nameserver.Do53Nameserver):
+                    addresses.append((server.address, server.port))
+                elif isinstance(server, str):
+                    addresses.append((server, system.port))
         except dns.resolver.NoResolverConfiguration:
+            pass
+        if not addresses:
             log.warning("no nameservers in /etc/resolv.conf; using 127.0.0.1:53")
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = ["127.0.0.1"]
-    resolver.timeout = settings.timeout
-    resolver.lifetime = settings.lifetime
-    # Room for SPF TXT records and DNSBL TXT reasons without a TCP retry (DNS flag day 2020).
-    resolver.use_edns(0, 0, 1232)
-    return resolver
+            addresses = [("127.0.0.1", 53)]
+    out = []
+    for host, port in addresses:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
+        resolver.timeout = settings.timeout
+        resolver.lifetime = settings.lifetime
+        # Room for SPF TXT records and DNSBL TXT reasons without a TCP retry (DNS
+        # flag day 2020).
+        resolver.use_edns(0, 0, 1232)
+        resolver.cache = cache
+        out.append(
+            Nameserver(
+                host,
+                port,
+                resolver,
+                failures=settings.breaker_failures,
+                probe_interval=settings.probe_interval,
+                probe_timeout=settings.timeout,
+            )
+        )
+    return out
 
 
 def _qname(name: str | dns.name.Name) -> dns.name.Name | None:

@@ -8,6 +8,7 @@ snapshot they started with, so they finish on the rules they began with.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import logging
 import ssl
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from . import metrics
 from .checks import CHECK_TYPES
 from .checks.base import Check
-from .config import Config
+from .config import Config, StateSettings
 from .model import IPAddress
 from .pipeline import Pipeline
 from .relay import RelayPolicy
@@ -56,6 +57,11 @@ class Policy:
             problems.append(
                 config.where().at("auth", "skip_checks", f"[auth] skip_checks: unknown {names}")
             )
+        tls = None
+        try:
+            tls = server_context(config)
+        except ConfigError as exc:
+            problems += exc.problems
         if problems:
             raise ConfigError(problems)
         return cls(
@@ -63,9 +69,32 @@ class Policy:
             pipeline=Pipeline(checks, monitor=config.server.mode == "monitor"),
             relay=RelayPolicy(config.server.relay_domains, config.server.mynetworks),
             digest=config_digest(config),
-            tls=server_context(config),
+            tls=tls,
             auth_skip=frozenset(config.auth.skip_checks),
         )
+
+
+def build(config: Config) -> tuple[Services, Policy]:
+    """The shared services and the first policy of `config`; ConfigError listing
+    every problem of both at once (the upstream's CA file, each rule table, the
+    certificate), so that one `spamgate check` shows all there is to fix."""
+    problems: list[str] = []
+    try:
+        services = Services.build(config)
+    except ConfigError as exc:
+        problems += exc.problems
+        # Go on without upstream TLS and the shared store, whose files were the
+        # problem, to find the rest.
+        upstream = dataclasses.replace(config.upstream, tls="off")
+        bare = dataclasses.replace(config, upstream=upstream, state=StateSettings())
+        services = Services.build(bare)
+    try:
+        policy = Policy.build(config, services)
+    except ConfigError as exc:
+        problems += [p for p in exc.problems if p not in problems]
+    if problems:
+        raise ConfigError(problems)
+    return services, policy
 
 
 def sources(config: Config) -> list[str]:

@@ -28,11 +28,10 @@ from .exporter import Exporter
 from .fdlimit import FdReserve, raise_soft_limit, watermark
 from .health import Health
 from .reply import Reply
-from .runtime import Policy, Runtime, sources
-from .services import Services
+from .runtime import Policy, Runtime, build, sources
 from .settings import ConfigError, parse_hostport
 from .smtp.protocol import SMTPSession
-from .state import StoreUnavailable
+from .state import StoreUnavailable, state_warnings
 
 log = logging.getLogger("spamgate")
 
@@ -71,9 +70,9 @@ class Server:
         limits (each worker takes its part of max_sessions). `exporter`: serve
         [metrics] listen here (False in workers: the supervisor serves the sum)."""
         self.config = config
-        self.services = Services.build(config)
         watched = file_state(sources(config))
-        self.runtime = Runtime(Policy.build(config, self.services), self.services, share=share)
+        self.services, policy = build(config)
+        self.runtime = Runtime(policy, self.services, share=share)
         self._sockets = sockets
         self._serve_metrics = exporter
         self.servers: list[asyncio.base_events.Server] = []
@@ -132,6 +131,8 @@ class Server:
             loop_name(loop),
         )
         log.info("state store: %s", self.services.state.describe())
+        for warning in state_warnings(self.config):
+            log.warning("%s", warning)
         with contextlib.suppress(StoreUnavailable):  # logged; serving goes on regardless
             await self.services.state.ping()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import types
 import typing
@@ -89,6 +90,41 @@ def non_negative(value: float) -> str | None:
 # ---- the loader ------------------------------------------------------------------
 
 
+def display_path(path: str) -> str:
+    """A file as errors name it: where it really is (a path in the configuration is
+    relative to the configuration file, not to where the command runs), relative to
+    the working directory when that is shorter, so an admin can open it as shown."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute)
+    return relative if len(relative) < len(absolute) else absolute
+
+
+_HEADER = re.compile(r"^\[\[?(?P<name>[^\]]*)\]\]?\s*(?:#.*)?$")
+_KEY_PART = re.compile(
+    r"""\s*(?:"(?P<basic>(?:[^"\\]|\\.)*)"|'(?P<literal>[^']*)'|(?P<bare>[A-Za-z0-9_-]+))\s*"""
+)
+
+
+def _dotted_key(text: str) -> tuple[list[str], str] | None:
+    """The parts of the TOML (dotted) key at the start of `text`, and what follows."""
+    parts: list[str] = []
+    pos = 0
+    while True:
+        m = _KEY_PART.match(text, pos)
+        if not m:
+            return None
+        part = m.group("basic")
+        if part is not None:
+            part = part.replace('\\"', '"').replace("\\\\", "\\")
+        else:
+            part = m.group("literal") if m.group("literal") is not None else m.group("bare")
+        parts.append(part)
+        pos = m.end()
+        if not text.startswith(".", pos):
+            return parts, text[pos:]
+        pos += 1
+
+
 @dataclass
 class Located:
     """Where a key sits in the source text, to print `file:line:`."""
@@ -96,27 +132,34 @@ class Located:
     path: str
     text: str
 
-    def line_of(self, section: str, key: str | None = None) -> int:
-        """Best-effort line number of `[section]` (or of `key` inside it)."""
-        current = ""
-        header_line = 0
+    def line_of(self, section: str, key: str | None = None, item: str | None = None) -> int:
+        """Best-effort line number of `[section]`, of `key` inside it, or of `item`
+        inside the table `key` (`[ratelimit.overrides]` "cidr:x" = ...); the nearest
+        enclosing line found when the exact one is not (an inline table's line, the
+        section header), 1 when none is."""
+        target = [*(section.split(".") if section else []), *(k for k in (key, item) if k)]
+        best, best_len = 0, 0
+        current: list[str] = []
         for lineno, raw in enumerate(self.text.splitlines(), 1):
             line = raw.strip()
-            m = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", line)
-            if m:
-                current = m.group(1).replace('"', "").replace(" ", "")
-                if current == section:
-                    header_line = lineno
-                continue
-            if key is None or current != section:
-                continue
-            km = re.match(r'^"?([A-Za-z0-9_.\-]+)"?\s*=', line)
-            if km and km.group(1) == key:
-                return lineno
-        return header_line or 1
+            header = _HEADER.match(line)
+            if header:
+                parsed = _dotted_key(header.group("name"))
+                current = parsed[0] if parsed and not parsed[1] else []
+                path = current
+            else:
+                parsed = _dotted_key(line)
+                if parsed is None or not parsed[1].startswith("="):
+                    continue
+                path = current + parsed[0]
+            if path == target[: len(path)] and len(path) > best_len:
+                best, best_len = lineno, len(path)
+                if best_len == len(target):
+                    break
+        return best or 1
 
-    def at(self, section: str, key: str | None, message: str) -> str:
-        return f"{self.path}:{self.line_of(section, key)}: {message}"
+    def at(self, section: str, key: str | None, message: str, item: str | None = None) -> str:
+        return f"{self.path}:{self.line_of(section, key, item)}: {message}"
 
 
 def _type_name(tp: Any) -> str:
@@ -207,18 +250,27 @@ def build_section(
                 continue
             kwargs[attr] = build_section(tp, value, f"{name}.{key}", where, problems)
             continue
-        try:
-            converted = _convert(tp, value)
-        except TypeError as exc:
-            problems.append(where.at(name, key, f"[{name}] {key}: {exc}"))
-            continue
         check = known[attr].metadata.get("check")
-        if check is not None:
-            error = check(converted)
+        # A table's entries are judged one by one, each reported at its own line.
+        items = value.items() if get_origin(tp) is dict and isinstance(value, dict) else [None]
+        converted: Any = {}
+        valid = True
+        for item in items:
+            try:
+                piece = _convert(tp, value if item is None else dict([item]))
+                error = check(piece) if check is not None else None
+            except TypeError as exc:
+                error = str(exc)
             if error:
-                problems.append(where.at(name, key, f"[{name}] {key}: {error}"))
-                continue
-        kwargs[attr] = converted
+                at = None if item is None else item[0]
+                problems.append(where.at(name, key, f"[{name}] {key}: {error}", item=at))
+                valid = False
+            elif item is None:
+                converted = piece
+            else:
+                converted.update(piece)
+        if valid:
+            kwargs[attr] = converted
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -16,7 +16,8 @@ event loop alone, and a DNS failure becomes pyspf's own TempError, so RFC 7208
 semantics (lookup limits, void lookups, temperror) stay pyspf's.
 
 The hook is installed once; outside an evaluation of ours (another caller of pyspf
-in this process) it hands over to pyspf's own lookup.
+in this process) it hands over to pyspf's own lookup. One method of pyspf's is
+replaced for our evaluations: DNS errors in the `ptr` mechanism (`_Query`).
 
 A result is remembered, by client address, sender domain and HELO name, until the
 first of the DNS answers it was computed from expires: the same question asked
@@ -129,7 +130,9 @@ def _values(answer: DnsAnswer) -> list:
         elif answer.rdtype == "PTR":
             out.append(r.target.to_text(omit_final_dot=True))
         elif answer.rdtype in ("TXT", "SPF"):
-            out.append(tuple(r.strings))
+            # A record of no strings joins to b"" like one empty string, which is
+            # how pyspf gets it: its dns_txt() fails on a lone () (IndexError).
+            out.append(tuple(r.strings) or (b"",))
     return out
 
 
@@ -230,12 +233,42 @@ class SpfEngine:
         return results  # type: ignore[return-value]
 
 
+class _Query(spf.query):
+    """pyspf's query, with the `ptr` mechanism's DNS errors as RFC 7208 §5.5 has them.
+
+    pyspf turns any DNS error met while validating PTR names into temperror. The
+    RFC says otherwise: "If a DNS error occurs while doing the PTR RR lookup, then
+    this mechanism fails to match. If a DNS error occurs while doing an A RR
+    lookup, then that domain name is skipped and the search continues." A PTR
+    name that is a CNAME loop (a resolver says SERVFAIL) is such an error (the
+    RFC 7208 test suite's ptr-cname-loop). The %{p} macro uses the same list, and
+    "unknown" when it is empty (§7.3). A missing answer (`_Missing`) is not a DNS
+    error and still stops the run.
+    """
+
+    def validated_ptrs(self) -> list[str]:
+        most = spf.MAX_PTR if self.strict else spf.MAX_PTR * 4
+        try:
+            names = self.dns_ptr(self.i)[:most]
+        except spf.TempError:
+            return []
+        validated = []
+        for name in names:
+            try:
+                addresses = self.dns_a(name, self.A)
+            except spf.TempError:
+                continue
+            if self.cidrmatch(addresses, self.cidrmax):
+                validated.append(name)
+        return validated
+
+
 def _run(evaluation: _Evaluation, ip: str, sender: str, helo: str) -> tuple[str, str] | None:
     """One pyspf run in a worker thread; None if it stopped at a missing answer."""
     evaluation.missing = []
     _local.evaluation = evaluation
     try:
-        result, _code, explanation = spf.query(i=ip, s=sender, h=helo).check()
+        result, _code, explanation = _Query(i=ip, s=sender, h=helo).check()
     except _Missing:
         return None
     finally:

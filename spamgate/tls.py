@@ -11,7 +11,7 @@ import os
 import ssl
 
 from .config import Config
-from .settings import ConfigError
+from .settings import ConfigError, display_path
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -29,6 +29,7 @@ def server_context(config: Config) -> ssl.SSLContext | None:
     ctx.check_hostname = False
     # Renegotiation is a DoS lever and SMTP needs none (TLS 1.2; 1.3 has none).
     ctx.options |= ssl.OP_NO_RENEGOTIATION
+    problems = []
     for key_name, path in (("cert_file", cert), ("key_file", key)):
         problem = (
             "no such file"
@@ -38,18 +39,16 @@ def server_context(config: Config) -> ssl.SSLContext | None:
             else None
         )
         if problem:
-            raise ConfigError(
-                [config.where().at("tls", key_name, f"[tls] {key_name} {path}: {problem}")]
-            )
+            text = f"[tls] {key_name} {display_path(path)}: {problem}"
+            problems.append(config.where().at("tls", key_name, text))
+    if problems:
+        raise ConfigError(problems)
     try:
         ctx.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:
+        text = f"[tls] cannot load {display_path(cert)} with {display_path(key)}"
         raise ConfigError(
-            [
-                config.where().at(
-                    "tls", None, f"[tls] cannot load {cert} with {key}: {exc.strerror or exc}"
-                )
-            ]
+            [config.where().at("tls", None, f"{text}: {exc.strerror or exc}")]
         ) from None
     return ctx
 
@@ -75,7 +74,9 @@ def upstream_context(config: Config) -> ssl.SSLContext | None:
             raise ConfigError(
                 [
                     config.where().at(
-                        "upstream", "tls_ca_file", f"[upstream] tls_ca_file {path}: {exc}"
+                        "upstream",
+                        "tls_ca_file",
+                        f"[upstream] tls_ca_file {display_path(path)}: {exc}",
                     )
                 ]
             ) from None

@@ -90,6 +90,31 @@ class CheckError(Exception):
 
     kind = "exception"
 
+    def __init__(self, message: str = "", *, quiet: bool = False, result: object = None) -> None:
+        super().__init__(message)
+        # The check logged this failure itself (a backend outage is logged once,
+        # when it starts): the runner logs it at debug level only.
+        self.quiet = quiet
+        # A `metrics.Counted` finding to count anyway (the outage's start).
+        self.result = result
+
+
+@dataclass(frozen=True, slots=True)
+class CheckFailures:
+    """The checks that failed in a session or transaction (an exception, a timeout,
+    a `CheckError`), as (check label, kind): recorded by the runner, so that a
+    later check can tell a result that is missing because spamgate failed from one
+    that is missing because there was nothing to find (DMARC with a dead DKIM
+    worker must not judge as if the message were unsigned)."""
+
+    failed: tuple[tuple[str, str], ...] = ()
+
+    def __contains__(self, label: object) -> bool:
+        return any(name == label for name, _ in self.failed)
+
+    def add(self, label: str, kind: str) -> CheckFailures:
+        return CheckFailures((*self.failed, (label, kind)))
+
 
 def reject(text: str = "Access denied", code: int = 554, *, rule: str | None = None) -> Verdict:
     reply = Reply.make(code, text)

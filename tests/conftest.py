@@ -20,9 +20,17 @@ import trustme
 from spamgate.config import loads
 from spamgate.server import Server
 
+from .daemons import CLAMD, RSPAMD, SPAMD, Clamd, Rspamd, Spamd
 from .dnsserver import DnsServer
 from .postfix import POSTFIX, PostfixInstance
-from .redisserver import REDIS_SERVER, RedisServer
+from .redisserver import (
+    REDIS_CLI,
+    REDIS_SENTINEL,
+    REDIS_SERVER,
+    ClusterSet,
+    RedisServer,
+    SentinelSet,
+)
 from .sink import Sink
 from .smtpclient import RawClient
 
@@ -257,18 +265,80 @@ def fresh_redis() -> Iterator[RedisServer]:
     server.stop()
 
 
-def state_section(redis: RedisServer | None, **extra: object) -> str:
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[ClusterSet]:
+    """One Redis Cluster of three primaries for the session; tests keep apart by key prefix."""
+    need_binary(REDIS_SERVER, "redis-server")
+    need_binary(REDIS_CLI, "redis-cli (redis-tools)")
+    cluster = ClusterSet().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def sentinel_set() -> Iterator[SentinelSet]:
+    """A primary, a replica and three Sentinels for the session; not to be failed over."""
+    need_binary(REDIS_SERVER, "redis-server")
+    need_binary(REDIS_SENTINEL, "redis-sentinel")
+    sentinels = SentinelSet().start()
+    yield sentinels
+    sentinels.stop()
+
+
+@pytest.fixture
+def fresh_sentinel_set() -> Iterator[SentinelSet]:
+    """A Sentinel-watched primary and replica of the test's own, to fail over."""
+    need_binary(REDIS_SERVER, "redis-server")
+    need_binary(REDIS_SENTINEL, "redis-sentinel")
+    sentinels = SentinelSet().start()
+    yield sentinels
+    sentinels.stop()
+
+
+def state_section(redis: RedisServer | SentinelSet | ClusterSet | None, **extra: object) -> str:
     """A [state] section: Redis (with a prefix of the test's own) or the default."""
     lines = ["[state]"]
     if redis is not None:
-        lines += [f'redis = "{redis.url}"', f'key_prefix = "t-{uuid.uuid4().hex[:12]}:"']
+        lines += [*redis.state_lines(), f'key_prefix = "t-{uuid.uuid4().hex[:12]}:"']
     lines += [f"{k} = {v}" for k, v in extra.items()]
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def state_toml(request: pytest.FixtureRequest) -> str:
-    """Run the test once with the in-process store and once with Redis."""
+    """Run the test with the in-process store, one Redis and a three-node Redis Cluster."""
     if request.param == "memory":
         return state_section(None)
+    if request.param == "cluster":
+        return state_section(request.getfixturevalue("redis_cluster"))
     return state_section(request.getfixturevalue("redis_server"))
+
+
+# -- content scanners (clamd, spamd, rspamd) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def clamd() -> Iterator[Clamd]:
+    """One private clamd for the session, with only the tests' signature (daemons.py)."""
+    need_binary(CLAMD, "clamd (clamav-daemon)")
+    server = Clamd().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def spamd() -> Iterator[Spamd]:
+    """One private spamd for the session: Debian's shipped rules, local tests only."""
+    need_binary(SPAMD, "spamd (SpamAssassin)")
+    server = Spamd().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def rspamd() -> Iterator[Rspamd]:
+    """One private rspamd for the session, with a minimal configuration of its own."""
+    need_binary(RSPAMD, "rspamd")
+    server = Rspamd().start()
+    yield server
+    server.cleanup()

@@ -1,4 +1,4 @@
-"""A small authoritative DNS server on loopback for tests, built on dnspython.
+r"""A small authoritative DNS server on loopback for tests, built on dnspython.
 
 Tests publish records from Python dicts and watch what reaches the server, so that
 DNS behaviour (caching, in-flight de-duplication, timeouts, truncation) is proved on
@@ -9,6 +9,7 @@ the wire rather than assumed:
     dns_server.down = True                       # drop every query: a dead resolver
     dns_server.delay = 0.5                       # answer every query late
     dns_server.fail("x.test")                    # SERVFAIL for one name
+    dns_server.zone("z.test", {"@": {"TXT": r"\# 0"}})  # RFC 3597 raw rdata: no strings
 
 It stands in for the resolver spamgate talks to, so "the world" is the published
 zones: a name outside every zone gets NXDOMAIN (with an SOA, so negative caching is
@@ -43,6 +44,8 @@ import dns.rrset
 
 # A record value: zone-file rdata text ("127.0.0.2", "10 mx.test.", '"quoted txt"'),
 # or a list of them. TXT values are quoted for you unless they start with a quote.
+# RFC 3597's generic form ("\# 2 abcd") is sent as those bytes, unparsed: data
+# that dnspython would refuse to build, such as a TXT record of zero strings ("\# 0").
 Value = str | list[str]
 Records = Mapping[str, Mapping[str, Value]]
 
@@ -90,10 +93,17 @@ class Zone:
     def add(self, owner: str, rdtype: str, value: str, ttl: int | None = None) -> None:
         name = self._owner(owner)
         kind = dns.rdatatype.from_text(rdtype)
-        text = _txt_rdata(value) if kind == dns.rdatatype.TXT else value
-        rdata = dns.rdata.from_text(
-            dns.rdataclass.IN, kind, text, origin=self.origin, relativize=False
-        )
+        rdata: dns.rdata.Rdata
+        if value.startswith("\\#"):
+            _, length, *data = value.split()
+            raw = bytes.fromhex("".join(data))
+            assert len(raw) == int(length), value
+            rdata = dns.rdata.GenericRdata(dns.rdataclass.IN, kind, raw)
+        else:
+            text = _txt_rdata(value) if kind == dns.rdatatype.TXT else value
+            rdata = dns.rdata.from_text(
+                dns.rdataclass.IN, kind, text, origin=self.origin, relativize=False
+            )
         key = (name, kind)
         if key not in self.rrsets:
             self.rrsets[key] = dns.rrset.RRset(name, dns.rdataclass.IN, kind)
@@ -190,7 +200,11 @@ class DnsServer:
             response.set_rcode(dns.rcode.SERVFAIL)
             return response
         name = q.name
+        seen: set[dns.name.Name] = set()
         for _ in range(8):  # CNAME chain within our zones
+            if name in seen:  # a CNAME loop: the chain so far, as BIND answers it
+                return response
+            seen.add(name)
             zone = self._find_zone(name)
             if zone is None:
                 response.set_rcode(dns.rcode.NXDOMAIN)

@@ -9,10 +9,11 @@ ever used, so a test can never send mail off the machine.
 The defaults are what spamgate's documentation asks of the Postfix behind it:
 XCLIENT allowed from loopback, and `smtpd_forbid_bare_newline = reject` with an
 *empty* exclusion list (the default `$mynetworks` would exempt the proxy itself;
-PROTOCOL.md §4). Tests that check shipped Postfix snippets pass their own lines:
-`main_extra` (main.cf lines) is merged into main.cf, adding parameters or replacing
-the defaults above, `smtpd_options` adds `-o name=value` to the listener, and
-`listener` replaces the listener line(s) of master.cf outright.
+postconf(5), smtpd_forbid_bare_newline_exclusions). Tests that check shipped
+Postfix snippets pass their own lines: `main_extra` (main.cf lines) is merged into
+main.cf, adding parameters or replacing the defaults above, `smtpd_options` adds
+`-o name=value` to the listener, and `listener` replaces the listener line(s) of
+master.cf outright.
 
 Postfix 3.7.11 (Debian 12) supports everything used here; see docs/postfix.md for
 which releases support which `smtpd_forbid_bare_newline` values.

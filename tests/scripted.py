@@ -1,18 +1,17 @@
-"""What the metrics tests run through spamgate: real rule tables and DNS data, and
-stand-ins for the checks that do not exist yet.
+"""What the metrics tests run through spamgate: real rule tables, real checks
+against real DNS data, and one scripted check for what no real check does on demand.
 
 Refusals at connect, HELO, MAIL, RCPT and end of data come from real rule tables
-(RULE_TABLES), DNS list and SPF results from the real checks against the test DNS
-server (DNS_ZONES, DNS_CHECKS). What no real check produces yet comes from one
-stand-in, through the same pipeline runner as real checks (so timeouts, monitor
-mode and counting are the real ones), registered after the real checks:
+(RULE_TABLES); DNS list, SPF, DKIM and DMARC results from the real checks against
+the test DNS server (`publish_dns`, DNS_CHECKS) and messages signed by the test
+(SIGNER). Two things no real check does on demand come from one scripted check,
+through the same pipeline runner as real checks (so timeouts, monitor mode and
+counting are the real ones), registered after the real checks:
 
 * `scripted`:
   - RCPT to `boom*@` makes the check raise (its on_error applies);
   - DATA: a sender `reject-data@...` is refused at the DATA command, a stage no
-    rule table covers;
-  - end of data: `X-Sim-DKIM:` / `X-Sim-DMARC:` headers give those results (no
-    DKIM or DMARC check yet).
+    rule table covers.
 
 `python -m tests.scripted run -c FILE` runs spamgate with it registered.
 """
@@ -21,13 +20,12 @@ from __future__ import annotations
 
 import pathlib
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
-from spamgate import metrics
 from spamgate.checks import CHECK_TYPES, Check, CheckContext
 from spamgate.model import Stage
 from spamgate.verdict import DUNNO, Verdict, reject
+
+from .dkimkeys import Signer
 
 # Real rule tables for the same tests: file name -> lines (`[rules]` type:name).
 RULE_TABLES = {
@@ -74,15 +72,26 @@ def rule(table: str, text: str) -> tuple[str, str]:
 
 # DNS lists: 127.0.0.2 is listed in both zones, 127.0.0.3 in the second only; each
 # listing weighs 1 and 1 refuses. SPF: spf-pass.test allows 127.0.0.0/8,
-# spf-fail.test allows nobody; other domains have no record ("none").
+# spf-fail.test allows nobody; other domains have no record ("none"). DKIM and
+# DMARC: spf-pass.test publishes SIGNER's key and p=reject, dmarc-none.test
+# publishes FAILING's key and p=none (so mail failing it is accepted); other
+# domains publish neither (dkim=none for unsigned mail, dmarc=none).
 ZONES = ("zen.bl.test", "bad.bl.test")
 LISTED = {"127.0.0.2": ZONES, "127.0.0.3": ZONES[1:]}
+SIGNER = Signer("spf-pass.test", "sel")
+FAILING = Signer("dmarc-none.test", "sel")
 DNS_CHECKS = """
 [dnsbl]
 sites = ["zen.bl.test", "bad.bl.test"]
 threshold = 1
 
 [spf]
+enabled = true
+
+[dkim]
+enabled = true
+
+[dmarc]
 enabled = true
 """
 
@@ -101,27 +110,37 @@ def publish_dns(dns_server) -> None:
             if zone in zones
         }
         dns_server.zone(zone, records, **ttls)
-    dns_server.zone("spf-pass.test", {"@": {"TXT": "v=spf1 ip4:127.0.0.0/8 -all"}}, **ttls)
+    dns_server.zone(
+        "spf-pass.test",
+        {
+            "@": {"TXT": "v=spf1 ip4:127.0.0.0/8 -all"},
+            SIGNER.name: {"TXT": SIGNER.record},
+            "_dmarc": {"TXT": "v=DMARC1; p=reject"},
+        },
+        **ttls,
+    )
     dns_server.zone("spf-fail.test", {"@": {"TXT": "v=spf1 -all"}}, **ttls)
+    dns_server.zone(
+        "dmarc-none.test",
+        {FAILING.name: {"TXT": FAILING.record}, "_dmarc": {"TXT": "v=DMARC1; p=none"}},
+        **ttls,
+    )
 
 
-@dataclass(frozen=True)
-class ContentAuthSim:
-    """DKIM and DMARC results of one message (either may be missing)."""
+def signed(content: bytes) -> bytes:
+    """`content` (From: someone at spf-pass.test) signed by that domain: dkim=pass."""
+    return SIGNER.sign(content)
 
-    dkim: str | None
-    dmarc: str | None
 
-    def counted(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
-        if self.dkim:
-            yield metrics.AUTH_RESULTS, ("dkim", self.dkim)
-        if self.dmarc:
-            yield metrics.AUTH_RESULTS, ("dmarc", self.dmarc)
+def signed_then_changed(content: bytes) -> bytes:
+    """`content` (From: someone at dmarc-none.test) signed by that domain, then its
+    body changed on the way: dkim=fail, and DMARC fails (p=none: accepted)."""
+    return FAILING.sign(content) + b"a line added after signing\r\n"
 
 
 class ScriptedCheck(Check):
     name = "scripted"
-    stages = frozenset(Stage)
+    stages = frozenset({Stage.RCPT, Stage.DATA})
 
     @classmethod
     def from_config(cls, config, services) -> list[Check]:
@@ -133,24 +152,9 @@ class ScriptedCheck(Check):
             if ctx.recipient.address.startswith("boom"):
                 raise RuntimeError("scripted failure")
             return DUNNO
-        if ctx.stage is Stage.DATA and txn is not None:
-            if txn.mail_from.startswith("reject-data@"):
-                return reject("Not from you", 554, rule="scripted:data-reject")
-            return DUNNO
-        if ctx.stage is Stage.EOD and ctx.message is not None:
-            return self._content(ctx)
+        if ctx.stage is Stage.DATA and txn is not None and txn.mail_from.startswith("reject-data@"):
+            return reject("Not from you", 554, rule="scripted:data-reject")
         return DUNNO
-
-    def _content(self, ctx: CheckContext) -> Verdict:
-        msg = ctx.message
-        assert msg is not None
-        dkim = [h.unfolded() for h in msg.get_all("X-Sim-DKIM")]
-        dmarc = [h.unfolded() for h in msg.get_all("X-Sim-DMARC")]
-        if not dkim and not dmarc:
-            return DUNNO
-        return Verdict(
-            result=ContentAuthSim(dkim[0] if dkim else None, dmarc[0] if dmarc else None)
-        )
 
 
 SCRIPTED = [ScriptedCheck]

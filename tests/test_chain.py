@@ -9,11 +9,15 @@ their job, these tests would see it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pathlib
+import tomllib
 import uuid
 
 import pytest
+
+from spamgate import metrics
 
 from .conftest import GateFactory, PostfixFactory
 from .postfix import PostfixInstance
@@ -69,7 +73,7 @@ def message(mark: str, body: bytes = b"hello\r\n") -> bytes:
 async def test_shipped_lines_are_what_postfix_runs(shipped: PostfixInstance) -> None:
     params = shipped.postconf("-P").splitlines()
     port = f"127.0.0.1:{shipped.port}/inet"
-    assert f"{port}/smtpd_authorized_xclient_hosts = 127.0.0.1" in params
+    assert f"{port}/smtpd_authorized_xclient_hosts = static:all" in params
     assert f"{port}/smtpd_forbid_bare_newline = reject" in params
     assert f"{port}/smtpd_forbid_bare_newline_exclusions =" in params
     # and main.cf still has Postfix's defaults: nothing leaks to other listeners
@@ -102,6 +106,41 @@ async def test_message_through_spamgate_is_delivered(
     assert head.index(b"by mx.example.test (Postfix)") < ours
     assert b"by gate.test (spamgate) with ESMTPS id " in head[ours:]
     shipped.wait_log(r"postfix/spamgate/smtpd\[\d+\]: \w+: client=unknown\[127\.0\.0\.5\]")
+
+
+async def test_shipped_pool_reuses_connections_to_the_shipped_listener(
+    gate_factory: GateFactory, shipped: PostfixInstance
+) -> None:
+    # deploy/spamgate.toml's pool_size against the shipped master.cf line: the
+    # second client is introduced on the first one's connection, and Postfix
+    # sees each real client.
+    shipped_toml = tomllib.loads((DEPLOY.parent / "spamgate.toml").read_text())
+    pool_size = shipped_toml["upstream"]["pool_size"]
+    assert pool_size > 0
+    gate = await gate_factory(up={"address": f'"{shipped.address}"', "pool_size": str(pool_size)})
+    reused = metrics.UPSTREAM_CONNECTIONS.labels("reused")
+    before = reused._value.get()
+    marks = []
+    for n, source in enumerate(("127.0.0.5", "127.0.0.6")):
+        mark = marker()
+        c, _ = await gate.client(source=source)
+        replies = await c.mail(
+            "a@example.org", ["u@example.test"], message(mark), helo=f"c{n}.example.org"
+        )
+        assert replies[-1].code == 250
+        assert (await c.cmd("QUIT")).code == 221
+        await c.close()
+        marks.append(mark)
+        if n == 0:  # the connection goes back to the pool once the session ends
+            pool = gate.server.services.upstream.pool
+            for _ in range(200):
+                if pool.idle:
+                    break
+                await asyncio.sleep(0.01)
+    assert reused._value.get() == before + 1
+    for mark, source in zip(marks, ("127.0.0.5", "127.0.0.6"), strict=True):
+        head = shipped.wait_delivered(mark.encode()).split(b"\r\n\r\n", 1)[0]
+        assert f"(unknown [{source}])".encode() in head
 
 
 SMUGGLE = b"line one\nMAIL FROM:<evil@example.org>\r\n"

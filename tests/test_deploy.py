@@ -103,6 +103,12 @@ def test_example_config_is_valid(ca, tmp_path) -> None:
     assert cfg.server.mode == "monitor"  # a rollout starts by watching
     assert cfg.upstream.address == "127.0.0.1:10025"
     assert cfg.section("spf").enabled
+    # the production settings (docs/deploy.md): a worker per core less one,
+    # connections to Postfix reused (which the shipped master.cf line allows),
+    # metrics on loopback
+    assert cfg.server.workers == max(1, len(os.sched_getaffinity(0)) - 1)
+    assert cfg.upstream.pool_size == 16
+    assert cfg.metrics.listen == "127.0.0.1:9587"
 
 
 def test_postfix_lines_parse_as_shipped(tmp_path) -> None:
@@ -114,7 +120,7 @@ def test_postfix_lines_parse_as_shipped(tmp_path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
-        "127.0.0.1:10025/inet/smtpd_authorized_xclient_hosts = 127.0.0.1",
+        "127.0.0.1:10025/inet/smtpd_authorized_xclient_hosts = static:all",
         "127.0.0.1:10025/inet/smtpd_forbid_bare_newline = reject",
         "127.0.0.1:10025/inet/smtpd_forbid_bare_newline_exclusions =",
         "127.0.0.1:10025/inet/smtpd_upstream_proxy_protocol =",

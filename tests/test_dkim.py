@@ -27,6 +27,7 @@ from spamgate.model import Client, Session, Stage, Transaction
 from spamgate.runtime import Policy
 from spamgate.services import Services
 from spamgate.spool import Spool
+from spamgate.verdict import Action, CheckFailures
 
 from .conftest import config_text
 from .dkimkeys import Signer, message
@@ -46,6 +47,7 @@ def publish(server: DnsServer) -> None:
             "revoked._domainkey": {"TXT": "v=DKIM1; k=rsa; p="},
             "broken._domainkey": {"TXT": "v=DKIM1; k=rsa; p=bm90IGEga2V5"},
             "temp._domainkey": {"TXT": RSA.record},
+            "nostrings._domainkey": {"TXT": r"\# 0"},  # a TXT record of no strings
         },
     )
     server.zone("other.test", {OTHER.name: {"TXT": OTHER.record}})
@@ -165,6 +167,10 @@ async def test_key_problems(make, dns_server: DnsServer) -> None:
     temp = Signer("good.test", "temp")
     [(kind, reason)] = results(await check(temp.sign(message())))
     assert kind == "temperror" and reason.startswith("key lookup failed")
+    # an empty record is an answer (no key in it), not a lookup that times out
+    empty = Signer("good.test", "nostrings")
+    [(kind, reason)] = results(await check(empty.sign(message())))
+    assert kind == "permerror" and reason.startswith("bad key"), reason
 
 
 async def test_signatures_we_do_not_accept(make) -> None:
@@ -176,6 +182,44 @@ async def test_signatures_we_do_not_accept(make) -> None:
     bad = RSA.sign(message()).replace(b"v=1;", b"v=2;", 1)
     [(kind, reason)] = results(await check(bad))
     assert kind == "neutral" and "v=" in reason
+
+
+async def test_key_record_restrictions(make, dns_server: DnsServer) -> None:
+    # RFC 6376 §3.6.1: h= lists the hash algorithms the key may be used with, and
+    # t=s forbids an i= in a subdomain of d=; dkimpy honours neither.
+    key = RSA.record
+    dns_server.zone(
+        "good.test",
+        {
+            RSA.name: {"TXT": key},
+            "sha1only._domainkey": {"TXT": f"{key}; h=sha1"},
+            "both._domainkey": {"TXT": f"{key}; h=sha1:sha256"},
+            "future._domainkey": {"TXT": f"{key}; h=sha512:SHA256"},  # unknown ones ignored
+            "strict._domainkey": {"TXT": f"{key}; t=s"},
+            "teststrict._domainkey": {"TXT": f"{key}; t=y:s"},
+        },
+    )
+    check = await make()
+
+    async def result(selector: str, identity: str | None = None) -> tuple[str, str]:
+        signer = Signer("good.test", selector)
+        [found] = results(await check(signer.sign(message(), identity=identity)))
+        return found
+
+    assert await result("sha1only") == ("permerror", "key h= does not allow sha256")
+    assert await result("both") == ("pass", "")
+    assert await result("future") == ("pass", "")
+    # ...and rsa-sha1 stays unacceptable whatever the key allows (RFC 8301)
+    sha1 = Signer("good.test", "sha1only").sign(message(), algorithm=b"rsa-sha1")
+    assert results(await check(sha1)) == [("policy", "rsa-sha1 is not accepted (RFC 8301)")]
+    for selector in ("strict", "teststrict"):
+        assert await result(selector, "alice@good.test") == ("pass", "")
+        assert await result(selector) == ("pass", "")  # no i=: it is @d=
+        assert await result(selector, "alice@news.good.test") == (
+            "permerror",
+            "key t=s: the i= domain must be the d= domain",
+        )
+    assert await result("sel", "alice@news.good.test") == ("pass", "")  # no t=s: allowed
 
 
 async def test_no_signature_and_our_own_clients(make) -> None:
@@ -288,11 +332,25 @@ async def test_a_dead_worker_process_is_replaced(dns_server: DnsServer) -> None:
         await asyncio.sleep(0.15)
         for pid in list(pool._processes):  # the workers, not the forkserver
             os.kill(pid, signal.SIGKILL)
+        before = metrics.REGISTRY.get_sample_value(
+            "spamgate_dmarc_internal_errors_total", {"cause": "dkim"}
+        )
         txn, outcome = await task
-        # no DKIM result: DMARC cannot tell whether it would have passed; no refusal
+        # no DKIM result: DMARC cannot tell whether it would have passed, and it is
+        # spamgate's failure, not the signer's: p=reject is neither applied nor
+        # forgotten, the sender is asked to try again
         assert txn.results.get(DkimResults) is None
-        assert txn.results.get(DmarcResults).result == "temperror"
-        assert outcome.final is None
+        assert ("dkim", "exception") in txn.results.get(CheckFailures).failed
+        dmarc = txn.results.get(DmarcResults)
+        assert dmarc.result == "temperror" and dmarc.results[0].internal == "dkim"
+        assert outcome.final is not None and outcome.final.action is Action.DEFER
+        assert (outcome.final.reply.code, outcome.final.reply.enhanced) == (451, "4.3.0")
+        assert (
+            metrics.REGISTRY.get_sample_value(
+                "spamgate_dmarc_internal_errors_total", {"cause": "dkim"}
+            )
+            == before + 1
+        )
         txn, _ = await run(small)  # on a new pool
         assert [s.result for s in txn.results.get(DkimResults).signatures] == ["pass"]
         assert services._processes is not pool

@@ -3,16 +3,24 @@ domain's policy published there, and what the upstream sink receives."""
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import logging
+
 import pytest
 
 from spamgate import metrics
-from spamgate.checks.dmarc import org_domain
+from spamgate.checks.base import CheckContext
+from spamgate.checks.dmarc import DmarcCheck, org_domain
 from spamgate.config import loads
+from spamgate.message import Message
+from spamgate.model import Client, Session, Stage, Transaction
 from spamgate.runtime import Policy
 from spamgate.services import Services
 from spamgate.settings import ConfigError
+from spamgate.verdict import CheckFailures
 
-from .conftest import GateFactory
+from .conftest import GateFactory, config_text
 from .dkimkeys import Signer, message
 from .dnsserver import DnsServer
 from .sink import Sink
@@ -247,3 +255,119 @@ def test_organisational_domains() -> None:
     assert org_domain("news.org.test") == "org.test"
     assert org_domain("co.uk") is None
     assert org_domain("alice.github.io") == "alice.github.io"  # private suffixes count
+
+
+# -- a failure of spamgate's own is never an accept ------------------------------------
+
+FORGED_KEY = Signer("dkim.test", "sel", bits=1024)  # not the key dkim.test publishes
+
+
+@functools.cache
+def large_forgery() -> bytes:
+    """A message from p=reject dkim.test, signed in its name with the wrong keys, big
+    enough that verifying its three signatures takes a worker over half a second."""
+    body = b"".join(b"line %d of a long message  with  spaces\r\n" % i for i in range(150000))
+    signed = message("ceo@dkim.test", body=body)
+    for signer in (FORGED_KEY, Signer("dkim.test", "ed", kind="ed25519"), FORGED_KEY):
+        signed = signer.sign(signed)
+    return signed
+
+
+@pytest.mark.parametrize(
+    ("internal_error", "code"), [("tempfail", 451), ("fail", 550), ("temperror", 250)]
+)
+async def test_dkim_out_of_time_with_the_keys_in_hand_is_our_failure(
+    gate_factory: GateFactory, dns_server: DnsServer, sink: Sink, caplog, internal_error, code
+) -> None:
+    # Before: verification that ran out of time was dkim=temperror, so a would-be
+    # fail was dmarc=temperror and let through: a forger's large message beat p=reject.
+    publish(dns_server)
+    gate = await gate_factory(
+        CONFIG.replace("[dkim]\nenabled = true\n", "[dkim]\nenabled = true\ntimeout = 0.25\n")
+        + f'internal_error = "{internal_error}"\n'
+    )
+    before = sample("spamgate_dmarc_internal_errors_total", cause="dkim")
+    errors = sample("spamgate_check_errors_total", check="dkim", kind="timeout")
+    with caplog.at_level(logging.INFO, logger="spamgate"):
+        reply = await send(gate, "bounce@esp.test", large_forgery())
+    assert reply.code == code, reply
+    if code == 451:
+        assert reply.enhanced == "4.3.0"
+        assert "DMARC policy of dkim.test (p=reject) could not be applied" in reply.text
+        assert "was not applied: internal_error = tempfail" in caplog.text
+    assert sample("spamgate_dmarc_internal_errors_total", cause="dkim") == before + 1
+    assert sample("spamgate_check_errors_total", check="dkim", kind="timeout") == errors + 1
+    assert "check dkim verification took more than 0.25s (the keys were fetched)" in caplog.text
+    assert len(sink.messages) == (1 if code == 250 else 0)
+
+
+async def test_dkim_out_of_time_on_dns_is_still_a_temperror(
+    gate_factory: GateFactory, dns_server: DnsServer, sink: Sink
+) -> None:
+    # the signer's key server is slow: the sender's side, not ours
+    publish(dns_server)
+    dns_server.delays["sel._domainkey.dkim.test"] = 2.0
+    gate = await gate_factory(
+        CONFIG.replace("[dkim]\nenabled = true\n", "[dkim]\nenabled = true\ntimeout = 0.3\n")
+    )
+    before = sample("spamgate_dmarc_internal_errors_total", cause="dkim")
+    assert (await send(gate, "bounce@esp.test", DKIM.sign(message("a@dkim.test")))).code == 250
+    assert b"dkim=temperror" in sink.messages[0].content
+    assert sample("spamgate_dmarc_internal_errors_total", cause="dkim") == before
+
+
+async def test_a_failed_spf_check_that_would_have_aligned(dns_server: DnsServer) -> None:
+    publish(dns_server)
+    config = loads(config_text(None, CONFIG, dns=dns_server))
+    services = Services.build(config)
+    pipeline = Policy.build(config, services).pipeline
+    # Real machinery, broken: the thread pool pyspf runs in is gone.
+    services.threads.shutdown()
+
+    async def run(sender: str, author: str):
+        client = Client(ipaddress.ip_address("127.0.0.2"), 4000, helo="mx.client.test")
+        session = Session("t1", client)
+        txn = Transaction(sender)
+        session.transaction = txn
+        await pipeline.run(CheckContext(Stage.MAIL, session, txn))
+        m = Message(message(author))
+        return txn, await pipeline.run(CheckContext(Stage.EOD, session, txn, message=m))
+
+    try:
+        before = sample("spamgate_dmarc_internal_errors_total", cause="spf")
+        # SPF of spf.test would have aligned (and passed): not a DMARC fail, a 451
+        txn, outcome = await run("a@spf.test", "a@spf.test")
+        assert "spf" in txn.results.get(CheckFailures)
+        assert (outcome.final.reply.code, outcome.final.reply.enhanced) == (451, "4.3.0")
+        assert "local error in the SPF check" in outcome.final.reply.text
+        assert sample("spamgate_dmarc_internal_errors_total", cause="spf") == before + 1
+        # an envelope domain that cannot align changes nothing: p=reject applies
+        _, outcome = await run("bounce@esp.test", "a@reject.test")
+        assert outcome.final.reply.code == 550
+        # nor does a policy that asks for nothing (p=none, continue)
+        _, outcome = await run("a@none.test", "a@none.test")
+        assert outcome.final is None
+        assert sample("spamgate_dmarc_internal_errors_total", cause="spf") == before + 1
+    finally:
+        await services.aclose()
+
+
+async def test_a_failure_of_the_dmarc_check_itself_tempfails(
+    gate_factory: GateFactory, dns_server: DnsServer, sink: Sink
+) -> None:
+    publish(dns_server)
+    gate = await gate_factory(CONFIG)
+    (check,) = [c for c in gate.server.runtime.policy.pipeline.checks if c.name == "dmarc"]
+    assert check.on_error == "tempfail"
+
+    def broken(*args, **kwargs):  # a bug in the dmarc package, injected
+        raise RuntimeError("injected")
+
+    check.dmarc.get_result = broken
+    before = sample("spamgate_dmarc_internal_errors_total", cause="dmarc")
+    reply = await send(gate, "bounce@esp.test", message("ceo@reject.test"))
+    assert (reply.code, reply.enhanced) == (451, "4.3.0")
+    assert sample("spamgate_dmarc_internal_errors_total", cause="dmarc") == before + 1
+    assert sink.messages == []
+    off = loads(config_text(None, CONFIG + 'internal_error = "temperror"\n'))
+    assert DmarcCheck(off.section("dmarc"), None).on_error == "continue"

@@ -128,4 +128,6 @@ def test_allowlist_tables_say_ok_or_dunno(tmp_path) -> None:
     cfg = loads(greylist(allowlist='["cidr:grey.cidr"]'), str(tmp_path / "s.toml"))
     with pytest.raises(ConfigError) as err:
         Server(cfg)
-    assert err.value.problems == ["grey.cidr:2: a greylist allowlist says OK or DUNNO, not REJECT"]
+    assert err.value.problems == [
+        f"{tmp_path}/grey.cidr:2: a greylist allowlist says OK or DUNNO, not REJECT"
+    ]

@@ -38,6 +38,7 @@ BODY = b"Subject: hello\r\nFrom: a@example.org\r\n\r\nHi\r\n"
 # Label names a metric may carry: closed sets only. Client addresses, mail
 # addresses, domains and HELO names must never become labels.
 CLOSED_LABELS = {
+    "symbol",  # rspamd / SpamAssassin names listed in the config (count_symbols)
     "stage",
     "check",
     "action",
@@ -54,6 +55,8 @@ CLOSED_LABELS = {
     "hash",
     "op",
     "le",
+    "cause",  # spf, dkim, dmarc
+    "nameserver",  # [dns] nameservers (or resolv.conf's): configured, like zones
 }
 BUILD_LABELS = {"version", "python", "aiosmtpd", "aiosmtplib", "dnspython", "pyspf", "dkimpy"}
 
@@ -91,8 +94,8 @@ class Counts:
 
 @pytest.fixture
 def checks(tmp_path, dns_server) -> Iterator[str]:
-    """Rule tables written, DNS zones published, the stand-in check registered;
-    yields the config sections that use them."""
+    """Rule tables written, DNS zones and keys published, the scripted check
+    registered; yields the config sections that use them."""
     scripted.publish_dns(dns_server)
     scripted.register()
     yield scripted.write_rules(tmp_path) + scripted.DNS_CHECKS
@@ -146,7 +149,8 @@ def test_catalogue_names_units_and_labels() -> None:
         assert f.documentation, f.name
         assert f.type in ("counter", "gauge", "histogram"), f.name
         if f.type == "histogram":
-            assert f.name.endswith(("_seconds", "_bytes")) or f.name == "spamgate_score", f.name
+            scores = ("spamgate_score", "spamgate_scanner_score")
+            assert f.name.endswith(("_seconds", "_bytes")) or f.name in scores, f.name
         if f.type == "gauge":
             assert not f.name.endswith("_total"), f.name
         labels = {k for s in f.samples for k in s.labels}
@@ -416,9 +420,11 @@ async def test_verdicts_rules_and_results(gate_factory: GateFactory, checks: str
     assert (await mail("a@example.org", ["u@example.test"], source="127.0.0.2"))[0] == 554
     assert (await mail("a@example.org", ["u@example.test"], source="127.0.0.9"))[0] == 554
     assert (await mail("reject-data@example.org", ["u@example.test"]))[1] == 554
-    body = b"Subject: reject-eod\r\n\r\nx\r\n"
+    body = b"Subject: reject-eod\r\nFrom: a@example.org\r\n\r\nx\r\n"
     assert (await mail("a@example.org", ["u@example.test"], body))[-1] == 550
-    body = b"Subject: hi\r\nX-Sim-DKIM: fail\r\nX-Sim-DMARC: fail\r\n\r\nx\r\n"
+    body = scripted.signed_then_changed(
+        b"Subject: hi\r\nFrom: a@dmarc-none.test\r\nTo: <u@example.test>\r\n\r\nx\r\n"
+    )
     assert (await mail("a@example.org", ["u@example.test"], body))[-1] == 250
 
     assert counts.verdicts("connect", "client.cidr") == 1
@@ -486,7 +492,7 @@ async def test_score_observed_and_check_errors_counted(
 ) -> None:
     gate = await gate_factory(checks + "\n[scoring]\nreject = 10\n")
     counts = Counts()
-    body = b"Subject: big score\r\n\r\nx\r\n"
+    body = b"Subject: big score\r\nFrom: a@example.org\r\n\r\nx\r\n"
     assert (await send(gate, "a@example.org", ["u@example.test"], body))[-1].code == 550
     assert (await send(gate, "a@example.org", ["boom@example.test"]))[-1].code == 250
     assert counts.verdicts("eod", "score") == 1

@@ -207,7 +207,7 @@ def test_override_tables_are_checked(tmp_path) -> None:
     with pytest.raises(ConfigError) as err:
         Server(cfg)
     assert err.value.problems == [
-        "p.cidr:1: a rate-limit override table says OK or DUNNO, not REJECT"
+        f"{tmp_path}/p.cidr:1: a rate-limit override table says OK or DUNNO, not REJECT"
     ]
 
 

@@ -74,7 +74,7 @@ async def test_reload_good_then_broken_while_a_session_is_open(
     assert not await gate.server.reload(path)
     assert metric("spamgate_config_last_reload_success") == 0
     assert metric("spamgate_config_reloads_total", result="failure") == failures + 1
-    problem = "recipient:2: unknown action 'REJCT'"
+    problem = f"{table}:2: unknown action 'REJCT'"
     assert any(problem in p for p in gate.server.runtime.reload_problems)
     assert f"reload refused: {problem}" in caplog.text
     # the running rules stay: u is still refused, v still accepted
@@ -133,7 +133,8 @@ async def test_a_table_named_before_it_exists_is_picked_up(
 
     assert await eventually(refused)  # hash:new does not exist yet
     assert any(
-        "[rules] recipient: new: no such file" in p for p in gate.server.runtime.reload_problems
+        f"[rules] recipient: {tmp_path}/new: no such file" in p
+        for p in gate.server.runtime.reload_problems
     )
     (tmp_path / "new").write_text("u@example.test DEFER\n")
     assert await eventually(lambda: _is(gate, 450))

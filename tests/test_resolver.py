@@ -51,6 +51,34 @@ async def test_answers_negative_answers_and_texts(dns_server: DnsServer) -> None
     assert dns_server.total == before
 
 
+async def test_a_txt_record_of_no_strings_is_an_answer(dns_server: DnsServer) -> None:
+    # RFC 1035 wants one string or more; zero (RDLENGTH 0) is met in the wild.
+    # dnspython refuses to build such a record, dropped the whole response as
+    # malformed, and the lookup waited out its lifetime as a "timeout".
+    dns_server.zone("empty.test", {"@": {"TXT": r"\# 0"}, "two": {"TXT": [r"\# 0", "x"]}})
+    r = make_resolver(dns_server, timeout=1.0, lifetime=2.0)
+    started = time.monotonic()
+    answer = await r.lookup("empty.test", "TXT")
+    assert time.monotonic() - started < 0.5
+    assert answer.status == "answer"
+    assert [rr.strings for rr in answer.records] == [()]
+    assert answer.texts == [""]
+    assert sorted((await r.lookup("two.empty.test", "TXT")).texts) == ["", "x"]
+    assert dns_server.count("empty.test", "TXT") == 1
+
+
+async def test_a_cname_loop_is_a_dns_error(dns_server: DnsServer) -> None:
+    # (as from a recursive resolver, which says SERVFAIL); SPF then decides what
+    # the error means where it is met (tests/test_spf.py)
+    dns_server.zone("loop.test", {"a": {"CNAME": "b.loop.test."}, "b": {"CNAME": "a.loop.test."}})
+    r = make_resolver(dns_server)
+    started = time.monotonic()
+    with pytest.raises(DnsError) as err:
+        await r.lookup("a.loop.test", "A")
+    assert err.value.kind == "error"
+    assert time.monotonic() - started < 0.3
+
+
 async def test_cache_honours_ttls_including_negative_answers(dns_server: DnsServer) -> None:
     dns_server.zone("keep.test", {"@": {"A": "127.0.0.1"}}, ttl=300, negative_ttl=300)
     dns_server.zone("zero.test", {"@": {"A": "127.0.0.1"}}, ttl=0, negative_ttl=0)
@@ -116,7 +144,8 @@ async def test_errors_are_not_cached(dns_server: DnsServer) -> None:
 
 async def test_resolver_down_costs_at_most_the_lifetime(dns_server: DnsServer) -> None:
     dns_server.down = True
-    r = make_resolver(dns_server, timeout=0.2, lifetime=0.5)
+    # without the circuit breaker, which would cut this short (test_dns_breaker.py)
+    r = make_resolver(dns_server, timeout=0.2, lifetime=0.5, breaker_failures=0)
     started = time.monotonic()
     results = await asyncio.gather(
         *(r.lookup(f"{i}.down.test", "A") for i in range(50)), return_exceptions=True

@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -63,11 +64,11 @@ def test_check_lists_every_problem_in_every_table(tmp_path) -> None:
     r = run("check", "-c", str(cfg))
     assert r.returncode == 1
     assert r.stdout.splitlines() == [
-        "helo.regexp:2: no closing '/' for the pattern",
-        "helo.regexp:3: unknown action 'REJCT' (expected OK, DUNNO, REJECT, DEFER, "
-        "4NN/5NN text, DISCARD, HOLD, PREPEND, WARN or SCORE)",
-        "sender:2: duplicate key 'a@b.test' (first given on line 1)",
-        f"{cfg}:4: [rules] recipient: missing: no such file",
+        f"{tmp_path}/helo.regexp:2: no closing '/' for the pattern",
+        f"{tmp_path}/helo.regexp:3: unknown action 'REJCT' (expected OK, DUNNO, REJECT, "
+        "DEFER, 4NN/5NN text, DISCARD, HOLD, PREPEND, WARN or SCORE)",
+        f"{tmp_path}/sender:2: duplicate key 'a@b.test' (first given on line 1)",
+        f"{cfg}:4: [rules] recipient: {tmp_path}/missing: no such file",
     ]
 
 
@@ -202,3 +203,22 @@ def test_explain_shows_delayed_reject_scores_and_content_rules(tmp_path) -> None
         "decision: refused at RCPT: <u@example.test> 554 5.7.1 <localhost>: "
         "Helo command rejected: Not a name (helo.regexp:1)"
     )
+
+
+def readme_toml_blocks() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    return [block.split("```", 1)[0] for block in readme.split("```toml\n")[1:]]
+
+
+def test_readme_examples_check_clean_with_the_shipped_rules(tmp_path) -> None:
+    """Each configuration example of the README, added to rules/spamgate.toml as it
+    says, passes `spamgate check`: every table it names ships in rules/."""
+    blocks = readme_toml_blocks()
+    assert any("[ratelimit.overrides]" in b and "[greylist]" in b for b in blocks)
+    for n, block in enumerate(blocks):
+        rules = tmp_path / str(n)
+        shutil.copytree(ROOT / "rules", rules)
+        cfg = rules / "spamgate.toml"
+        cfg.write_text(cfg.read_text() + "\n" + block)
+        r = run("check", "-c", str(cfg))
+        assert (r.returncode, r.stdout) == (0, f"{cfg}: ok\n"), block

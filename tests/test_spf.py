@@ -87,6 +87,22 @@ def publish_spf(server: DnsServer) -> None:
     )
     server.zone("v6.test", {"@": {"TXT": "v=spf1 ip6:::1 -all"}})
     server.zone("redirect.test", {"@": {"TXT": "v=spf1 redirect=good.test"}})
+    # TXT records of no strings (RDLENGTH 0): not SPF records, and no DNS error
+    server.zone("empty.test", {"@": {"TXT": r"\# 0"}})
+    server.zone("emptytoo.test", {"@": {"TXT": [r"\# 0", "v=spf1 ip4:127.0.0.0/8 -all"]}})
+    # ptr: one PTR name of 127.0.0.2 is a CNAME loop (RFC 7208 test suite,
+    # ptr-cname-loop), one confirms 127.0.0.2 only if ptrok.test publishes it
+    server.zone("0.0.127.in-addr.arpa", {"2": {"PTR": ["l1.ptr.test.", "host.ptr.test."]}})
+    server.zone(
+        "ptr.test",
+        {
+            "l1": {"CNAME": "l2.ptr.test."},
+            "l2": {"CNAME": "l1.ptr.test."},
+            "host": {"A": "127.0.0.2"},
+        },
+    )
+    server.zone("ptrok.test", {"@": {"TXT": "v=spf1 ptr:host.ptr.test -all"}})
+    server.zone("ptrloop.test", {"@": {"TXT": "v=spf1 ptr:l1.ptr.test ?all"}})
     server.zone("slow.test", {"@": {"TXT": "v=spf1 ip4:127.0.0.0/8 -all"}})
     server.delays["slow.test"] = 5.0
 
@@ -118,6 +134,11 @@ async def engine(dns_server: DnsServer) -> AsyncIterator[SpfEngine]:
         ("a@void.test", "permerror"),  # 3 void lookups > 2
         ("a@twovoid.test", "pass"),  # 2 void lookups
         ("a@mx.test", "pass"),  # the second MX host is the client
+        ("a@empty.test", "none"),  # a TXT record of no strings is no SPF record
+        ("a@emptytoo.test", "pass"),  # ...and hides none beside it
+        # RFC 7208 §5.5: a DNS error validating one PTR name skips that name
+        ("a@ptrok.test", "pass"),  # the other one validates
+        ("a@ptrloop.test", "neutral"),  # only the looping one: no match, ?all
     ],
 )
 async def test_every_result(engine: SpfEngine, sender: str, result: str) -> None:
@@ -142,6 +163,14 @@ async def test_details_of_results(engine: SpfEngine, dns_server: DnsServer) -> N
     v6 = await engine.check("::1", "a@v6.test", "h.test")
     assert v6.result == "pass"
     assert (await engine.check("::1", "a@mx.test", "h.test")).result == "pass"  # via AAAA
+
+
+async def test_a_failed_ptr_lookup_is_no_match(engine: SpfEngine, dns_server: DnsServer) -> None:
+    # RFC 7208 §5.5: "If a DNS error occurs while doing the PTR RR lookup, then this
+    # mechanism fails to match" (pyspf: temperror)
+    dns_server.fail("3.0.0.127.in-addr.arpa")
+    assert (await engine.check("127.0.0.3", "a@ptrloop.test", "h.test")).result == "neutral"
+    assert (await engine.check("127.0.0.3", "a@ptrok.test", "h.test")).result == "fail"
 
 
 async def test_null_sender_is_postmaster_at_helo(engine: SpfEngine, dns_server: DnsServer) -> None:

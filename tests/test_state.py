@@ -15,23 +15,31 @@ from spamgate.state import MemoryStore, StateStore, StoreUnavailable, Window
 from spamgate.state.base import SLOTS
 from spamgate.state.redisstore import RedisStore
 
-from .redisserver import RedisServer
+from .redisserver import ClusterSet, RedisServer, SentinelSet
 
 
 def sample(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def redis_store(server: RedisServer, **kw: object) -> RedisStore:
-    return RedisStore(server.url, prefix=f"t-{uuid.uuid4().hex[:12]}:", **kw)  # type: ignore[arg-type]
+def redis_store(server: RedisServer | SentinelSet | ClusterSet, **kw: object) -> RedisStore:
+    """A store on one server, the primary Sentinels name or a Cluster; a prefix of its own."""
+    from spamgate.config import loads
+    from spamgate.state.redisclient import Credentials, connect
+
+    timeout = float(kw.get("timeout", 0.5))  # type: ignore[arg-type]
+    settings = loads("[state]\n" + "\n".join(server.state_lines())).state
+    target = connect(settings, Credentials(), timeout)
+    return RedisStore(target, prefix=f"t-{uuid.uuid4().hex[:12]}:", **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "sentinel", "cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     if request.param == "memory":
         s: StateStore = MemoryStore()
     else:
-        s = redis_store(request.getfixturevalue("redis_server"))
+        fixture = {"redis": "redis_server", "sentinel": "sentinel_set", "cluster": "redis_cluster"}
+        s = redis_store(request.getfixturevalue(fixture[request.param]))
     yield s
     await s.aclose()
 

@@ -51,7 +51,8 @@ def test_comments_blank_lines_and_continuation(tmp_path) -> None:
     assert t.first(Query("domain", "other.test")).line == 7
 
 
-def test_every_bad_line_is_reported_with_its_number(tmp_path) -> None:
+def test_every_bad_line_is_reported_with_its_number(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # errors name the files relative to it
     problems = errors(
         tmp_path,
         "hash",
@@ -87,7 +88,8 @@ def test_every_bad_line_is_reported_with_its_number(tmp_path) -> None:
     ]
 
 
-def test_unreadable_files(tmp_path) -> None:
+def test_unreadable_files(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # errors name the files relative to it
     with pytest.raises(ConfigError) as err:
         load_table("regexp:missing.regexp", base_dir=str(tmp_path))
     assert err.value.problems == ["missing.regexp: no such file"]
@@ -178,7 +180,8 @@ def test_cidr_first_match_and_negation(tmp_path) -> None:
     assert rules(t, Query("domain", "[192.0.2.3]")) == ["t.cidr:1", "t.cidr:2", "t.cidr:5"]
 
 
-def test_cidr_errors(tmp_path) -> None:
+def test_cidr_errors(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # errors name the files relative to it
     assert errors(tmp_path, "cidr", "192.0.2.1/24 REJECT\n10.0.0.0/33 OK\nfoo OK\n") == [
         "t.cidr:1: '192.0.2.1/24' has host bits set (did you mean 192.0.2.0/24?)",
         "t.cidr:2: '10.0.0.0/33' is not an IP network",
@@ -216,7 +219,8 @@ def test_regexp_client_query_tries_name_then_address(tmp_path) -> None:
     assert rules(t, q) == ["t.regexp:2", "t.regexp:1"]
 
 
-def test_regexp_errors(tmp_path) -> None:
+def test_regexp_errors(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # errors name the files relative to it
     problems = errors(
         tmp_path,
         "regexp",

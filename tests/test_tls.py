@@ -252,7 +252,10 @@ async def test_tls_files_checked_at_load(tmp_path) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError) as err:
         Server(loads(text, str(path)))
-    assert err.value.problems == [f"{path}:5: [tls] cert_file {tmp_path}/nope.crt: no such file"]
+    assert err.value.problems == [
+        f"{path}:5: [tls] cert_file {tmp_path}/nope.crt: no such file",
+        f"{path}:6: [tls] key_file {tmp_path}/nope.key: no such file",
+    ]
 
 
 async def test_starttls_only_when_configured_listener_shows_it(

@@ -347,8 +347,9 @@ async def test_postfix_xclient_authorization_decides_reuse(
     caplog: pytest.LogCaptureFixture,
     authorized: str,
 ) -> None:
-    """As shipped (only the proxy may send XCLIENT), Postfix refuses XCLIENT from the
-    client it names, so connections are not reused; `static:all` allows reuse."""
+    """With only the proxy's address allowed to send XCLIENT, Postfix refuses XCLIENT
+    from the client it names, so connections are not reused; `static:all` (as
+    shipped in deploy/postfix/master.cf) allows reuse."""
     instance = postfix_factory(main_extra=[f"smtpd_authorized_xclient_hosts = {authorized}"])
     gate = await gate_factory(
         upstream=None, up={"address": f'"{instance.address}"', "pool_size": "1"}

@@ -1,4 +1,5 @@
-"""SMTP smuggling vectors (PROTOCOL.md §4), shared by the sink and Postfix tests.
+"""SMTP smuggling vectors (CVE-2023-51764, CVE-2024-27305: bare LF and bare CR
+around the end-of-data dot), shared by the sink and Postfix tests.
 
 Each vector is a fake end of data: a "." line with line ends some server reads
 loosely. The message puts a whole second transaction after it; a reader that

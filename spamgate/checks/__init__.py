@@ -6,7 +6,9 @@ This list is the only place a check is registered: a new check is a module with 
 
 from __future__ import annotations
 
+from .attachments import AttachmentCheck, AttachmentSettings
 from .base import Check, CheckContext, TransactionEnd, TransactionObserver
+from .clamav import ClamavCheck, ClamavSettings
 from .content import BodyRules, HeaderRules
 from .dkim import DkimCheck, DkimSettings
 from .dmarc import DmarcCheck, DmarcSettings
@@ -15,8 +17,11 @@ from .greylist import GreylistCheck, GreylistSettings
 from .ratelimit import RateLimitCheck, RateLimitSettings
 from .reputation import ReputationCheck, ReputationSettings
 from .rhsbl import RhsblCheck, RhsblSettings
+from .rspamd import RspamdCheck, RspamdSettings
 from .rules import ClientRules, HeloRules, RecipientRules, RulesSettings, SenderRules
+from .spamassassin import SpamassassinCheck, SpamassassinSettings
 from .spf import SpfCheck, SpfSettings
+from .uribl import UriblCheck, UriblSettings
 
 # Ordered: within one stage, checks run in this order and the first final verdict
 # wins. Cheap local lookups come before network lookups, so an admin's allowlist
@@ -42,6 +47,13 @@ CHECK_TYPES: list[type[Check]] = [
     BodyRules,
     DkimCheck,
     DmarcCheck,
+    # Content checks that wait on DNS or a daemon: started together with the
+    # stage (Check.concurrent), their verdicts taken in this order.
+    UriblCheck,
+    AttachmentCheck,
+    ClamavCheck,
+    RspamdCheck,
+    SpamassassinCheck,
 ]
 
 # Settings sections owned by checks: TOML table name -> dataclass.
@@ -55,6 +67,11 @@ CHECK_SECTIONS: dict[str, type] = {
     "reputation": ReputationSettings,
     "dkim": DkimSettings,
     "dmarc": DmarcSettings,
+    "uribl": UriblSettings,
+    "attachments": AttachmentSettings,
+    "clamav": ClamavSettings,
+    "rspamd": RspamdSettings,
+    "spamassassin": SpamassassinSettings,
 }
 
 __all__ = [

@@ -53,6 +53,11 @@ class Check(abc.ABC):
     # Per-instance policy, settable from each check's config section.
     timeout: float = 10.0
     on_error: OnError = "continue"
+    # True: the runner starts this check when the stage starts, beside the other
+    # concurrent ones (content scanners waiting on their daemons), and still takes
+    # its verdict in registration order. Only for checks that read no finding of
+    # another check of the same stage.
+    concurrent: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod

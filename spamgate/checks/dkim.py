@@ -16,6 +16,11 @@ with it every other session, for that long (bench/dkim.py measures both). A
 spooled message is passed to the worker by file name, so this process never
 holds it in memory.
 
+A failure of spamgate's own is a check error, not a temperror result: a worker
+process that died, or verification that ran out of time once the keys were in.
+The runner records it (`CheckFailures`), and DMARC then knows that the missing
+result is ours, not the signer's ([dmarc] internal_error).
+
 Clients in mynetworks (and authenticated ones) are ours: their mail is not
 verified, as it is not checked for SPF.
 """
@@ -81,6 +86,12 @@ class DkimSettings:
     )
 
 
+class VerificationTimeout(CheckError):
+    """The signatures were not verified in time although their keys were found."""
+
+    kind = "timeout"
+
+
 @dataclass(frozen=True)
 class DkimResults:
     """The result of each DKIM signature verified, top first; empty: no signature."""
@@ -118,12 +129,17 @@ class DkimCheck(Check):
         if not values:
             metrics.AUTH_RESULTS.labels("dkim", "none").inc()
             return Verdict(result=DkimResults())
+        answers: dict[str, KeyAnswer] | None = None
         try:
             async with asyncio.timeout(self.settings.timeout):
                 answers = await self._keys(values)
                 results = await self._verify(message, answers)
         except TimeoutError:
             why = f"verification took more than {self.settings.timeout:g}s"
+            if answers is not None:
+                # The keys are in: the time went on our own computation, not on the
+                # signer's DNS, and that is no temperror of the sender's making.
+                raise VerificationTimeout(f"{why} (the keys were fetched)") from None
             results = [describe(v, "temperror", why) for v in values]
         for r in results:
             metrics.AUTH_RESULTS.labels("dkim", r.result).inc()

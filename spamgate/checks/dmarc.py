@@ -21,7 +21,21 @@ legitimate mail on incomplete evidence:
 * a DNS failure looking up the policy is dmarc=temperror, and by default lets the
   message through;
 * an identifier that would have aligned but could not be evaluated (SPF or DKIM
-  temperror, or a check that failed) makes a would-be fail temperror too;
+  temperror) makes a would-be fail temperror too.
+
+Incomplete evidence of spamgate's own making is another matter. When the SPF or
+DKIM check itself failed (a DKIM worker process died, verification ran out of
+time with the keys in hand, an exception: the runner's `CheckFailures`) for an
+identifier that would have aligned, the sender did nothing wrong and neither did
+its DNS, and letting the message through as temperror would turn a p=reject
+into an accept whenever our machinery breaks, which a forger can sometimes
+provoke (a message large enough to exhaust the time budget). So where the
+policy's action is not "continue", `internal_error` decides: by default
+"tempfail" (451 4.3.0: the sender retries, and a working spamgate judges the
+message), counted in spamgate_dmarc_internal_errors_total. A failure of the
+DMARC check itself tempfails the message in the same way (its on_error).
+
+Also:
 * DMARC needs both SPF and DKIM enabled: with one of them off, mail that passes
   only through the other would be refused (a configuration error says so).
 
@@ -35,6 +49,7 @@ distinct domain, and the strictest policy among those that fail applies.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.policy
 import email.utils
 import random
@@ -47,12 +62,13 @@ import dmarc as dmarclib
 from publicsuffixlist import PublicSuffixList
 
 from .. import metrics
+from ..dkimverify import describe
 from ..message import Message
 from ..model import Stage, Transaction
 from ..reply import Reply
 from ..resolver import DnsError, Resolver, ascii_domain
 from ..settings import ConfigError, positive, setting
-from ..verdict import DUNNO, Action, Symbol, Verdict
+from ..verdict import DUNNO, Action, CheckFailures, Symbol, Verdict
 from .base import Check, CheckContext
 from .dkim import DkimResults
 from .spf import SpfResult
@@ -102,6 +118,15 @@ class DmarcSettings:
         'The policy could not be looked up or judged (DNS failure): "tempfail" (451 '
         '4.7.1), "score" (DMARC_TEMPERROR), "continue".',
     )
+    internal_error: Literal["tempfail", "fail", "temperror"] = setting(
+        "tempfail",
+        "The SPF or DKIM check failed inside spamgate (a DKIM worker died, an exception, "
+        "out of time with the keys in hand) for an identifier that would have aligned, "
+        'and the policy\'s action is not "continue": "tempfail" (451 4.3.0), "fail" '
+        '(judged as a DMARC fail: the policy\'s action), "temperror" (as a DNS failure: '
+        "`temperror` decides). A failure of the DMARC check itself: 451 4.3.0 unless "
+        '"fail" or "temperror".',
+    )
     bad_from: Literal["reject", "score", "continue"] = setting(
         "reject",
         "No From field, several, or one without an address: "
@@ -130,6 +155,8 @@ class DmarcResult:
     spf_aligned: bool = False
     dkim_aligned: bool = False
     reason: str = ""
+    # temperror because a check of ours failed: "spf" or "dkim" (see internal_error)
+    internal: str = ""
 
 
 @dataclass(frozen=True)
@@ -216,6 +243,8 @@ class DmarcCheck(Check):
         self.settings = settings
         self.resolver = resolver
         self.timeout = settings.timeout + 1.0
+        # An exception in this check: the policy is unknown, and may be p=reject.
+        self.on_error = "tempfail" if settings.internal_error == "tempfail" else "continue"
         self.sample = random.random  # pct= sampling; a test may fix it
         self.dmarc = dmarclib.DMARC(publicsuffix=_Suffixes())
 
@@ -237,6 +266,13 @@ class DmarcCheck(Check):
         return [cls(s, services.resolver)]
 
     async def check(self, ctx: CheckContext) -> Verdict:
+        try:
+            return await self._check(ctx)
+        except Exception:
+            metrics.DMARC_INTERNAL_ERRORS.labels("dmarc").inc()
+            raise  # the runner logs it and applies on_error
+
+    async def _check(self, ctx: CheckContext) -> Verdict:
         message, txn = ctx.message, ctx.transaction
         if message is None or txn is None or ctx.session.relay_permitted:
             return DUNNO
@@ -246,18 +282,20 @@ class DmarcCheck(Check):
             return self._bad_from(DmarcResults(problem=problem))
         spf = txn.results.get(SpfResult)
         dkim = txn.results.get(DkimResults)
-        # Signed, but no DKIM results: the DKIM check failed; it may have passed.
-        dkim_unknown = dkim is None and bool(message.get_all("DKIM-Signature"))
+        lost = _lost(ctx, message, spf, dkim)
         try:
             async with asyncio.timeout(self.settings.timeout):
                 results = await asyncio.gather(
-                    *(self._evaluate(d, spf, dkim, dkim_unknown) for d in domains)
+                    *(self._evaluate(d, spf, dkim, lost) for d in domains)
                 )
         except TimeoutError:
             why = f"policy lookup took more than {self.settings.timeout:g}s"
             results = [DmarcResult("temperror", d, reason=why) for d in domains]
         outcome = DmarcResults(tuple(results))
         metrics.AUTH_RESULTS.labels("dmarc", outcome.result).inc()
+        internal = [r.internal for r in outcome.results if r.internal]
+        if internal:
+            metrics.DMARC_INTERNAL_ERRORS.labels(internal[0]).inc()
         return self._verdict(outcome, txn)
 
     async def _policy(self, domain: str) -> tuple[str | None, str | None, str]:
@@ -284,7 +322,11 @@ class DmarcCheck(Check):
         return (records[0] if records else None), ""
 
     async def _evaluate(
-        self, domain: str, spf: SpfResult | None, dkim: DkimResults | None, dkim_unknown: bool
+        self,
+        domain: str,
+        spf: SpfResult | None,
+        dkim: DkimResults | None,
+        lost: list[tuple[str, str]],
     ) -> DmarcResult:
         record, org, problem = await self._policy(domain)
         if problem:
@@ -315,19 +357,36 @@ class DmarcCheck(Check):
         dkim_ok = verdict.dkim is dmarclib.DMARCResult.PASS
         if spf_ok or dkim_ok:
             return DmarcResult("pass", domain, applied, "none", spf_ok, dkim_ok)
-        # Evidence we could not get, from an identifier that would have aligned.
-        unknown = [
-            d
-            for d, r in _unknown(spf, dkim)
-            if self.dmarc.check_alignment(domain, d, _mode(policy, r), self.dmarc.publicsuffix)
-        ]
-        if dkim_unknown or unknown:
-            what = "the DKIM check did not finish" if dkim_unknown else f"{unknown[0]}: temperror"
-            return DmarcResult("temperror", domain, applied, reason=what)
+        # Evidence we could not get, from an identifier that would have aligned:
+        # first because a check of ours failed, then because of the sender's DNS.
+        failed = [kind for d, kind in lost if self._aligned(domain, d, policy, kind)]
+        if failed:
+            what = f"the {failed[0].upper()} check did not finish"
+            enforced = self._action(applied) != "continue"
+            return DmarcResult(
+                "temperror", domain, applied, reason=what, internal=failed[0] if enforced else ""
+            )
+        unknown = [d for d, kind in _unknown(spf, dkim) if self._aligned(domain, d, policy, kind)]
+        if unknown:
+            return DmarcResult("temperror", domain, applied, reason=f"{unknown[0]}: temperror")
         disposition = applied
         if self.settings.pct and policy.pct < 100 and self.sample() * 100 >= policy.pct:
             disposition = _MILDER[applied]
         return DmarcResult("fail", domain, applied, disposition)
+
+    def _aligned(self, domain: str, other: str, policy: dmarclib.Policy, kind: str) -> bool:
+        """`other` (an SPF or DKIM identifier's domain) aligns with the author domain."""
+        return _usable(other) and self.dmarc.check_alignment(
+            domain, other, _mode(policy, kind), self.dmarc.publicsuffix
+        )
+
+    def _action(self, disposition: str) -> PolicyAction:
+        """The configured action for mail failing a policy of this disposition."""
+        return {
+            "reject": self.settings.p_reject,
+            "quarantine": self.settings.p_quarantine,
+            "none": self.settings.p_none,
+        }[disposition]
 
     # -- verdicts -----------------------------------------------------------------------
 
@@ -350,13 +409,31 @@ class DmarcCheck(Check):
 
     def _verdict(self, outcome: DmarcResults, txn: Transaction) -> Verdict:
         failed = [r for r in outcome.results if r.result == "fail"]
+        internal = [r for r in outcome.results if r.internal]
+        if internal and self.settings.internal_error == "fail":
+            failed += [dataclasses.replace(r, disposition=r.policy) for r in internal]
+        elif (
+            internal
+            and self.settings.internal_error == "tempfail"
+            # a definite refusal stands; anything milder waits for a working spamgate
+            and (not failed or self._action(_worst(failed).disposition) != "reject")
+        ):
+            r = internal[0]
+            text = (
+                f"DMARC policy of {r.domain} (p={r.policy}) could not be applied: "
+                f"local error in the {r.internal.upper()} check; try again later"
+            )
+            return Verdict(
+                Action.DEFER,
+                Reply(451, "4.3.0", (text,)),
+                rule="dmarc:internal_error",
+                result=outcome,
+                warn=f"{r.reason}, so the DMARC policy of {r.domain} (p={r.policy}) "
+                "was not applied: internal_error = tempfail",
+            )
         if failed:
-            worst = max(failed, key=lambda r: _STRICTNESS[r.disposition])
-            action = {
-                "reject": self.settings.p_reject,
-                "quarantine": self.settings.p_quarantine,
-                "none": self.settings.p_none,
-            }[worst.disposition]
+            worst = _worst(failed)
+            action = self._action(worst.disposition)
             symbol = f"DMARC_{worst.disposition.upper()}"
             rule = f"dmarc:{worst.disposition}"
             if action == "reject":
@@ -390,6 +467,31 @@ class DmarcCheck(Check):
 
 
 _DKIM_RESULTS = {r.value for r in dmarclib.DKIMResult}
+
+
+def _worst(failed: list[DmarcResult]) -> DmarcResult:
+    return max(failed, key=lambda r: _STRICTNESS[r.disposition])
+
+
+def _lost(
+    ctx: CheckContext, message: Message, spf: SpfResult | None, dkim: DkimResults | None
+) -> list[tuple[str, str]]:
+    """(domain, "spf"/"dkim") of the identifiers whose check failed inside spamgate:
+    the MAIL FROM (or HELO) domain if the SPF check failed; each signature's d= if
+    the DKIM check did (a signed message without DKIM results is one)."""
+    txn = ctx.transaction
+    assert txn is not None
+    failures = txn.results.get(CheckFailures) or CheckFailures()
+    lost: list[tuple[str, str]] = []
+    if "spf" in failures:
+        name = txn.sender_domain or (ctx.session.client.helo or "")
+        lost.append((ascii_domain(name) or name, "spf"))
+    signatures = message.get_all("DKIM-Signature")
+    if signatures and ("dkim" in failures or dkim is None):
+        for h in signatures:
+            d = describe(h.value.encode("utf-8", "surrogateescape")).domain
+            lost.append((ascii_domain(d) or d, "dkim"))
+    return lost
 
 
 def _spf(spf: SpfResult) -> dmarclib.SPFAuthResult:

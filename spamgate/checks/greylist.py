@@ -150,7 +150,10 @@ class GreylistCheck(Check):
         s: GreylistSettings = config.section("greylist")
         if not s.enabled:
             return []
-        lists = [ClientSet.load(spec, config, "a greylist allowlist") for spec in s.allowlist]
+        lists = [
+            ClientSet.load(spec, config, "a greylist allowlist", ("greylist", "allowlist"))
+            for spec in s.allowlist
+        ]
         return [cls(s, services.state, config.state.on_unavailable, lists)]
 
     @classmethod

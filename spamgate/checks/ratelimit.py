@@ -225,7 +225,12 @@ class RateLimitCheck(Check):
         if not active:
             return []
         classes = [
-            (ClientSet.load(spec, config, "a rate-limit override table"), parse_overrides(text))
+            (
+                ClientSet.load(
+                    spec, config, "a rate-limit override table", ("ratelimit", "overrides", spec)
+                ),
+                parse_overrides(text),
+            )
             for spec, text in s.overrides.items()
         ]
         overrides = _by_tables(classes) if classes else None
@@ -270,7 +275,10 @@ class RateLimitCheck(Check):
             value = self._subject(kind.subject, ctx)
             if not value:
                 continue
-            key = f"rl:{name}:{round(limit.seconds * 1000)}:{value}"
+            # The hash tag {...} puts a client's address and network in one Redis
+            # Cluster slot, so that their windows are tested in one script.
+            tag = self._subject("net", ctx) if kind.subject == "ip" else value
+            key = f"rl:{{{tag}}}:{name}:{round(limit.seconds * 1000)}:{value}"
             requests.append((name, value, Window(key, limit.seconds, limit.count)))
         if not requests:
             return DUNNO

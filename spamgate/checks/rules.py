@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from .. import metrics
 from ..model import Stage
-from ..settings import ConfigError, Located, positive, setting
-from ..tables import Match, Query, Table, TableLimits, load_table, split_spec
+from ..settings import ConfigError, positive, setting
+from ..tables import Match, Query, Table, TableLimits, load_configured, split_spec
 from ..tables.actions import ReplyContext, to_verdict
 from ..tables.keys import NULL_SENDER
 from ..verdict import DUNNO, Verdict
@@ -121,31 +121,12 @@ def load_tables(config: Config, key: str) -> list[Table]:
     problems: list[str] = []
     for spec in getattr(settings, key):
         try:
-            tables.append(
-                load_table(
-                    spec,
-                    base_dir=config.base_dir,
-                    hostname=config.hostname,
-                    limits=settings.limits,
-                )
-            )
+            tables.append(load_configured(spec, config, "rules", key))
         except ConfigError as exc:
-            problems += [_locate(config, key, p) for p in exc.problems]
+            problems += exc.problems
     if problems:
         raise ConfigError(problems)
     return tables
-
-
-def _locate(config: Config, key: str, problem: str) -> str:
-    """A missing table is reported at the config line that names it."""
-    if not problem.endswith(": no such file") or config.path is None:
-        return problem
-    try:
-        with open(config.path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError:
-        return problem
-    return Located(config.path, text).at("rules", key, f"[rules] {key}: {problem}")
 
 
 def table_files(config: Config, key: str) -> list[str]:

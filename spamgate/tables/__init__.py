@@ -14,13 +14,16 @@ import abc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from ..model import IPAddress
-from ..settings import ConfigError
+from ..settings import ConfigError, display_path
 from ..verdict import CheckError
 from .actions import RuleAction
-from .source import LogicalLine, read_lines
+from .source import LogicalLine, UnreadableTable, read_lines
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 QueryKind = Literal["client", "domain", "address", "text"]
 TABLE_TYPES = ("cidr", "regexp", "hash")
@@ -128,12 +131,34 @@ def load_table(
 
     kind, configured = split_spec(spec)
     path = configured if os.path.isabs(configured) else os.path.join(base_dir, configured)
-    path = os.path.normpath(path)
-    lines = read_lines(path, configured)
+    shown = display_path(path)
+    lines = read_lines(path, shown)
     cls: type[Table] = {"cidr": CidrTable, "regexp": RegexpTable, "hash": HashTable}[kind]
     return cls.parse(  # type: ignore[attr-defined]
-        table_name(configured), configured, lines, hostname=hostname, limits=limits or TableLimits()
+        table_name(configured), shown, lines, hostname=hostname, limits=limits or TableLimits()
     )
+
+
+def load_configured(
+    spec: str, config: Config, section: str, key: str, item: str | None = None
+) -> Table:
+    """Load a table the configuration names at `[section] key` (`item`: the entry of
+    a key that is itself a table); a file that cannot be read at all is reported at
+    that line of the configuration, after `[section] key:`, with the file's path."""
+    try:
+        return load_table(
+            spec,
+            base_dir=config.base_dir,
+            hostname=config.hostname,
+            limits=config.section("rules").limits,
+        )
+    except UnreadableTable as exc:
+        if config.path is None:
+            raise
+        where = config.where()
+        raise ConfigError(
+            [where.at(section, key, f"[{section}] {key}: {p}", item=item) for p in exc.problems]
+        ) from None
 
 
 def parse_entries(
@@ -166,6 +191,7 @@ __all__ = [
     "RuleTimeout",
     "Table",
     "TableLimits",
+    "load_configured",
     "load_table",
     "split_spec",
 ]

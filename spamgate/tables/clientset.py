@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..settings import ConfigError
-from . import Query, Table, load_table, split_spec
+from . import Query, Table, load_configured, split_spec
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -33,12 +33,10 @@ class ClientSet:
         return self.table.spec
 
     @classmethod
-    def load(cls, spec: str, config: Config, what: str) -> ClientSet:
-        """Load `spec`; `what` names the setting in errors ("a greylist allowlist")."""
-        rules = config.section("rules")
-        table = load_table(
-            spec, base_dir=config.base_dir, hostname=config.hostname, limits=rules.limits
-        )
+    def load(cls, spec: str, config: Config, what: str, setting: tuple[str, ...]) -> ClientSet:
+        """Load `spec`; `what` names the setting in errors ("a greylist allowlist"),
+        `setting` is where the configuration names it: (section, key[, item])."""
+        table = load_configured(spec, config, *setting)
         entries = table.entries  # type: ignore[attr-defined]  # every table type has them
         entries = entries.values() if isinstance(entries, dict) else entries
         problems = [
@@ -48,7 +46,7 @@ class ClientSet:
         ]
         if problems:
             raise ConfigError(problems)
-        return cls(table, rules.timeout)
+        return cls(table, config.section("rules").timeout)
 
     def __contains__(self, client: Client) -> bool:
         name = None if client.name.startswith("[") else client.name

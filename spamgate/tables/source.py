@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from ..settings import ConfigError
 
 
+class UnreadableTable(ConfigError):
+    """The table file as a whole cannot be read (missing, a directory, not allowed):
+    reported at the configuration line that names it."""
+
+
 @dataclass(frozen=True, slots=True)
 class LogicalLine:
     number: int
@@ -22,18 +27,18 @@ class LogicalLine:
 def read_lines(path: str, display: str | None = None) -> list[LogicalLine]:
     """The logical lines of the table at `path`; ConfigError on unreadable input.
 
-    `display` is how the file is named in errors (the path as configured).
+    `display` is how the file is named in errors.
     """
     where = display or path
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
-        raise ConfigError([f"{where}: no such file"]) from None
+        raise UnreadableTable([f"{where}: no such file"]) from None
     except IsADirectoryError:
-        raise ConfigError([f"{where}: is a directory, not a table file"]) from None
+        raise UnreadableTable([f"{where}: is a directory, not a table file"]) from None
     except OSError as exc:
-        raise ConfigError([f"{where}: {exc.strerror}"]) from None
+        raise UnreadableTable([f"{where}: {exc.strerror}"]) from None
     return split_lines(data, where)
 
 

@@ -1,0 +1,309 @@
+"""The asyncio milter server: one task per MTA connection around `MilterConnection`.
+
+Every read has a deadline: `idle_timeout` while no packet is under way (Postfix may
+wait a long time between events, e.g. while the client sends DATA to it) and
+`packet_timeout` for the rest of a packet once it has begun. Every handler call has
+a deadline too, below Postfix's own (`milter_command_timeout`, 30 s, for connect to
+DATA; `milter_content_timeout`, 300 s, for header to end of message): past it the
+call is cancelled and the MTA gets `Limits.fallback`, so a slow check never makes
+Postfix apply `milter_default_action` to a session it could have answered.
+
+A handler that raises, or answers something the MTA would refuse, gets the fallback
+too, with the error logged. A protocol violation (malformed, oversized or unknown
+packet, bytes after quit) is logged and the connection closed; nothing the MTA
+sends reaches the event loop as an exception.
+
+One connection carries many messages (SMFIC_ABORT between transactions) and, with
+SMFIC_QUIT_NC, many SMTP sessions: each session gets a new handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import codec
+from .codec import Continue, Decision, TempFail
+from .connection import BadDecision, End, MilterConnection, Send, Step
+from .handler import Macros, MessageDecision, MilterHandler
+from .macros import missing
+from .negotiate import Needs
+from .protocol import MacroStage
+
+log = logging.getLogger("spamgate.milter")
+
+READ_SIZE = 1 << 18
+_CONTENT = (codec.Header, codec.EndOfHeaders, codec.Body, codec.EndOfMessage)
+_STAGE_OF = {
+    codec.Connect: MacroStage.CONNECT,
+    codec.Data: MacroStage.DATA,
+    codec.EndOfMessage: MacroStage.END_OF_MESSAGE,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit of the milter server, in one place."""
+
+    max_packet: int = codec.DEFAULT_MAX_PACKET
+    idle_timeout: float = 900.0  # no packet under way
+    packet_timeout: float = 30.0  # the rest of a packet that has begun
+    command_deadline: float = 25.0  # a handler's answer, connect to DATA (Postfix: 30 s)
+    content_deadline: float = 270.0  # header to end of message (Postfix: 300 s)
+    write_timeout: float = 30.0
+    fallback: Decision = field(default_factory=TempFail)  # deadline passed, handler failed
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where the MTA connection comes from: (host, port) over TCP, a path for unix."""
+
+    address: tuple[str, int] | str
+
+    def __str__(self) -> str:
+        if isinstance(self.address, str):
+            return f"unix:{self.address}"
+        host, port = self.address
+        return f"[{host}]:{port}"
+
+
+HandlerFactory = Callable[[Peer], MilterHandler]
+
+
+class MilterServer:
+    """Serve the milter protocol on TCP or unix sockets, one handler per SMTP session."""
+
+    def __init__(
+        self,
+        factory: HandlerFactory,
+        needs: Needs | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.factory = factory
+        self.needs = needs or Needs()
+        self.limits = limits or Limits()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._missing_reported: set[tuple[MacroStage, str]] = set()
+        self.addresses: list[tuple[str, int] | str] = []
+
+    async def listen_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        server = await asyncio.start_server(self._accept, host, port, limit=READ_SIZE)
+        self._servers.append(server)
+        address = server.sockets[0].getsockname()[:2]
+        self.addresses.append(address)
+        return address
+
+    async def listen_unix(self, path: str, mode: int = 0o660) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        server = await asyncio.start_unix_server(self._accept, path, limit=READ_SIZE)
+        os.chmod(path, mode)
+        self._servers.append(server)
+        self.addresses.append(path)
+        return path
+
+    async def close(self, grace: float = 1.0) -> None:
+        """Stop accepting; give open connections `grace` seconds, then cancel them."""
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self.serve(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One MTA connection, until quit, EOF, a violation or a deadline."""
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peername = writer.get_extra_info("peername")
+        peer = Peer(tuple(peername[:2]) if isinstance(peername, tuple) else str(peername or ""))
+        session = _Session(self, peer, writer)
+        try:
+            await session.run(reader)
+        except (ConnectionError, TimeoutError) as exc:
+            log.info("milter connection %s ended: %s", peer, exc or type(exc).__name__)
+        except Exception:
+            log.exception("milter connection %s: internal error, closing", peer)
+        finally:
+            await session.finish()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+class _Session:
+    """The loop of one connection: read, decode, call the handler, write."""
+
+    def __init__(self, server: MilterServer, peer: Peer, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.peer = peer
+        self.writer = writer
+        self.conn = MilterConnection(server.needs, self.limits.max_packet)
+        self.handler: MilterHandler | None = None
+        self.warned_refusals = False
+
+    async def run(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            timeout = (
+                self.limits.packet_timeout
+                if self.conn.decoder.pending
+                else self.limits.idle_timeout
+            )
+            async with asyncio.timeout(timeout):
+                data = await reader.read(READ_SIZE)
+            outputs = self.conn.receive(data) if data else self.conn.eof()
+            for output in outputs:
+                if isinstance(output, End):
+                    if output.violation is not None:
+                        log.warning(
+                            "milter connection %s: protocol violation, closing: %s",
+                            self.peer,
+                            output.violation,
+                        )
+                    return
+                if isinstance(output, Send):
+                    self.writer.write(output.data)
+                    self._negotiated()
+                else:
+                    reply = await self._step(output)
+                    if reply:
+                        self.writer.write(reply)
+            if self.writer.transport.get_write_buffer_size() > READ_SIZE:
+                async with asyncio.timeout(self.limits.write_timeout):
+                    await self.writer.drain()
+
+    def _negotiated(self) -> None:
+        negotiated = self.conn.negotiated
+        if negotiated is None or self.warned_refusals:
+            return
+        self.warned_refusals = True
+        if negotiated.refused_actions or negotiated.refused_protocol:
+            log.warning(
+                "milter connection %s: the MTA does not offer %s %s",
+                self.peer,
+                repr(negotiated.refused_actions),
+                repr(negotiated.refused_protocol),
+            )
+
+    async def _step(self, step: Step) -> bytes:
+        event = step.event
+        if isinstance(event, codec.Abort):
+            if self.handler is not None:
+                await self._quietly(self.handler.abort())
+            return b""
+        if isinstance(event, codec.QuitNewConnection):
+            await self.finish()
+            return b""
+        if self.handler is None:
+            self.handler = self.server.factory(self.peer)
+        stage = _STAGE_OF.get(type(event))
+        if stage is not None:
+            self._check_macros(stage, step.macros)
+        content = isinstance(event, _CONTENT)
+        deadline = self.limits.content_deadline if content else self.limits.command_deadline
+        fallback = self.limits.fallback
+        try:
+            async with asyncio.timeout(deadline):
+                answer = await self._call(self.handler, step)
+        except TimeoutError:
+            log.warning(
+                "milter connection %s: no decision on %s within %s s; answering %s",
+                self.peer,
+                type(event).__name__,
+                deadline,
+                type(fallback).__name__,
+            )
+            answer = fallback
+        except Exception:
+            log.exception("milter connection %s: handler failed on %r", self.peer, event)
+            answer = fallback
+        decision, edits = (
+            (answer.decision, answer.edits) if isinstance(answer, MessageDecision) else (answer, ())
+        )
+        try:
+            return self.conn.answer(step, decision, edits)
+        except BadDecision as exc:
+            log.error("milter connection %s: %s", self.peer, exc)
+        if not step.replies:
+            return b""
+        try:
+            return self.conn.answer(step, fallback)
+        except BadDecision:  # e.g. a DISCARD fallback at CONNECT
+            return self.conn.answer(step, TempFail())
+
+    def _check_macros(self, stage: MacroStage, received: Macros) -> None:
+        """Warn once per process and name when a macro Postfix always sends is absent:
+        its lists are not the ones spamgate needs (see macros.py, docs/milter.md)."""
+        reported = self.server._missing_reported
+        absent = [n for n in missing(stage, received) if (stage, n) not in reported]
+        if absent:
+            reported.update((stage, n) for n in absent)
+            log.warning(
+                "milter: Postfix sent no %s at %s; its milter macro lists lack what "
+                "spamgate reads (docs/milter.md)",
+                " ".join(absent),
+                stage.name.lower(),
+            )
+
+    @staticmethod
+    async def _call(handler: MilterHandler, step: Step) -> Decision | MessageDecision:
+        event, macros = step.event, step.macros
+        match event:
+            case codec.Connect():
+                return await handler.connect(event, macros)
+            case codec.Helo():
+                return await handler.helo(event, macros)
+            case codec.Mail():
+                return await handler.mail(event, macros)
+            case codec.Rcpt():
+                return await handler.rcpt(event, macros)
+            case codec.Data():
+                return await handler.data(macros)
+            case codec.Header():
+                return await handler.header(event, macros)
+            case codec.EndOfHeaders():
+                return await handler.end_of_headers(macros)
+            case codec.Body():
+                return await handler.body(event.chunk, macros)
+            case codec.EndOfMessage():
+                if event.chunk:
+                    decision = await handler.body(event.chunk, macros)
+                    if not isinstance(decision, Continue):
+                        return decision
+                return await handler.end_of_message(macros)
+            case codec.Unknown():
+                return await handler.unknown(event, macros)
+        raise AssertionError(f"no handler method for {event!r}")  # pragma: no cover
+
+    async def _quietly(self, call) -> None:
+        try:
+            async with asyncio.timeout(self.limits.command_deadline):
+                await call
+        except Exception:
+            log.exception("milter connection %s: handler cleanup failed", self.peer)
+
+    async def finish(self) -> None:
+        """Close the current SMTP session's handler, if any (idempotent)."""
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            await self._quietly(handler.close())

@@ -1,0 +1,96 @@
+"""What the documents promise, checked: they stand alone, and they agree.
+
+A reader has this repository and nothing else, so no file in it may point at
+material they do not have (the developers' notes and reference folders).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+
+import yaml
+
+from spamgate.config import loads
+
+from .conftest import need_binary
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PROMTOOL = "/usr/bin/promtool"
+SKIP_DIRS = {".git", ".venv", ".hypothesis", ".pytest_cache", ".ruff_cache", "build", "dist"}
+TEXT = {".md", ".py", ".toml", ".cf", ".yml", ".yaml", ".json", ".service", ".sysusers", ""}
+
+
+def project_files() -> list[pathlib.Path]:
+    out = []
+    for top, dirs, files in os.walk(ROOT):
+        dirs[:] = [
+            d for d in dirs if d not in SKIP_DIRS and d != "__pycache__" and ".egg-info" not in d
+        ]
+        out += [pathlib.Path(top, f) for f in files if pathlib.Path(f).suffix in TEXT]
+    return out
+
+
+def test_nothing_cites_material_readers_do_not_have() -> None:
+    unreadable = re.compile(r"PROTOCOL\.md|LIBRARIES\.md|\.\./shared|/work/(shared|notes)")
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in project_files()
+        if path != pathlib.Path(__file__)
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if unreadable.search(line)
+    ]
+    assert found == []
+
+
+def doc_files() -> list[pathlib.Path]:
+    return [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file()),
+        *sorted((ROOT / "grafana").rglob("*.yml")),
+    ]
+
+
+def test_one_metrics_address_on_loopback_everywhere() -> None:
+    """deploy/ and every document name the same metrics port, always on loopback."""
+    deployed = loads((ROOT / "deploy" / "spamgate.toml").read_text()).metrics.listen
+    assert deployed == "127.0.0.1:9587"
+    others = {"9090": "Prometheus itself", "9100": "node_exporter"}
+    seen = set()
+    for path in doc_files():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for host, port in re.findall(r"([\w.\-\[\]:]*?):(9\d{3})\b", line):
+                if port in others:
+                    continue
+                where = f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+                assert f"{host}:{port}" == deployed, where
+                seen.add(path.name)
+    assert {"README.md", "monitoring.md", "deploy.md", "spamgate.toml"} <= seen
+
+
+def test_scrape_example_is_a_valid_prometheus_config(tmp_path) -> None:
+    need_binary(PROMTOOL, "promtool (Debian package prometheus)")
+    text = (ROOT / "docs" / "monitoring.md").read_text()
+    (example,) = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:] if "scrape_" in b]
+    config = yaml.safe_load(example)
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "spamgate"  # what SpamgateDown expects
+    deployed = loads((ROOT / "deploy" / "spamgate.toml").read_text()).metrics.listen
+    assert job["static_configs"] == [{"targets": [deployed]}]
+    rules = ROOT / "grafana" / "prometheus"
+    assert [pathlib.Path(f).name for f in config["rule_files"]] == [
+        "spamgate-recording.yml",
+        "spamgate-alerts.yml",
+    ]
+    config["rule_files"] = [str(rules / pathlib.Path(f).name) for f in config["rule_files"]]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    r = subprocess.run(
+        [PROMTOOL, "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
