@@ -18,6 +18,7 @@ from typing import TextIO
 from .checks.base import Check
 from .config import Config
 from .flow import SessionFlow
+from .logescape import escape
 from .message import Message, Outgoing
 from .model import Client, Session, Stage
 from .reply import Reply
@@ -101,7 +102,7 @@ class _ListHandler(logging.Handler):
         self.out = out
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.out.write(f"    log: {record.getMessage()}\n")
+        self.out.write(f"    log: {escape(record.getMessage())}\n")
 
 
 async def explain(

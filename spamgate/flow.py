@@ -400,7 +400,7 @@ class SessionFlow:
             assert pending.reply is not None
             self._txn_state.refused.append(pending.reply)
             return pending.reply
-        if not self.session.relay_permitted and not self.policy.relay.is_local(rcpt.address):
+        if not self.session.relay_permitted and not self.policy.relay.accepts(rcpt.address):
             reply = self.policy.relay.denied(rcpt.address)
             metrics.VERDICTS.labels("rcpt", "relay", "reject").inc()
             self._txn_state.refused.append(reply)
