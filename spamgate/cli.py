@@ -26,9 +26,10 @@ def _setup_logging(level: str, *, with_pid: bool = False) -> None:
     """Log to stderr; `with_pid` (several workers) names the process, as Postfix's
     `smtpd[1234]:` does, so a session's lines can be told from another worker's."""
     from .daemon import JournalFormatter, on_journal
+    from .logescape import install
 
     name = "%(name)s[%(process)d]" if with_pid else "%(name)s"
-    handler = logging.StreamHandler(sys.stderr)
+    handler = install(logging.StreamHandler(sys.stderr))  # no client forges a line
     if on_journal():  # under systemd: the journal stamps the time and keeps the level
         handler.setFormatter(JournalFormatter(name))
     else:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .domains import domain_key
 from .settings import (
     ConfigError,
     Located,
@@ -63,7 +64,12 @@ def _fraction(value: float) -> str | None:
 
 def _domains(value: list[str]) -> str | None:
     for item in value:
-        if not item or " " in item or "@" in item:
+        if (
+            not item
+            or " " in item
+            or "@" in item
+            or domain_key(item.lstrip("."), lenient=True) is None
+        ):
             return f'"{item}" is not a domain'
     return None
 

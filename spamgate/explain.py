@@ -19,6 +19,7 @@ from . import app
 from .config import Config
 from .flow.disposal import Quarantine
 from .flow.driver import SessionDriver
+from .logescape import escape
 from .message import Message
 from .model import Client, Session, Stage
 from .pipeline.check import Check
@@ -70,7 +71,7 @@ class _ListHandler(logging.Handler):
         self.out = out
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.out.write(f"    log: {record.getMessage()}\n")
+        self.out.write(f"    log: {escape(record.getMessage())}\n")
 
 
 async def explain(

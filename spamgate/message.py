@@ -24,6 +24,12 @@ from dataclasses import dataclass
 from functools import cached_property
 
 _FOLD = re.compile(r"\r\n(?=[ \t])")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # printable ASCII but ":"
+# The first byte of content that has no header section: a line that starts with
+# white space continues a field, and there is none to continue (see `relayed`).
+WHITE_SPACE = (b" ", b"\t")
 
 # Reads of a spooled message, and the blocks the relay sends, are this large.
 BLOCK_SIZE = 256 * 1024
@@ -131,12 +137,26 @@ class Message:
 
     @cached_property
     def _split(self) -> int:
-        """Offset of the body (just after the empty line), or len when none."""
+        """Offset of the body (just after the empty line), or len when none; 0 when
+        the content starts with white space, which makes all of it body."""
+        if self.headerless:
+            return 0
         data = self.content
         if data.startswith(b"\r\n"):
             return 2
         idx = data.find(b"\r\n\r\n")
         return len(data) if idx < 0 else idx + 4
+
+    @cached_property
+    def headerless(self) -> bool:
+        """The first line starts with a space or a tab: no field for it to continue.
+
+        Postfix's smtpd reads such content as body and starts it with an empty line
+        (smtpd.c: "Force an empty record when the queue file content begins with
+        whitespace, so that it won't be considered as being part of our own
+        Received: header"). The checks here see it the same way: no header fields.
+        """
+        return self.head(1) in WHITE_SPACE
 
     @cached_property
     def header_bytes(self) -> bytes:
@@ -152,15 +172,9 @@ class Message:
         block = self.header_bytes
         out: list[Header] = []
         for raw in _iter_fields(block):
-            name, sep, value = raw.partition(b":")
-            if not sep or not name or b" " in name.strip() or name != name.rstrip():
-                continue
-            out.append(
-                Header(
-                    name.decode("ascii", "replace"),
-                    value.decode("utf-8", "surrogateescape").strip(" \t"),
-                )
-            )
+            header = _field(raw)
+            if header is not None:
+                out.append(header)
         return tuple(out)
 
     def get_all(self, name: str) -> list[Header]:
@@ -180,7 +194,14 @@ class Message:
 
     def relayed(self, added: bytes, drop: Callable[[Header], bool] | None = None) -> Outgoing:
         """The message as it goes on: `added` header fields first, then the header
-        block without the fields `drop` selects, then the body as received."""
+        block without the fields `drop` selects, then the body as received.
+
+        Nothing the client sent may continue a field of `added`: content that starts
+        with white space (`headerless`) is put after an empty line, as Postfix does,
+        so that the reader downstream sees it as body, not as more of our field.
+        """
+        if self.headerless:
+            return Outgoing(added + b"\r\n", b"", self)
         header = self.header_bytes
         removed = 0
         if drop is not None and any(drop(h) for h in self.headers):
@@ -257,13 +278,18 @@ def _iter_raw_fields(block: bytes) -> list[bytes]:
 
 
 def _field(raw: bytes) -> Header | None:
+    """One field, or None for a line that is not one.
+
+    The name is what Postfix's is_header() accepts: printable ASCII up to the
+    colon, and white space before the colon is allowed (RFC 5322 §4.5.3, obsolete
+    syntax). Postfix keeps such a field and writes it out as "Name:", so it must
+    count here too: a forged `Authentication-Results :` is one to remove.
+    """
     name, sep, value = raw.partition(b":")
-    if not sep or not name or b" " in name.strip() or name != name.rstrip():
+    name = name.rstrip(b" \t")
+    if not sep or not _FIELD_NAME.fullmatch(name):
         return None
-    return Header(
-        name.decode("ascii", "replace"),
-        value.decode("utf-8", "surrogateescape").strip(" \t\r\n"),
-    )
+    return Header(name.decode("ascii"), value.decode("utf-8", "surrogateescape").strip(" \t\r\n"))
 
 
 def _iter_fields(block: bytes) -> list[bytes]:
@@ -280,7 +306,25 @@ def _iter_fields(block: bytes) -> list[bytes]:
 
 
 def render_headers(headers: list[tuple[str, str]]) -> bytes:
-    """Prepended header fields, CRLF-terminated; values must already be folded."""
+    """Prepended header fields, CRLF-terminated; values may be folded (CRLF, then a
+    space or a tab).
+
+    Each value is made safe here, whatever made it, so that a field we add stays
+    one field: a line break that is not a fold becomes one (a space is put before
+    the next line), an empty or blank line (which would end the header section) is
+    dropped, and other control characters become spaces.
+    """
     return b"".join(
-        f"{name}: {value}\r\n".encode("utf-8", "surrogateescape") for name, value in headers
+        f"{name}: {_one_field(value)}\r\n".encode("utf-8", "surrogateescape")
+        for name, value in headers
     )
+
+
+def _one_field(value: str) -> str:
+    first, *rest = _LINE_BREAK.split(value)
+    lines = [_CONTROL.sub(" ", first)]
+    for line in rest:
+        line = _CONTROL.sub(" ", line)
+        if line.strip():
+            lines.append(line if line[0] in " \t" else " " + line)
+    return "\r\n".join(lines)

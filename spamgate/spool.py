@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .message import BLOCK_SIZE, Message, SpoolFile
+from .message import BLOCK_SIZE, WHITE_SPACE, Message, SpoolFile
 
 _UNLIMITED = 1 << 62
 
@@ -69,6 +69,9 @@ class Spool:
         self._head += data
         if self._head.startswith(b"\r\n"):
             self._header = b"\r\n"
+            return
+        if self._head[:1] in WHITE_SPACE:
+            self._header = b""  # all body: see Message.headerless
             return
         end = self._head.find(b"\r\n\r\n", start)
         if end >= 0:

@@ -20,7 +20,9 @@ promises spamgate makes to the internet:
   command; MAIL/RCPT carry one path and known parameters only; headers spamgate
   prepends are well-formed fields of known names (no injection through CR/LF);
 * no relay: a client outside mynetworks that did not authenticate never gets a
-  recipient outside relay_domains to the upstream.
+  recipient outside relay_domains to the upstream, nor one whose local part
+  routes elsewhere (user%host, host!user, "user@host"); domains compare as ASCII
+  (a Kelvin sign is not a "k").
 
 The same runner replays the regression corpus (tests/corpus/*.smtp), so a case
 found by the fuzzer becomes plain test data.
@@ -73,11 +75,16 @@ OUR_HEADERS = {
 FIELD = re.compile(rb"^[!-9;-~]+: [^\x00-\x08\x0a-\x1f\x7f]*\r\n$")
 CONTINUATION = re.compile(rb"^[ \t][^\x00-\x08\x0a-\x1f\x7f]*\r\n$")
 FOLDED = {"received", "authentication-results"}  # our fields that may be folded
+LEAD = b"lead-fold.test"  # in the fuzzer's first lines that start with white space
 # An Authentication-Results value that names gate.test (the authserv-id), after
-# one optional comment, in the spellings the fuzzer forges.
-CLAIMS_US = re.compile(rb'^\s*(?:\([^()]*\)\s*)?"?gate\.test"?\s*(?:;|$)', re.IGNORECASE)
+# one optional comment, in the spellings the fuzzer forges: quoted, with a root
+# dot, cut by a control character, as an RFC 2047 encoded-word.
+CLAIMS_US = re.compile(
+    rb'^\s*(?:\([^()]*\)\s*)?(?:=\?[^?]*\?q\?)?"?gate\.test\.*(?![\w.-])', re.IGNORECASE
+)
+AR_NAME = re.compile(rb"^authentication-results[ \t]*:", re.IGNORECASE)
 MYNETWORKS = ipaddress.ip_network("127.0.0.1/32")
-LOCAL_DOMAIN = "example.test"
+LOCAL_DOMAINS = {"example.test", "bank.test"}
 ACCOUNT = ("alice", "s3cret")
 
 HEADER_RULES = r"""
@@ -96,7 +103,7 @@ FUZZ_CONFIG = """
 [server]
 listen = ["127.0.0.1:0"]
 hostname = "gate.test"
-relay_domains = ["example.test"]
+relay_domains = ["example.test", "bank.test"]
 mynetworks = ["127.0.0.1/32"]
 proxy_protocol_timeout = 1
 reload_interval = 0
@@ -152,14 +159,18 @@ HOSTILE_PTR = {
 
 
 class ErrorLog(logging.Handler):
-    """Counts records at ERROR and above from spamgate and asyncio: each is a crash."""
+    """Counts records at ERROR and above, and any record with a traceback, from
+    spamgate, asyncio and aiosmtpd: each is a crash (no client input may raise)."""
+
+    LOGGERS = ("spamgate", "asyncio", "mail.log")
 
     def __init__(self) -> None:
-        super().__init__(logging.ERROR)
+        super().__init__(logging.NOTSET)
         self.records: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(self.format(record))
+        if record.levelno >= logging.ERROR or record.exc_info or record.stack_info:
+            self.records.append(self.format(record))
 
 
 class Harness:
@@ -224,7 +235,7 @@ class Harness:
         await self.server.start()
         ports = [port for _host, port in self.server.addresses]
         self.port, self.proxy_port, self.tls_port = ports[0], ports[1], ports[2]
-        for name in ("spamgate", "asyncio"):
+        for name in ErrorLog.LOGGERS:
             logging.getLogger(name).addHandler(self.errors)
 
     def start(self) -> Harness:
@@ -236,7 +247,7 @@ class Harness:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
-        for name in ("spamgate", "asyncio"):
+        for name in ErrorLog.LOGGERS:
             logging.getLogger(name).removeHandler(self.errors)
         if self.server is not None:
             self.call(self.server.stop(grace=0.2))
@@ -444,8 +455,16 @@ def check_upstream(sink: Sink, accepted_before: int, transcript: Transcript) -> 
 
 
 def check_prepended(content: bytes) -> None:
-    """What spamgate put before the client's content is well-formed fields of our own."""
+    """What spamgate put before the client's content is well-formed fields of our own,
+    and nothing the client sent continues one of them: content that starts with
+    white space comes after an empty line (all of it body)."""
+    if LEAD in content.split(b"\r\n\r\n", 1)[0]:
+        raise Violation(f"the client's white-space lead continues our header: {content!r}")
     start = content.find(b"X-Fuzz-Id: ")
+    if 0 <= content.find(LEAD) < start:  # after the empty line we put before it
+        start = content.find(b"\r\n\r\n") + 2
+        if content[start + 2 : start + 3] not in (b" ", b"\t"):
+            raise Violation(f"an empty line before content that needs none: {content!r}")
     prefix = content[:start]
     current = None
     for line in prefix.split(b"\r\n")[:-1]:
@@ -469,8 +488,7 @@ def check_auth_results(content: bytes) -> None:
     ours = [
         i
         for i, f in enumerate(fields)
-        if f.lower().startswith(b"authentication-results:")
-        and CLAIMS_US.match(re.sub(rb"\r\n[ \t]", b" ", f.split(b":", 1)[1]))
+        if AR_NAME.match(f) and CLAIMS_US.match(re.sub(rb"\r\n[ \t]", b" ", f.split(b":", 1)[1]))
     ]
     if ours != [0]:
         raise Violation(f"Authentication-Results claiming gate.test at fields {ours}: {head!r}")
@@ -501,9 +519,21 @@ def check_commands(
                 if m is None or m.group(1).upper() not in allowed:
                     raise Violation(f"unexpected parameter upstream: {cmd!r}")
             if verb == "RCPT" and not relay:
-                mailbox = path[len("TO:<") : -1].lower()
-                if mailbox != "postmaster" and mailbox.rpartition("@")[2] != LOCAL_DOMAIN:
-                    raise Violation(f"relayed for a client that may not relay: {cmd!r}")
+                _relay_check(path[len("TO:<") : -1], cmd)
+
+
+def _relay_check(mailbox: str, cmd: str) -> None:
+    """A recipient of a client that may not relay: postmaster, or a mailbox in one
+    of our domains (ASCII comparison) whose local part names no other host."""
+    if mailbox.isascii() and mailbox.lower() == "postmaster":
+        return
+    local, _, domain = mailbox.rpartition("@")
+    if not domain.isascii() or domain.lower().rstrip(".") not in LOCAL_DOMAINS:
+        raise Violation(f"relayed for a client that may not relay: {cmd!r}")
+    if local.startswith('"'):
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    if set(local) & set("@%!"):
+        raise Violation(f"routed for a client that may not relay: {cmd!r}")
 
 
 def _check_xclient(cmd: str, addr: str, login: bool) -> None:

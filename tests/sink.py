@@ -71,7 +71,9 @@ class SinkBehaviour:
 def _authenticator(server, session, envelope, mechanism, auth_data) -> AuthResult:
     accounts = server.sink.behaviour.accounts
     if isinstance(auth_data, LoginPassword):
-        user, password = auth_data.login.decode(), auth_data.password.decode()
+        # Undecodable credentials are wrong ones (535), as for Postfix.
+        user = auth_data.login.decode("utf-8", "replace")
+        password = auth_data.password.decode("utf-8", "replace")
         if accounts.get(user) == password:
             return AuthResult(success=True, auth_data=auth_data)
     return AuthResult(success=False, handled=False)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -139,9 +141,37 @@ async def test_answer_that_is_not_base64_ends_the_exchange(
     assert (await c.cmd("NOOP")).code == 250  # the session goes on
 
 
+@pytest.mark.parametrize("stressed", [False, True])
+async def test_an_endless_answer_is_under_the_idle_timeout(
+    auth_gate, sink: Sink, tls_files, stressed: bool
+) -> None:
+    """An answer longer than the read buffer, then silence: cut at the idle timeout,
+    or at the stress timeout once the server comes under stress (issue 18)."""
+    if stressed:
+        gate = await auth_gate(
+            "[limits]\nidle_timeout = 30\nstress_idle_timeout = 0.3\n"
+            "max_sessions = 4\nstress_threshold = 0.5\n"
+        )
+    else:
+        gate = await auth_gate("[limits]\nidle_timeout = 0.5\n")
+    c, _ = await tls_client(gate, tls_files)
+    assert (await c.cmd("AUTH LOGIN")).code == 334
+    await c.send(b"A" * 70_000)  # ... and then silence
+    await asyncio.sleep(0.6)
+    started = time.monotonic()
+    if stressed:
+        await gate.client(source="127.0.0.6")  # the second session: stress
+    r = await c.reply(timeout=5)
+    assert (r.code, r.enhanced) == (421, "4.4.2")
+    assert time.monotonic() - started < 1
+    assert await c.closed()
+
+
 async def test_unknown_mechanism_and_sequence_errors(auth_gate, tls_files) -> None:
     gate = await auth_gate()
     c, _ = await tls_client(gate, tls_files)
+    r = await c.cmd(f"AUTH PLA\u0131N {PLAIN}")  # dotless i: Python upper-cases it to I
+    assert (r.code, r.enhanced) == (501, "5.5.4")
     r = await c.cmd("AUTH CRAM-MD5")
     assert (r.code, r.enhanced) == (504, "5.5.4")
     assert (await c.cmd("AUTH")).code == 501

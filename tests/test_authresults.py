@@ -22,8 +22,10 @@ from spamgate.model import Client, Session, Transaction
 from .conftest import GateFactory, config_text
 from .dkimkeys import Signer, message
 from .dnsserver import DnsServer
+from .postfix import PostfixInstance
 from .sink import Sink
 from .test_dmarc import CONFIG, DKIM, publish
+from .test_postfix import delivered, gate_to, marker
 
 PARSER = authres.FeatureContext(authres.dmarc)
 OTHER = Signer("other.test", "s1")
@@ -199,11 +201,74 @@ async def test_sender_chosen_values_cannot_pose_as_results(gate, sink: Sink) -> 
         ("other.test; spf=pass (gate.test)", False),
         ("; spf=pass", False),
         ("(unclosed gate.test; spf=pass", False),
+        # What other readers make of it (issue 18): a domain with its root dot, a
+        # value cut at a NUL (Postfix cuts the field there) or at a character no
+        # token holds, a pipeline that strips control characters, RFC 2047
+        # decoding (Python's email package, for any unknown field), Unicode
+        # compatibility forms and case.
+        ("gate.test.; dkim=pass", True),
+        ("gate.test..; dkim=pass", True),
+        ('"gate.test."; dkim=pass', True),
+        ("gate.test\x00; dkim=pass", True),
+        ("gate.test\x00junk; dkim=pass", True),
+        ("\x00gate.test; dkim=pass", True),
+        ("ga\x00te.test; dkim=pass", True),
+        ("gate.test\x01; dkim=pass", True),
+        ("gate.test\x7f; dkim=pass", True),
+        ("gate.test/x; dkim=pass", True),
+        ("gate.test@x; dkim=pass", True),
+        ("=?utf-8?q?gate.test?=; dkim=pass", True),
+        ("=?utf-8?b?Z2F0ZS50ZXN0?= ; dkim=pass", True),
+        ("\uff47\uff41\uff54\uff45\uff0e\uff54\uff45\uff53\uff54; dkim=pass", True),
+        ("GATE.TEST.; dkim=pass", True),
+        ("gate.test-x; dkim=pass", False),
+        ("gate.testx; dkim=pass", False),
+        ("=?utf-8?q?other.test?=; dkim=pass", False),
     ],
 )
 def test_whose_header_it_is(value: str, ours: bool) -> None:
     assert claims(value, "gate.test") is ours
     assert claims(value, "Gate.Test") is ours
+
+
+# A field claiming our authserv-id, in the spellings found by probing (issue 18).
+SPELLINGS = [
+    b"Authentication-Results : gate.test; dkim=pass header.d=paypal.test\r\n",
+    b"Authentication-Results\t: gate.test; dkim=pass header.d=paypal.test\r\n",
+    b"Authentication-Results \t : gate.test; dkim=pass header.d=paypal.test\r\n",
+    b"AUTHENTICATION-RESULTS: gate.test; dkim=pass header.d=paypal.test\r\n",
+    b"Authentication-Results: gate.test.; dkim=pass header.d=paypal.test\r\n",
+    b"Authentication-Results: gate.test\x00; dkim=pass header.d=paypal.test\r\n",
+    b"Authentication-Results: gate.test\x01; dkim=pass header.d=paypal.test\r\n",
+    b"Authentication-Results:gate.test;dkim=pass header.d=paypal.test\r\n",
+    b"Authentication-Results:\r\n gate.test;\r\n dkim=pass header.d=paypal.test\r\n",
+    b"Authentication-Results: =?us-ascii?q?gate.test?=; dkim=pass header.d=paypal.test\r\n",
+]
+
+
+@pytest.mark.parametrize("forged", SPELLINGS)
+async def test_forged_headers_in_other_spellings_are_removed(gate, sink: Sink, forged) -> None:
+    content = b"X-Before: 1\r\n" + forged + message("alice@spf.test")
+    assert (await send(gate, "alice@spf.test", content)).code == 250
+    got = sink.messages[0].content
+    assert b"paypal" not in got
+    assert got.endswith(b"\r\nX-Before: 1\r\n" + message("alice@spf.test"))
+
+
+async def test_forged_spellings_never_reach_postfix_as_ours(
+    gate_factory: GateFactory, postfix: PostfixInstance
+) -> None:
+    """Postfix reads "Name :" as a field and writes it as "Name:", and cuts a field
+    at a NUL: whatever it makes of them, one field claims gate.test, ours."""
+    gate = await gate_to(gate_factory, postfix)
+    mark = marker()
+    content = f"Subject: {mark}\r\n".encode() + b"".join(SPELLINGS) + b"\r\nbody\r\n"
+    c, _ = await gate.client(source="127.0.0.5")
+    assert (await c.mail("a@example.org", ["u@example.test"], content))[-1].code == 250
+    msg = await delivered(postfix, mark)
+    fields = msg.get_all("Authentication-Results")
+    assert len(fields) == 1 and claims(fields[0], "gate.test")
+    assert "paypal" not in msg.as_string()
 
 
 def test_authserv_id_forms() -> None:

@@ -62,6 +62,14 @@ def test_bad_values() -> None:
     assert any("z.toml:4:" in p and "IP network" in p for p in err.value.problems)
 
 
+def test_relay_domains_must_have_an_a_label_form() -> None:
+    cfg = loads('[server]\nrelay_domains = ["B\u00c4NK.test", ".sub.example.test"]\n', "r.toml")
+    assert cfg.server.relay_domains == ["B\u00c4NK.test", ".sub.example.test"]
+    with pytest.raises(ConfigError) as err:
+        loads('[server]\nrelay_domains = ["bad\u2028name.test"]\n', "r.toml")
+    assert "is not a domain" in err.value.problems[0]
+
+
 def test_check_command(tmp_path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('[server]\nrelay_domains = ["example.test"]\n')

@@ -157,6 +157,73 @@ async def test_command_line_beyond_the_read_buffer(gate_factory: GateFactory, si
     assert sink.connections == 0
 
 
+# A command line that never ends: more than the 64 KiB read buffer, then silence.
+ENDLESS = b"MAIL FROM:<" + b"A" * 70_000
+
+
+async def test_idle_timeout_covers_a_line_beyond_the_read_buffer(
+    gate_factory: GateFactory, sink: Sink
+) -> None:
+    """Skipping an over-long line is reading it: under the same deadline (issue 18)."""
+    gate = await gate_factory(limits(idle_timeout=0.5))
+    c, _ = await gate.client()
+    assert (await c.cmd("EHLO c.test")).code == 250
+    started = time.monotonic()
+    await c.send(ENDLESS)  # ... and then silence
+    r = await c.reply(timeout=5)
+    assert (r.code, r.enhanced) == (421, "4.4.2")
+    assert time.monotonic() - started < 2
+    assert await c.closed()
+    # a trickle of an over-long line does not keep it alive either
+    c, _ = await gate.client()
+    started = time.monotonic()
+
+    async def trickle() -> None:
+        with contextlib.suppress(ConnectionError):
+            await c.send(ENDLESS)
+            for _ in range(40):
+                await c.send(b"A" * 100)
+                await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(trickle())
+    r = await c.reply(timeout=5)
+    task.cancel()
+    assert (r.code, r.enhanced) == (421, "4.4.2")
+    assert time.monotonic() - started < 1.5  # the trickle would last 2 s
+    assert sink.connections == 0
+
+
+async def test_over_long_lines_cannot_hold_every_session(gate_factory: GateFactory) -> None:
+    """max_sessions clients that each send an endless line are cut at the idle
+    timeout, and a new client gets in (issue 18: 20 of them locked out all others)."""
+    gate = await gate_factory(limits(max_sessions=3, idle_timeout=0.5, stress_threshold=0))
+    holders = [(await gate.client(source=f"127.0.0.{5 + i}"))[0] for i in range(3)]
+    for c in holders:
+        await c.send(ENDLESS)
+    _, banner = await gate.client(source="127.0.0.9")
+    assert banner is not None and banner.code == 421  # full, for now
+    for c in holders:
+        assert (await c.reply(timeout=5)).code == 421
+    await wait_sessions(gate, 0)
+    _, banner = await gate.client(source="127.0.0.9")
+    assert banner is not None and banner.code == 220
+
+
+async def test_disconnect_while_an_over_long_line_is_skipped(
+    gate_factory: GateFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="spamgate")
+    gate = await gate_factory()
+    c, _ = await gate.client()
+    await c.cmd("EHLO c.test")
+    await c.send(ENDLESS)
+    await asyncio.sleep(0.2)  # the skip is under way
+    await c.close()
+    await wait_sessions(gate, 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert "disconnected" in caplog.text
+
+
 async def test_text_line_length(gate_factory: GateFactory, sink: Sink) -> None:
     gate = await gate_factory(limits(text_line_length=100))
     fits = b"y" * 98 + b"\r\n"  # 100 bytes with its CRLF

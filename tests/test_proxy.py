@@ -218,6 +218,75 @@ async def test_subdomain_relay_domains(gate_factory: GateFactory, sink: Sink) ->
     assert (await c.cmd("RCPT TO:<u@x.example.test>")).code == 554
 
 
+# Sender-specified routing through a domain of ours (issue 18): refused from
+# clients that may not relay, as Postfix's allow_untrusted_routing = no does.
+ROUTED = [
+    "user%other.test@example.test",
+    "other.test!user@example.test",
+    '"user@other.test"@example.test',
+    '"user%other.test"@example.test',
+    '"other.test!user"@example.test',
+    '"user\\@other.test"@example.test',
+    "@example.test:user%other.test@example.test",
+]
+
+
+async def test_untrusted_clients_may_not_route(gate_factory: GateFactory, sink: Sink) -> None:
+    gate = await gate_factory()
+    c, _ = await gate.client(source="127.0.0.5")  # outside mynetworks (127.0.0.1/32)
+    await c.cmd("EHLO c.test")
+    await c.cmd("MAIL FROM:<a@example.org>")
+    for rcpt in ROUTED:
+        r = await c.cmd(f"RCPT TO:<{rcpt}>")
+        assert (r.code, r.enhanced) == (554, "5.7.1"), (rcpt, r)
+        assert "Relay access denied" in r.text
+    # A source route is not routing: it is dropped (RFC 5321 §3.6.1, Appendix C),
+    # as Postfix drops it, and never reaches the upstream.
+    assert (await c.cmd("RCPT TO:<@other.test:user@example.test>")).code == 250
+    assert (await c.cmd("RCPT TO:<@example.test:user@other.test>")).code == 554
+    rcpts = [cmd for cmd in sink.commands if cmd.startswith("RCPT")]
+    assert rcpts == ["RCPT TO:<user@example.test>"]
+
+
+async def test_trusted_clients_may_route(gate_factory: GateFactory, sink: Sink) -> None:
+    gate = await gate_factory()
+    c, _ = await gate.client(source="127.0.0.1")  # mynetworks
+    await c.cmd("EHLO c.test")
+    await c.cmd("MAIL FROM:<a@example.org>")
+    assert (await c.cmd("RCPT TO:<user%other.test@example.test>")).code == 250
+
+
+async def test_relay_domains_compare_as_ascii_and_idna(
+    gate_factory: GateFactory, sink: Sink
+) -> None:
+    """Never Unicode case folding: the Kelvin sign K lower-cases to "k" in Python,
+    but it is another domain to the upstream; IDN domains as A-labels."""
+    domains = '["bank.test", ".sub.bank.test", "b\u00e4nk.test", "xn--bcher-kva.test"]'
+    gate = await gate_factory(server={"relay_domains": domains})
+    c, _ = await gate.client(source="127.0.0.5")
+    await c.cmd("EHLO c.test")
+    assert (await c.cmd("MAIL FROM:<a@example.org> SMTPUTF8")).code == 250
+    for rcpt in (
+        "u@ban\u212a.test",  # Kelvin sign
+        "u@x.sub.ban\u212a.test",
+        "u@\uff42ank.test",  # full-width b
+        "u@B\u00c4NK.test",  # not a U-label (IDNA2008: no upper case)
+        "u@bank.te\u017ft",  # long s
+    ):
+        r = await c.cmd(f"RCPT TO:<{rcpt}>")
+        assert (r.code, r.enhanced) == (554, "5.7.1"), (rcpt, r)
+    for rcpt in (
+        "u@BANK.test",
+        "u@bank.test.",
+        "u@x.SUB.bank.test",
+        "u@b\u00e4nk.test",
+        "u@xn--bnk-qla.test",
+        "u@b\u00fccher.test",
+    ):
+        assert (await c.cmd(f"RCPT TO:<{rcpt}>")).code == 250, rcpt
+    assert not any("\u212a" in cmd or "\u017f" in cmd for cmd in sink.commands)
+
+
 async def test_several_transactions_and_rset(gate_factory: GateFactory, sink: Sink) -> None:
     gate = await gate_factory()
     c, _ = await gate.client()
@@ -283,6 +352,61 @@ async def test_dsn_and_other_parameters_passed_verbatim(
     assert m.rcpt_params == [["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;u@example.test"]]
     r = await c.cmd("MAIL FROM:<a@example.org> MT-PRIORITY=3")
     assert (r.code, r.enhanced) == (555, "5.5.4")
+
+
+# Parameters whose Unicode case mapping or digits look like valid ones (issue 18):
+# each is a syntax error, never relayed, never a traceback.
+TRAPS = [
+    ("MAIL FROM:<a@example.org> SIZE=\u0661\u0662", "5.5.4"),  # Arabic-Indic digits
+    ("MAIL FROM:<a@example.org> SIZE=\uff11\uff12", "5.5.4"),  # full-width digits
+    ("MAIL FROM:<a@example.org> SIZE=\u00b2", "5.5.4"),  # superscript two: isdigit()
+    ("MAIL FROM:<a@example.org> BODY=8b\u0131tmime", "5.5.4"),  # dotless i upper-cases to I
+    ("MAIL FROM:<a@example.org> RET=HDR\u017f", "5.5.4"),  # long s upper-cases to S
+    ("MAIL FROM:<a@example.org> SMTPUTF8 SIZE=\u0661\u0662", "5.5.4"),
+    ("MAIL FROM:<a@example.org> SMTPUTF8 BODY=8b\u0131tmime", "5.5.4"),
+    ("MAIL FROM:<a@example.org> ENVID=\u00fc", "5.5.4"),
+]
+RCPT_TRAPS = [
+    "RCPT TO:<u@example.test> NOTIFY=\u017fuccess",
+    "RCPT TO:<u@example.test> NOTIFY=FAILURE,\u017fUCCESS",
+    "RCPT TO:<u@example.test> ORCPT=rfc822;\u00fc@example.test",
+    "RCPT TO:<u@example.test> ORCPT=utf-8;\u00fc@example.test",  # needs SMTPUTF8
+    "RCPT TO:<u@example.test> ORCPT=rfc822;a+ZZ",  # not xtext
+    "RCPT TO:<u@example.test> ORCPT=rfc\u0131822;a@example.test",
+]
+
+
+async def test_unicode_lookalike_parameters_are_syntax_errors(
+    gate_factory: GateFactory, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = await gate_factory()
+    c, _ = await gate.client(source="127.0.0.5")
+    assert (await c.cmd("EHLO c.test")).code == 250
+    for line, enhanced in TRAPS:
+        r = await c.cmd(line)
+        assert (r.code in (501, 555), r.enhanced) == (True, enhanced), (line, r)
+    assert (await c.cmd("MAIL FROM:<a@example.org>")).code == 250
+    for line in RCPT_TRAPS:
+        r = await c.cmd(line)
+        assert (r.code in (501, 555), r.enhanced) == (True, "5.5.4"), (line, r)
+    assert (await c.cmd("RSET")).code == 250
+    # the same with SMTPUTF8: a UTF-8 ORCPT of type utf-8 is fine (RFC 6533)
+    assert (await c.cmd("MAIL FROM:<a@example.org> SMTPUTF8")).code == 250
+    assert (await c.cmd("RCPT TO:<u@example.test> NOTIFY=\u017fuccess")).code == 501
+    r = await c.cmd("RCPT TO:<u@example.test> ORCPT=utf-8;\u00fc@example.test")
+    assert r.code == 250
+    assert not any(cmd.startswith("RCPT") and "\u017f" in cmd for cmd in sink.commands)
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
+
+
+async def test_verbs_are_ascii(gate_factory: GateFactory, sink: Sink) -> None:
+    """ "MA\u0130L" is no MAIL, though Python upper-cases "\u0131" to "I"."""
+    gate = await gate_factory()
+    c, _ = await gate.client()
+    assert (await c.cmd("EHLO c.test")).code == 250
+    assert (await c.cmd("ma\u0131l FROM:<a@example.org>")).code == 502
+    assert (await c.cmd("mail FROM:<a@example.org>")).code == 250
+    assert sum(cmd.startswith("MAIL") for cmd in sink.commands) == 1
 
 
 async def test_pipelined_transaction(gate_factory: GateFactory, sink: Sink) -> None:

@@ -98,6 +98,39 @@ async def test_stress_cuts_waits_already_in_progress(gate_factory: GateFactory, 
     assert "no longer under stress: 1 sessions" in caplog.text
 
 
+async def test_stress_cuts_an_over_long_line(gate_factory: GateFactory) -> None:
+    """A line beyond the read buffer is skipped under the stress timeout too."""
+    gate = await gate_factory(limits(**STRESS))
+    slow, _ = await gate.client(source="127.0.0.5")
+    await slow.cmd("EHLO c.test")
+    await slow.send(b"MAIL FROM:<" + b"A" * 70_000)  # ... and then silence
+    await asyncio.sleep(0.5)
+    assert stress_gauge() == 0
+    started = time.monotonic()
+    await gate.client(source="127.0.0.6")  # the second session: stress
+    r = await slow.reply(timeout=5)
+    assert (r.code, r.enhanced) == (421, "4.4.2")
+    assert time.monotonic() - started < 0.25
+
+
+async def test_stress_shortens_the_wait_for_a_proxy_header(gate_factory: GateFactory) -> None:
+    """A connection that owes a PROXY header is not a session yet, but it is a
+    read of client bytes: under stress it waits no longer than the idle timeout."""
+    gate = await gate_factory(
+        limits(**STRESS) + '[[listener]]\naddress = "127.0.0.1:0"\nproxy_protocol = true\n',
+        server={"proxy_protocol_timeout": "30"},
+    )
+    busy = [(await gate.client(source=f"127.0.0.{5 + i}"))[0] for i in range(2)]
+    assert stress_gauge() == 1
+    started = time.monotonic()
+    c, _ = await gate.client(listener=1, greet=False)
+    await c.send(b"PROXY TCP4 203.0.113.7")  # ... and then silence
+    assert await asyncio.wait_for(c.reader.read(), 5) == b""
+    assert time.monotonic() - started < 2
+    for b in busy:
+        await b.cmd("QUIT")
+
+
 async def keep_busy(c: RawClient, stop: asyncio.Event) -> tuple[int, int]:
     """A prompt client: a command every 0.1 s; returns (answered 250, sent)."""
     ok = sent = 0
@@ -146,10 +179,19 @@ async def test_stress_cuts_a_stalled_data_phase(gate_factory: GateFactory, sink:
     await c.send(b"Subject: stalled\r\n\r\nand then nothing")
     await asyncio.sleep(0.4)
     started = time.monotonic()
-    _other, _ = await gate.client(source="127.0.0.6")
+    # The second session brings stress and keeps it: a session that left at its own
+    # 0.3 s stress timeout would end the stress in a race with the cut. The cut
+    # comes at once when the reader saw the stall began before the stress, or one
+    # stress timeout later when the content reached it after its wait began (it
+    # sees only that data came since, not when).
+    other, _ = await gate.client(source="127.0.0.6")
+    stop = asyncio.Event()
+    busy = asyncio.create_task(keep_busy(other, stop))
     r = await c.reply(timeout=5)
     assert (r.code, r.enhanced) == (421, "4.4.2")
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 0.8
+    stop.set()
+    await busy
     assert sink.messages == [] and "DATA" not in sink.commands
 
 

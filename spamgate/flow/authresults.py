@@ -17,7 +17,10 @@ core does, using `claims()` (the comparison ignores case, as for domains).
 
 from __future__ import annotations
 
+import contextlib
+import email.header
 import re
+import unicodedata
 
 import authres
 import authres.dmarc
@@ -115,8 +118,45 @@ def _fold(text: str, width: int = 76) -> str:
 
 
 def claims(value: str, authserv_id: str) -> bool:
-    """Whether an Authentication-Results value names `authserv_id` as its author."""
-    return (authserv_id_of(value) or "").lower() == authserv_id.lower()
+    """Whether any reader downstream could take an Authentication-Results value for
+    one that `authserv_id` wrote.
+
+    Not only the RFC 8601 reading counts: the field is removed if any of the ways
+    other software reads a value names us (issue 18). A domain comparison ignores
+    a root dot ("gate.test."); Postfix cuts a field at a NUL and C parsers stop a
+    token at any character a token cannot hold, so the id is also read up to the
+    first one ("gate.test\\0...", "gate.test/x"); a pipeline may strip control
+    characters first (Postfix's message_strip_characters); Python's email package
+    decodes RFC 2047 encoded-words in any field it does not know; Unicode-aware
+    readers fold case and compatibility forms. Removing a field that was not ours
+    costs nothing (it was malformed or lying); keeping one that reads as ours
+    would hand the reader a "pass" of the sender's making.
+    """
+    ours = _comparable(authserv_id)
+    return any(_comparable(found) == ours for found in _readings(value))
+
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_TOKEN_HEAD = re.compile(r"[\w.-]*")  # letters, digits, "_", ".", "-": any script
+
+
+def _readings(value: str) -> set[str]:
+    """The authserv-ids that readers of `value` may find (see `claims`)."""
+    values = {value, _CONTROLS.sub("", value)}
+    if "=?" in value:
+        with contextlib.suppress(Exception):  # the email package's own errors
+            header = email.header.make_header(email.header.decode_header(value))
+            values.add(str(header))
+    found: set[str] = set()
+    for text in values:
+        whole = authserv_id_of(text)
+        if whole:
+            found |= {whole, _TOKEN_HEAD.match(whole).group(0)}  # type: ignore[union-attr]
+    return found
+
+
+def _comparable(name: str) -> str:
+    return unicodedata.normalize("NFKC", name).casefold().strip().rstrip(".")
 
 
 def authserv_id_of(value: str) -> str | None:

@@ -35,8 +35,8 @@ from typing import Literal
 
 from .. import metrics
 from ..background import Background
-from ..message import Message
-from ..model import Client, IPAddress, Recipient, Session, Stage, Transaction
+from ..message import Message, render_headers
+from ..model import IPAddress, Recipient, Session, Stage, Transaction
 from ..pipeline.check import CheckContext
 from ..pipeline.ledger import Ledger
 from ..pipeline.observer import Observer
@@ -352,7 +352,7 @@ class SessionDriver:
             return EndOfMessage(refusal.reply, "refuse", refusal.rule)
         added = self.headers.added(self.session, self.ledger)
         removed = self.headers.removed(msg)
-        final = msg.relayed(render(added), self.headers.forged if removed else None)
+        final = msg.relayed(render_headers(added), self.headers.forged if removed else None)
         if final.removed:
             self.log.info(
                 "removed %d %s header field(s) claiming to be ours (RFC 8601 §5)",
@@ -424,15 +424,3 @@ class SessionDriver:
             s.errors,
             time.monotonic() - s.started,
         )
-
-
-def render(headers: list[tuple[str, str]]) -> bytes:
-    """Prepended header fields, CRLF-terminated; values must already be folded."""
-    return b"".join(
-        f"{name}: {value}\r\n".encode("utf-8", "surrogateescape") for name, value in headers
-    )
-
-
-def new_client(address: IPAddress, port: int, **facts: object) -> Client:
-    """A client as a front end knows it (`facts`: name, helo, esmtp, tls, login, ...)."""
-    return Client(address=address, port=port, **facts)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..domains import ascii_lower
 from ..reply import Reply
 from . import xtext
 
@@ -29,6 +30,8 @@ _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")
 _VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
+_SIZE = re.compile(r"^[0-9]{1,20}$")  # not str.isdigit(): that takes any script's digits
+_ADDR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")  # RFC 3461 §4.2 addr-type (atom)
 
 MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"}
 RCPT_PARAMS = {"NOTIFY", "ORCPT"}
@@ -110,10 +113,10 @@ def parse_path(
         if ukey in keywords:
             return Reply(501, "5.5.4", (f"Duplicate parameter: {key[:40]}",))
         keywords[ukey] = value if eq else None
-    problem = _check_params(keywords)
+    utf8 = utf8_declared or "SMTPUTF8" in keywords
+    problem = _check_params(keywords, utf8=utf8)
     if problem is not None:
         return problem
-    utf8 = utf8_declared or "SMTPUTF8" in keywords
     # A source route (@a,@b:user@dom) is accepted and ignored (RFC 5321 §4.1.2, C).
     if path.startswith("@") and ":" in path:
         path = path.split(":", 1)[1]
@@ -126,7 +129,7 @@ def parse_path(
     if "@" not in path:
         # A bare local part: only <postmaster> is meaningful as a recipient
         # (RFC 5321 §4.5.1); a sender is left to the MTA, which appends its domain.
-        if keyword == "TO" and path.lower() != "postmaster":
+        if keyword == "TO" and ascii_lower(path) != "postmaster":
             return Reply(501, "5.1.3", ("Bad recipient address syntax",))
         if not (_DOT_ATOM.match(path) or _QUOTED.match(path)):
             return _bad(keyword)
@@ -141,9 +144,24 @@ def _bad(keyword: str) -> Reply:
     return Reply(501, "5.1.7" if keyword == "FROM" else "5.1.3", (f"Bad {which} address syntax",))
 
 
-def _check_params(keywords: dict[str, str | None]) -> Reply | None:
+def _check_params(keywords: dict[str, str | None], *, utf8: bool) -> Reply | None:
+    """Every value as its RFC spells it, compared as ASCII.
+
+    Python's Unicode case mapping and digits would take "8b\u0131tmime" for
+    8BITMIME (dotless i upper-cases to I), "\u017fuccess" for SUCCESS (long s) and
+    "\u0661\u0662" for 12; such values are syntax errors here, as in Postfix,
+    rather than parameters passed upstream that the upstream connection cannot
+    even encode. Only an ORCPT of type utf-8 (RFC 6533), after SMTPUTF8, may hold
+    more than ASCII.
+    """
     for key, value in keywords.items():
-        if key == "SIZE" and (value is None or not value.isdigit() or len(value) > 20):
+        if key == "ORCPT":
+            if not _orcpt_ok(value or "", utf8=utf8):
+                return Reply(501, "5.5.4", ("Bad ORCPT parameter",))
+            continue
+        if value is not None and not value.isascii():
+            return Reply(501, "5.5.4", (f"Bad {key} parameter",))
+        if key == "SIZE" and (value is None or not _SIZE.match(value)):
             return Reply(501, "5.5.4", ("Bad SIZE parameter",))
         if key == "BODY" and (value or "").upper() not in ("7BIT", "8BITMIME"):
             return Reply(501, "5.5.4", ("Unsupported BODY type",))
@@ -157,11 +175,18 @@ def _check_params(keywords: dict[str, str | None]) -> Reply | None:
             items = {v.upper() for v in (value or "").split(",")}
             if not (items == {"NEVER"} or (items and items <= _NOTIFY)):
                 return Reply(501, "5.5.4", ("Bad NOTIFY parameter",))
-        if key == "ORCPT":
-            kind, semi, addr = (value or "").partition(";")
-            if not semi or not kind or not addr or len(value or "") > 500:
-                return Reply(501, "5.5.4", ("Bad ORCPT parameter",))
     return None
+
+
+def _orcpt_ok(value: str, *, utf8: bool) -> bool:
+    """`addr-type ";" xtext` (RFC 3461 §4.2); with SMTPUTF8, type utf-8 may carry
+    UTF-8 (RFC 6533 §3, utf-8-addr-unitext); any other type is xtext, ASCII."""
+    kind, semi, addr = value.partition(";")
+    if not semi or not addr or len(value) > 500 or not _ADDR_TYPE.match(kind):
+        return False
+    if kind.lower() == "utf-8" and utf8:
+        return True
+    return addr.isascii() and xtext.is_valid(addr)
 
 
 _HELO = re.compile(r"^[\x21-\x7e]{1,255}$")

@@ -324,11 +324,16 @@ class SMTPSession(_AiosmtpdSMTP):
         """
         assert self._proxy_timeout is not None
         where = f"[{peer[0]}]:{peer[1]}"
+        # Not a session yet (so `stress()` never reaches it), but a read of client
+        # bytes all the same: under stress it waits no longer than a command would.
+        wait = self._proxy_timeout
+        if self.runtime.stressed:
+            wait = min(wait, self.cfg.limits.stress_idle_timeout)
         try:
-            async with asyncio.timeout(self._proxy_timeout):
+            async with asyncio.timeout(wait):
                 data = await get_proxy(self._reader)
         except TimeoutError:
-            log.warning("PROXY: no header from %s within %gs; closed", where, self._proxy_timeout)
+            log.warning("PROXY: no header from %s within %gs; closed", where, wait)
             return None
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             log.info("PROXY: %s closed before sending a header", where)
@@ -374,13 +379,12 @@ class SMTPSession(_AiosmtpdSMTP):
                 metrics.PROTOCOL_ERRORS.labels("timeout").inc()
                 await self._send(Reply(421, "4.4.2", (f"{self.hostname} {TIMEOUT}",)))
                 return "timeout"
-            except asyncio.LimitOverrunError:
-                await self._skip_long_line()
+            except asyncio.IncompleteReadError:
+                return "disconnected"
+            if line is None:
                 metrics.PROTOCOL_ERRORS.labels("line_too_long").inc()
                 await self._send(LINE_TOO_LONG)
                 continue
-            except asyncio.IncompleteReadError:
-                return "disconnected"
             self._busy = True
             try:
                 await self._dispatch(line)
@@ -391,9 +395,11 @@ class SMTPSession(_AiosmtpdSMTP):
                 return "shutdown"
         return "quit" if self._quit_seen else "closed"
 
-    async def _read_line(self, timeout: float, stressed: float) -> bytes:
+    async def _read_line(self, timeout: float, stressed: float) -> bytes | None:
         """`readuntil(b"\n")`, raising TimeoutError after `timeout` seconds, or
-        `stressed` seconds if the server comes under stress meanwhile.
+        `stressed` seconds if the server comes under stress meanwhile; None for a
+        line longer than the read buffer, which is read to its end and dropped
+        under the same deadline (a line that never ends must not hold the session).
 
         What `asyncio.timeout` does, for the one read a session waits on most,
         without a new timer per command: a session keeps one watchdog timer, moved
@@ -402,12 +408,17 @@ class SMTPSession(_AiosmtpdSMTP):
         """
         reader = self._reader
         if b"\n" in reader._buffer:  # type: ignore[attr-defined]
-            return await reader.readuntil(b"\n")  # already here: nothing to time
+            with contextlib.suppress(asyncio.LimitOverrunError):  # then timed, below
+                return await reader.readuntil(b"\n")  # already here: nothing to time
         now = self.loop.time()
         self._read_stress_deadline = now + stressed
         self._arm(now + timeout)
         try:
-            return await reader.readuntil(b"\n")
+            try:
+                return await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError:
+                await self._skip_long_line()
+                return None
         except asyncio.CancelledError:
             task = self._handler_coroutine
             if self._timed_out and task is not None:
@@ -442,6 +453,8 @@ class SMTPSession(_AiosmtpdSMTP):
             task.cancel()
 
     async def _skip_long_line(self) -> None:
+        """Read and drop the rest of a line longer than the read buffer; the caller
+        gives it a deadline. IncompleteReadError if the client goes away."""
         while True:
             try:
                 await self._reader.readuntil(b"\n")
@@ -465,7 +478,8 @@ class SMTPSession(_AiosmtpdSMTP):
             await self._send(BAD_UTF8)
             return
         verb, _, arg = text.partition(" ")
-        verb = verb.upper()
+        # ASCII only: Python would upper-case "ma\u0131l" (dotless i) to MAIL.
+        verb = verb.upper() if verb.isascii() else verb
         if self._proxy_timeout is None and (
             verb == "PROXY" or (line == b"\r\n" and self._buffer_startswith(V2_SIGNATURE[2:]))
         ):
@@ -727,10 +741,10 @@ class SMTPSession(_AiosmtpdSMTP):
             await self._send(Reply(503, "5.5.1", ("Error: MAIL transaction in progress",)))
             return
         mechanism, _, initial = (arg or "").partition(" ")
-        mechanism, initial = mechanism.upper(), initial.strip()
-        if not mechanism:
+        if not mechanism or not mechanism.isascii():  # RFC 4422 §3.1: ASCII names
             await self._send(Reply(501, "5.5.4", ("Syntax: AUTH mechanism",)))
             return
+        mechanism, initial = mechanism.upper(), initial.strip()
         if mechanism not in {m.upper() for m in self.cfg.auth.mechanisms}:
             await self._send(Reply(504, "5.5.4", ("Unsupported authentication mechanism",)))
             return
@@ -750,10 +764,11 @@ class SMTPSession(_AiosmtpdSMTP):
         idle = limits.stress_idle_timeout if self.runtime.stressed else limits.idle_timeout
         try:
             async with self._timer(idle, limits.stress_idle_timeout):
-                line = await self._reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError:
-            await self._skip_long_line()
-            return None
+                try:
+                    line = await self._reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError:
+                    await self._skip_long_line()  # under the same deadline
+                    return None
         except TimeoutError:
             metrics.PROTOCOL_ERRORS.labels("timeout").inc()
             self._writer.write(Reply(421, "4.4.2", (f"{self.hostname} {TIMEOUT}",)).render())
