@@ -39,7 +39,7 @@ from spamgate.config import DnsSettings
 from spamgate.message import Message
 from spamgate.model import Client, Recipient, Session, Stage, Transaction
 from spamgate.pipeline.check import CheckContext
-from spamgate.resolver import Resolver
+from spamgate.resolver import DnsResolver
 from tests.daemons import Clamd, Rspamd, Spamd
 from tests.dnsserver import DnsServer
 from tests.mimemaker import html_base64, newsletter, with_attachment, zip_of
@@ -85,7 +85,7 @@ async def main(n: int) -> None:
     dns = DnsServer()
     await dns.start()
     dns.zone("dbl.test", {"listed.test": {"A": "127.0.1.2"}})
-    resolver = Resolver(DnsSettings(nameservers=[dns.address], timeout=1.0, lifetime=2.0))
+    resolver = DnsResolver(DnsSettings(nameservers=[dns.address], timeout=1.0, lifetime=2.0))
     uribl_settings = UriblSettings(sites=["dbl.test=127.0.1.[2..99]"])
     uribl = UriblCheck(
         uribl_settings,

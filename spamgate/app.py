@@ -28,6 +28,7 @@ from .checks.registry import CHECK_TYPES
 from .config import CORE_SECTIONS, Config, StateSettings
 from .config import load as load_file
 from .config import loads as load_text
+from .config.settings import ConfigError
 from .flow.disposal import Disposal, Quarantine
 from .flow.driver import SessionDriver
 from .model import IPAddress, Session
@@ -35,9 +36,8 @@ from .pipeline.check import Check
 from .pipeline.observer import Observer
 from .pipeline.policy import Policy
 from .pipeline.runner import CorePolicy, Pipeline
-from .resolver import Resolver
+from .resolver import DnsResolver, Resolver
 from .services import Services
-from .settings import ConfigError
 from .state import StateStore, build_store
 from .tls import server_context, upstream_context
 from .upstream.base import Upstream
@@ -245,7 +245,7 @@ def build(
             problems += exc.problems
             # Go on with the in-process store, whose files were the problem.
             state = build_store(dataclasses.replace(config, state=StateSettings()))
-    services = Services(resolver=resolver or Resolver(config.dns), state=state)
+    services = Services(resolver=resolver or DnsResolver(config.dns), state=state)
     if upstream is None:
         try:
             upstream = build_upstream(config)

@@ -19,14 +19,14 @@ from collections.abc import Callable
 
 from . import __version__
 from .config import Config, InvalidConfig, hostname_problem
-from .settings import ConfigError
+from .config.settings import ConfigError
 
 
 def _setup_logging(level: str, *, with_pid: bool = False) -> None:
     """Log to stderr; `with_pid` (several workers) names the process, as Postfix's
     `smtpd[1234]:` does, so a session's lines can be told from another worker's."""
-    from .daemon import JournalFormatter, on_journal
     from .logescape import install
+    from .ops.daemon import JournalFormatter, on_journal
 
     name = "%(name)s[%(process)d]" if with_pid else "%(name)s"
     handler = install(logging.StreamHandler(sys.stderr))  # no client forges a line
@@ -63,8 +63,8 @@ def problems_of(path: str | None, checks=None) -> tuple[Config | None, list[str]
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import app
-    from .daemon import raise_fd_limit
-    from .server import Server, StartupError
+    from .ops.daemon import raise_fd_limit
+    from .ops.server import Server, StartupError
 
     try:
         config = app.load(args.config, args.checks)
@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("spamgate").warning("%s", hostname)
     factory = loop_factory(config.server.uvloop)
     if workers > 1:
-        from . import workers as supervisor
+        from .ops import workers as supervisor
 
         return supervisor.run(config, args.config, factory, args.checks)
     raise_fd_limit(config.limits.max_sessions)
@@ -199,7 +199,7 @@ def reference_markdown(checks=None) -> str:
     """The configuration reference as Markdown tables, one per section."""
     from . import app
     from .config import ARRAY_SECTIONS
-    from .settings import describe
+    from .config.settings import describe
 
     out: list[str] = []
     for name, cls in app.sections(checks or app.DEFAULT_CHECKS).items():

@@ -39,6 +39,8 @@ from prometheus_client import (
     values,
 )
 
+from . import __version__
+
 # `<name>_created` series double the series count and no panel uses them.
 disable_created_metrics()
 
@@ -553,8 +555,6 @@ def child(metric: Counter | Gauge | Histogram, *labels: str) -> Any:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
-
     out = {"version": __version__, "python": platform.python_version()}
     for label, dist in (
         ("aiosmtpd", "aiosmtpd"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .config import Config
 from .processes import worker_processes
-from .resolver import Resolver
+from .resolver import DnsResolver, Resolver
 from .state import MemoryStore, StateStore, build_store
 
 log = logging.getLogger("spamgate")
@@ -46,7 +46,7 @@ class Services:
     def build(cls, config: Config) -> Services:
         """The resolver of [dns] and the store of [state]; ConfigError for the
         store's unreadable files (a password, a CA)."""
-        return cls(resolver=Resolver(config.dns), state=build_store(config))
+        return cls(resolver=DnsResolver(config.dns), state=build_store(config))
 
     def processes(self, size: int) -> concurrent.futures.ProcessPoolExecutor:
         """The worker processes, started on first use; `size` counts only then (a

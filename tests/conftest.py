@@ -18,8 +18,8 @@ import pytest
 import trustme
 
 from spamgate.app import DEFAULT_CHECKS, build, loads
+from spamgate.ops.server import Server
 from spamgate.pipeline.check import Check
-from spamgate.server import Server
 
 from .daemons import CLAMD, RSPAMD, SPAMD, Clamd, Rspamd, Spamd
 from .dnsserver import DnsServer

@@ -49,7 +49,7 @@ from pathlib import Path
 import trustme
 
 from spamgate.app import build, loads
-from spamgate.server import Server
+from spamgate.ops.server import Server
 
 from .dnsserver import DnsServer
 from .sink import Sink

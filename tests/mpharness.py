@@ -19,8 +19,8 @@ import sys
 
 from spamgate import metrics
 from spamgate.app import build, load
-from spamgate.exporter import Exporter
-from spamgate.server import Server
+from spamgate.ops.exporter import Exporter
+from spamgate.ops.server import Server
 
 
 async def worker(config_path: str, report: int) -> int:

@@ -277,7 +277,7 @@ async def test_authenticated_clients_skip_chosen_checks(auth_gate, sink: Sink, t
 
 
 async def test_skip_checks_names_are_checked(auth_gate) -> None:
-    from spamgate.settings import ConfigError
+    from spamgate.config.settings import ConfigError
 
     with pytest.raises(ConfigError) as err:
         await auth_gate('[auth]\nskip_checks = ["testrject"]\n', checks=[RejectStrangers])

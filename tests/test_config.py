@@ -12,7 +12,7 @@ import pytest
 
 from spamgate.app import load, loads
 from spamgate.cli import END, START, reference_markdown
-from spamgate.settings import ConfigError
+from spamgate.config.settings import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

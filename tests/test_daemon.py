@@ -214,7 +214,7 @@ def test_open_files_limit_raised_and_checked() -> None:
 
     code = (
         "import logging, resource\n"
-        "from spamgate.daemon import raise_fd_limit\n"
+        "from spamgate.ops.daemon import raise_fd_limit\n"
         "logging.basicConfig(format='%(levelname)s %(message)s')\n"
         "raise_fd_limit(5000)\n"
         "print(resource.getrlimit(resource.RLIMIT_NOFILE))\n"

@@ -12,13 +12,13 @@ import pytest
 from spamgate import metrics
 from spamgate.app import build_policy, loads
 from spamgate.checks.dmarc import DmarcCheck, org_domain
+from spamgate.config.settings import ConfigError
 from spamgate.message import Message
 from spamgate.model import Client, Session, Stage, Transaction
 from spamgate.pipeline.check import CheckContext
 from spamgate.pipeline.ledger import Ledger
 from spamgate.pipeline.verdict import CheckFailures
 from spamgate.services import Services
-from spamgate.settings import ConfigError
 
 from .conftest import GateFactory, config_text
 from .dkimkeys import Signer, message

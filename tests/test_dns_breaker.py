@@ -22,7 +22,7 @@ import pytest
 
 from spamgate import metrics
 from spamgate.config import DnsSettings
-from spamgate.resolver import DnsError, Resolver
+from spamgate.resolver import DnsError, DnsResolver, Resolver
 
 from .conftest import GateFactory
 from .dkimkeys import Signer, message
@@ -57,7 +57,7 @@ KINDS = {"dead": dead_port, "black-hole": black_hole}
 
 
 def make_resolver(*addresses: str, failures: int = 3, probe: float = 0.2) -> Resolver:
-    return Resolver(
+    return DnsResolver(
         DnsSettings(
             nameservers=list(addresses),
             timeout=TIMEOUT,
@@ -185,7 +185,7 @@ async def test_a_dead_nameserver_among_live_ones_is_skipped(dns_server: DnsServe
 
 
 def test_breaker_failures_zero_is_off() -> None:
-    r = Resolver(DnsSettings(nameservers=["127.0.0.1:9"], breaker_failures=0))
+    r = DnsResolver(DnsSettings(nameservers=["127.0.0.1:9"], breaker_failures=0))
     for _ in range(100):
         r.nameservers[0].unanswered("timeout")
     assert r.nameservers[0].up

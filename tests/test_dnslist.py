@@ -8,7 +8,7 @@ import pytest
 
 from spamgate.app import loads
 from spamgate.checks.engines.dnslist import Site, domain_query, ip_query
-from spamgate.settings import ConfigError
+from spamgate.config.settings import ConfigError
 
 V4 = ipaddress.IPv4Address
 

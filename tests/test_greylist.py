@@ -8,8 +8,8 @@ import pytest
 
 from spamgate.app import build, loads
 from spamgate.checks.greylist import normalise_sender
-from spamgate.server import Server
-from spamgate.settings import ConfigError
+from spamgate.config.settings import ConfigError
+from spamgate.ops.server import Server
 
 from .conftest import GateFactory
 from .dnsserver import DnsServer

@@ -15,7 +15,7 @@ import pytest
 
 from spamgate.checks.engines.spfquery import SpfEngine
 from spamgate.config import DnsSettings
-from spamgate.resolver import UNAVAILABLE, Resolver
+from spamgate.resolver import UNAVAILABLE, DnsResolver
 
 from .conftest import GateFactory
 from .dnsserver import DnsServer
@@ -50,7 +50,7 @@ async def test_many_ptr_names_cost_at_most_ten_lookups(dns_server: DnsServer) ->
     names = [f"n{i}.many.test." for i in range(50)]
     dns_server.zone("0.0.127.in-addr.arpa", {"2": {"PTR": names}})
     dns_server.zone("many.test", {f"n{i}": {"A": "127.0.0.99"} for i in range(50)})
-    resolver = Resolver(DnsSettings(nameservers=[dns_server.address], timeout=0.5, lifetime=1))
+    resolver = DnsResolver(DnsSettings(nameservers=[dns_server.address], timeout=0.5, lifetime=1))
     assert await resolver.verified_name(ipaddress.ip_address("127.0.0.2")) == UNAVAILABLE
     forward = sum(dns_server.count(f"n{i}.many.test", "A") for i in range(50))
     assert forward == 10
@@ -75,7 +75,7 @@ async def test_spf_records_that_inflate_work_are_bounded(
     records["@"]["MX"] = [f"10 m{i}.spf.test." for i in range(30)]
     records |= {f"m{i}": {"A": "192.0.2.9"} for i in range(30)}
     dns_server.zone("spf.test", records)
-    resolver = Resolver(DnsSettings(nameservers=[dns_server.address], timeout=0.5, lifetime=1))
+    resolver = DnsResolver(DnsSettings(nameservers=[dns_server.address], timeout=0.5, lifetime=1))
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(1) as threads:
         outcome = await SpfEngine(resolver, threads, budget=5).check(

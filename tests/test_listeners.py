@@ -6,7 +6,7 @@ import pytest
 
 from spamgate.app import loads
 from spamgate.config import Listener
-from spamgate.settings import ConfigError
+from spamgate.config.settings import ConfigError
 
 TLS = '[tls]\ncert_file = "c.pem"\nkey_file = "k.pem"\n'
 

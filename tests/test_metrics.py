@@ -23,8 +23,9 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from spamgate import health, metrics
-from spamgate.server import StartupError
+from spamgate import metrics
+from spamgate.ops import health
+from spamgate.ops.server import StartupError
 
 from . import scripted
 from .conftest import GateFactory, need_binary

@@ -13,7 +13,7 @@ import ssl
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 
 from spamgate.app import build, loads
-from spamgate.server import Server
+from spamgate.ops.server import Server
 from spamgate.smtp.protocol import SMTPSession, _NoHooks
 
 from .conftest import TlsFiles, config_text

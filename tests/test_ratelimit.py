@@ -8,7 +8,7 @@ import pytest
 
 from spamgate.app import build, loads
 from spamgate.checks.ratelimit import Limit, parse_limit
-from spamgate.settings import ConfigError
+from spamgate.config.settings import ConfigError
 
 from .conftest import GateFactory
 from .sink import Sink
@@ -196,7 +196,7 @@ async def test_per_client_overrides(gate_factory: GateFactory, state_toml: str, 
 
 
 def test_override_tables_are_checked(tmp_path) -> None:
-    from spamgate.server import Server
+    from spamgate.ops.server import Server
 
     (tmp_path / "p.cidr").write_text("127.0.0.0/8 REJECT\n")
     text = '[ratelimit]\nmessages_per_ip = "1/1m"\n[ratelimit.overrides]\n'

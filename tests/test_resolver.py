@@ -12,7 +12,7 @@ import pytest
 from spamgate import metrics
 from spamgate import resolver as resolver_module
 from spamgate.config import DnsSettings
-from spamgate.resolver import TEMPUNAVAIL, UNAVAILABLE, DnsError, Resolver
+from spamgate.resolver import TEMPUNAVAIL, UNAVAILABLE, DnsError, DnsResolver, Resolver
 
 from .conftest import GateFactory
 from .dnsserver import DnsServer
@@ -21,7 +21,7 @@ from .sink import Sink
 
 def make_resolver(server: DnsServer, **kw) -> Resolver:
     settings = {"timeout": 0.3, "lifetime": 0.6, **kw}
-    return Resolver(DnsSettings(nameservers=[server.address], **settings))
+    return DnsResolver(DnsSettings(nameservers=[server.address], **settings))
 
 
 def sample(name: str, **labels: str) -> float:
@@ -300,7 +300,7 @@ async def test_reverse_lookup_off_asks_nothing(
 
 def test_nameservers_are_addresses() -> None:
     from spamgate.app import loads
-    from spamgate.settings import ConfigError
+    from spamgate.config.settings import ConfigError
 
     cfg = loads('[dns]\nnameservers = ["127.0.0.1:5353", "[::1]:53"]\n')
     assert cfg.dns.nameservers == ["127.0.0.1:5353", "[::1]:53"]

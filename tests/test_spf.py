@@ -19,7 +19,7 @@ from spamgate.config import DnsSettings
 from spamgate.model import Client, Session, Stage, Transaction
 from spamgate.pipeline.check import CheckContext
 from spamgate.pipeline.ledger import Ledger
-from spamgate.resolver import Resolver
+from spamgate.resolver import DnsResolver
 from spamgate.services import Services
 
 from .conftest import GateFactory, config_text
@@ -111,7 +111,7 @@ def publish_spf(server: DnsServer) -> None:
 @pytest.fixture
 async def engine(dns_server: DnsServer) -> AsyncIterator[SpfEngine]:
     publish_spf(dns_server)
-    resolver = Resolver(DnsSettings(nameservers=[dns_server.address], timeout=0.3, lifetime=0.6))
+    resolver = DnsResolver(DnsSettings(nameservers=[dns_server.address], timeout=0.3, lifetime=0.6))
     with concurrent.futures.ThreadPoolExecutor(2) as threads:
         yield SpfEngine(resolver, threads, budget=2.0)
 
@@ -196,7 +196,7 @@ async def test_results_remembered_within_the_ttls(dns_server: DnsServer) -> None
     the first answer the result came from expires (here the include's, TTL 1 s)."""
     dns_server.zone("memo.test", {"@": {"TXT": "v=spf1 include:_spf.inc.test -all"}})
     dns_server.zone("inc.test", {"_spf": {"TXT": "v=spf1 ip4:127.0.0.2 -all"}}, ttl=1)
-    resolver = Resolver(DnsSettings(nameservers=[dns_server.address], timeout=0.3, lifetime=0.6))
+    resolver = DnsResolver(DnsSettings(nameservers=[dns_server.address], timeout=0.3, lifetime=0.6))
     with concurrent.futures.ThreadPoolExecutor(1) as threads:
         engine = SpfEngine(resolver, threads, budget=2.0)
         first = await engine.check("127.0.0.2", "a@memo.test", "h.test")
@@ -224,7 +224,7 @@ async def test_results_not_remembered_after_dns_errors_or_with_macros(
     )
     dns_server.zone("flaky.test", {"@": {"TXT": "v=spf1 include:down.test -all"}})
     dns_server.fail("down.test")
-    resolver = Resolver(DnsSettings(nameservers=[dns_server.address], timeout=0.3, lifetime=0.6))
+    resolver = DnsResolver(DnsSettings(nameservers=[dns_server.address], timeout=0.3, lifetime=0.6))
     with concurrent.futures.ThreadPoolExecutor(1) as threads:
         engine = SpfEngine(resolver, threads, budget=2.0)
         # %{l}: the local part decides, so each sender is evaluated
@@ -241,7 +241,7 @@ async def test_results_not_remembered_after_dns_errors_or_with_macros(
 
 async def test_the_budget_bounds_a_slow_dns(dns_server: DnsServer) -> None:
     publish_spf(dns_server)
-    resolver = Resolver(DnsSettings(nameservers=[dns_server.address], timeout=1, lifetime=2))
+    resolver = DnsResolver(DnsSettings(nameservers=[dns_server.address], timeout=1, lifetime=2))
     with concurrent.futures.ThreadPoolExecutor(1) as threads:
         engine = SpfEngine(resolver, threads, budget=0.6)
         await engine.check("127.0.0.2", "a@good.test", "h.test")  # warm this one
@@ -262,7 +262,7 @@ async def test_the_budget_bounds_a_slow_dns(dns_server: DnsServer) -> None:
 
 
 async def test_dns_down_is_temperror(dns_server: DnsServer) -> None:
-    resolver = Resolver(DnsSettings(nameservers=[dns_server.address], timeout=0.1, lifetime=0.2))
+    resolver = DnsResolver(DnsSettings(nameservers=[dns_server.address], timeout=0.1, lifetime=0.2))
     dns_server.down = True
     with concurrent.futures.ThreadPoolExecutor(1) as threads:
         outcome = await SpfEngine(resolver, threads, budget=5).check("127.0.0.2", "a@x.test", "h")
@@ -409,7 +409,7 @@ async def test_mynetworks_is_not_checked(
 
 
 def test_bad_actions_are_config_errors() -> None:
-    from spamgate.settings import ConfigError
+    from spamgate.config.settings import ConfigError
 
     with pytest.raises(ConfigError) as err:
         loads('[spf]\nactions = { fial = "reject" }\n', "g.toml")

@@ -210,7 +210,7 @@ async def test_redis_outage_fails_fast_and_recovers(fresh_redis: RedisServer) ->
 
 def test_state_settings_are_checked() -> None:
     from spamgate.app import loads
-    from spamgate.settings import ConfigError
+    from spamgate.config.settings import ConfigError
 
     cfg = loads('[state]\nredis = "redis://127.0.0.1:6390/2"\non_unavailable = "tempfail"\n')
     assert cfg.state.redis.endswith("/2") and cfg.state.on_unavailable == "tempfail"

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from spamgate.checks.engines.ruleverdict import ReplyContext, to_verdict
+from spamgate.config.settings import ConfigError
 from spamgate.pipeline.verdict import Action, Symbol
 from spamgate.reply import Reply
-from spamgate.settings import ConfigError
 from spamgate.tables import Query, TableLimits, TableTimeout, load_table
 from spamgate.tables.actions import parse_action
 from spamgate.tables.keys import email_keys, ip_keys

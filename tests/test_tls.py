@@ -11,7 +11,7 @@ import pytest
 
 from spamgate import metrics
 from spamgate.app import build, loads
-from spamgate.settings import ConfigError
+from spamgate.config.settings import ConfigError
 
 from .conftest import GateFactory, issue
 from .sink import Sink
@@ -244,7 +244,7 @@ async def served_serial(gate, tls_files) -> int:
 
 
 async def test_tls_files_checked_at_load(tmp_path) -> None:
-    from spamgate.server import Server
+    from spamgate.ops.server import Server
 
     path = tmp_path / "t.toml"
     text = '[server]\nlisten = ["127.0.0.1:0"]\n\n[tls]\ncert_file = "nope.crt"\n'

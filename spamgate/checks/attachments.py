@@ -22,11 +22,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from ..config.settings import non_negative, positive, setting
 from ..model import Stage
 from ..pipeline.check import Check, CheckContext
 from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
-from ..settings import non_negative, positive, setting
 from .engines.archives import EXECUTABLE, EXPECTED, ZIP_TYPES, extensions, sniff, zip_listing
 from .engines.mimewalk import Part, WalkLimits, walk
 

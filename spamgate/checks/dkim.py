@@ -34,12 +34,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..config.settings import positive, setting
 from ..message import Message
 from ..model import Stage
 from ..pipeline.check import Check, CheckContext, Series
 from ..pipeline.verdict import DUNNO, CheckError, Verdict
 from ..resolver import DnsError, Resolver
-from ..settings import positive, setting
 from .engines.dkimverify import (
     KeyAnswer,
     SignatureResult,

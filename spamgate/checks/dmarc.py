@@ -62,13 +62,13 @@ from typing import TYPE_CHECKING, Literal
 import dmarc as dmarclib
 from publicsuffixlist import PublicSuffixList
 
+from ..config.settings import ConfigError, positive, setting
 from ..message import Message
 from ..model import Stage, Transaction
 from ..pipeline.check import Check, CheckContext, Series
 from ..pipeline.verdict import DUNNO, Action, CheckFailures, Symbol, Verdict
 from ..reply import Reply
 from ..resolver import DnsError, Resolver, ascii_domain
-from ..settings import ConfigError, positive, setting
 from .dkim import DkimResults
 from .engines.dkimverify import describe
 from .spf import SpfResult

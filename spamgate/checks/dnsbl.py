@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..config.settings import positive, setting
 from ..model import Stage
 from ..pipeline.check import Check, CheckContext
 from ..pipeline.verdict import DUNNO, Verdict
-from ..settings import positive, setting
 from .engines.dnslist import ListPolicy, ListResult, check_sites, check_symbol_sites, ip_query
 from .reputation import ReputationResult
 

@@ -26,11 +26,11 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..config.settings import networks, non_negative, positive, setting
 from ..model import Stage
 from ..pipeline.check import Check, CheckContext
 from ..pipeline.verdict import DUNNO, Action, Verdict
 from ..reply import Reply
-from ..settings import networks, non_negative, positive, setting
 from ..state import StateStore, StoreUnavailable, Window, network_of
 from ..state.base import prefix_check
 from ..tables import split_spec

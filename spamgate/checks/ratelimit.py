@@ -27,11 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..config.settings import setting
 from ..model import Stage
 from ..pipeline.check import Check, CheckContext
 from ..pipeline.verdict import DUNNO, Action, Verdict
 from ..reply import Reply
-from ..settings import setting
 from ..state import StateStore, StoreUnavailable, Window, network_of
 from ..state.base import prefix_check
 from ..tables import split_spec

@@ -17,10 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+from ..config.settings import ConfigError, positive, setting
 from ..model import Stage
 from ..pipeline.check import Check, CheckContext, Series
 from ..pipeline.verdict import DUNNO, Verdict
-from ..settings import ConfigError, positive, setting
 from ..tables import Match, Query, Table, TableLimits, load_configured, split_spec
 from ..tables.keys import NULL_SENDER
 from .engines.ruleverdict import ReplyContext, lookups, to_verdict

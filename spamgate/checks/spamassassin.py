@@ -19,11 +19,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from ..config.settings import positive, setting
 from ..model import Stage
 from ..pipeline.check import Check, CheckContext
 from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
-from ..settings import positive, setting
 from .engines.backend import Outage, check_address, parse_address, scanner_symbols
 from .engines.spamd import SpamdError, symbols
 

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import spf
 
+from ..config.settings import positive, setting
 from ..model import Client, Stage
 from ..pipeline.check import Check, CheckContext, Series
 from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..resolver import ascii_domain
-from ..settings import positive, setting
 from .engines.spfquery import SpfEngine, SpfOutcome
 
 if TYPE_CHECKING:

@@ -23,13 +23,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from ..config.settings import ConfigError, positive, setting
 from ..message import Message
 from ..model import Stage
 from ..pipeline.check import Check, CheckContext
 from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..resolver import Resolver, ascii_domain
-from ..settings import ConfigError, positive, setting
 from .engines.dnslist import (
     ListPolicy,
     ZoneAnswer,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from ..settings import ConfigError
+from ..config.settings import ConfigError
 from . import Query, Table, TableLimits, load_configured, split_spec
 
 if TYPE_CHECKING:

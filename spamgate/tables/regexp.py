@@ -29,7 +29,8 @@ from typing import Any
 
 import regex
 
-from . import (
+from .actions import parse_action
+from .base import (
     MYHOSTNAME,
     Entry,
     Match,
@@ -39,7 +40,6 @@ from . import (
     TableTimeout,
     parse_entries,
 )
-from .actions import parse_action
 from .source import LogicalLine
 
 _FLAGS = {"i": 0, "m": regex.MULTILINE, "s": regex.DOTALL, "x": regex.VERBOSE}

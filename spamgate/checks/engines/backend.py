@@ -17,9 +17,9 @@ import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+from ...config.settings import parse_hostport
 from ...message import Message
 from ...pipeline.verdict import CheckError, Symbol
-from ...settings import parse_hostport
 
 log = logging.getLogger("spamgate.backend")
 

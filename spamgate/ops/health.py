@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
-from . import metrics
+from .. import metrics
+from ..app import Runtime
 from .exporter import Status
-
-if TYPE_CHECKING:
-    from .server import Server
 
 LOOP_TIMEOUT = 2.0  # seconds the event loop may take to run a no-op
 PROBE_TIMEOUT = 10.0  # a probe that takes longer counts as a failure
@@ -52,14 +50,25 @@ class UpstreamProbe:
 
 
 class Health:
-    """The status callables of one process's `Server`, safe to call from any thread."""
+    """The status callables of one process, safe to call from any thread.
 
-    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
-        self.server = server
+    `listening` gives the addresses served now (none: not listening); `probe`
+    asks the upstream (`Upstream.probe`), `upstream` names it for the answer.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        listening: Callable[[], list[tuple[str, int]]],
+        probe: Callable[[], Awaitable[bool]],
+        upstream: str,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.runtime = runtime
+        self.listening = listening
+        self.upstream_address = upstream
         self.loop = loop
-        self.upstream = UpstreamProbe(
-            server.app.upstream.probe, server.config.metrics.probe_interval
-        )
+        self.upstream = UpstreamProbe(probe, runtime.config.metrics.probe_interval)
 
     def live(self) -> Status:
         done = asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop)
@@ -79,12 +88,12 @@ class Health:
             return False, "readiness check timed out"
 
     async def _ready(self) -> Status:
-        srv = self.server
-        rt = srv.runtime
+        rt = self.runtime
         lines: list[str] = []
-        listening = bool(srv.servers) and not rt.closing
+        addresses = self.listening()
+        listening = bool(addresses) and not rt.closing
         if listening:
-            lines.append("listening: " + ", ".join(f"{h}:{p}" for h, p in srv.addresses))
+            lines.append("listening: " + ", ".join(f"{h}:{p}" for h, p in addresses))
         else:
             lines.append("listening: no" + (" (shutting down)" if rt.closing else ""))
         policy = rt.policy
@@ -95,7 +104,7 @@ class Health:
             line += "; the last reload was refused (see the log), the previous config runs"
         lines.append(line)
         up, age = await self.upstream.check()
-        where = srv.config.upstream.address
+        where = self.upstream_address
         lines.append(
             f"upstream: {where} {'answers' if up else 'does not answer'} (checked {age:.0f}s ago)"
         )

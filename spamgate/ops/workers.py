@@ -42,11 +42,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import app, daemon, metrics
-from .config import Config
+from .. import app, metrics
+from ..config import Config
+from ..config.settings import ConfigError, parse_hostport
+from . import daemon
 from .daemon import PrivilegeError, StartupError, cannot_listen, drop_privileges
 from .exporter import Exporter
-from .settings import ConfigError, parse_hostport
+from .server import Server
 
 log = logging.getLogger("spamgate")
 
@@ -240,7 +242,6 @@ class Supervisor:
             for n, sock in enumerate(group):
                 if n != index:
                     sock.close()
-        from .server import Server
 
         async def main() -> int:
             try:

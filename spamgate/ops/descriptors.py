@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import metrics
+from .. import metrics
 
 log = logging.getLogger("spamgate")
 

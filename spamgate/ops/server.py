@@ -21,18 +21,19 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 
-from . import daemon, metrics
-from .app import App
-from .config import Config, Listener
+from .. import metrics
+from ..app import App
+from ..config import Config, Listener
+from ..config.settings import ConfigError, parse_hostport
+from ..reply import Reply
+from ..services import Services
+from ..smtp.protocol import SMTPSession
+from ..state import StoreUnavailable, state_warnings
+from . import daemon
 from .daemon import PrivilegeError, StartupError, cannot_listen, drop_privileges
+from .descriptors import FdReserve, raise_soft_limit, watermark
 from .exporter import Exporter
-from .fdlimit import FdReserve, raise_soft_limit, watermark
 from .health import Health
-from .reply import Reply
-from .services import Services
-from .settings import ConfigError, parse_hostport
-from .smtp.protocol import SMTPSession
-from .state import StoreUnavailable, state_warnings
 
 log = logging.getLogger("spamgate")
 
@@ -143,7 +144,13 @@ class Server:
 
     def _start_exporter(self, listen: str) -> None:
         host, port = parse_hostport(listen)
-        self.health = Health(self, asyncio.get_running_loop())
+        self.health = Health(
+            self.runtime,
+            lambda: self.addresses if self.servers else [],
+            self.app.upstream.probe,
+            self.config.upstream.address,
+            asyncio.get_running_loop(),
+        )
         exporter = Exporter(
             host,
             port,
@@ -281,7 +288,7 @@ class Server:
         supervised: bool = False,
     ) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads. `supervised`: a worker under
-        spamgate.workers, whose supervisor bound the sockets, dropped root and
+        spamgate.ops.workers, whose supervisor bound the sockets, dropped root and
         speaks to systemd."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
