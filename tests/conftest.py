@@ -20,11 +20,10 @@ import trustme
 from spamgate.app import DEFAULT_CHECKS, build, loads
 from spamgate.ops.server import Server
 from spamgate.pipeline.check import Check
-
-from .daemons import CLAMD, RSPAMD, SPAMD, Clamd, Rspamd, Spamd
-from .dnsserver import DnsServer
-from .postfix import POSTFIX, PostfixInstance
-from .redisserver import (
+from testkit.daemons import CLAMD, RSPAMD, SPAMD, Clamd, Rspamd, Spamd
+from testkit.dnsserver import DnsServer
+from testkit.postfix import POSTFIX, PostfixInstance
+from testkit.redisserver import (
     REDIS_CLI,
     REDIS_SENTINEL,
     REDIS_SERVER,
@@ -32,8 +31,8 @@ from .redisserver import (
     RedisServer,
     SentinelSet,
 )
-from .sink import Sink
-from .smtpclient import RawClient
+from testkit.sink import Sink
+from testkit.smtpclient import RawClient
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -109,7 +108,7 @@ def need_postfix() -> None:
 
 @pytest.fixture(scope="session")
 def postfix() -> Iterator[PostfixInstance]:
-    """One private Postfix for the whole run (tests/postfix.py describes it).
+    """One private Postfix for the whole run (testkit/postfix.py describes it).
 
     Shared because starting one takes about a second; tests tell their mail apart
     by a unique marker in the message and a client address of their own.

@@ -35,11 +35,13 @@ def lazy_imports() -> list[str]:
             if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
             for sub in ast.walk(node):
-                if (isinstance(sub, ast.ImportFrom) and (
-                    sub.level > 0 or (sub.module or "").startswith("spamgate")
-                )) or (isinstance(sub, ast.Import) and any(
-                    a.name.startswith("spamgate") for a in sub.names
-                )):
+                if (
+                    isinstance(sub, ast.ImportFrom)
+                    and (sub.level > 0 or (sub.module or "").startswith("spamgate"))
+                ) or (
+                    isinstance(sub, ast.Import)
+                    and any(a.name.startswith("spamgate") for a in sub.names)
+                ):
                     found.append(f"{where}:{sub.lineno}")
     return found
 
