@@ -72,12 +72,6 @@ SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 10485760, 33
 SCORE_BUCKETS = (-5, 0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 50)
 
 # -- the closed label sets ------------------------------------------------------------
-STAGES = ("connect", "helo", "mail", "rcpt", "data", "eod")
-# Decisions the core makes itself appear under these "check" labels, next to the
-# checks' own names: relay control, score thresholds, size/recipient limits, and
-# protocol refusals (bare line ends and over-long lines in content, pregreet).
-CORE_CHECKS = ("relay", "score", "limits", "protocol")
-REFUSALS = ("reject", "defer", "disconnect")  # actions that refuse; "rejection rate"
 TRANSACTION_OUTCOMES = (
     "accepted",
     "rejected",
@@ -298,22 +292,6 @@ DMARC_INTERNAL_ERRORS = Counter(
 DMARC_INTERNAL_CAUSES = ("spf", "dkim", "dmarc")
 
 # -- content checks (links, antivirus, external scorers, attachments) ---------------
-# Each check's result words: a closed set per check, created at zero with the check.
-CONTENT_RESULTS = {
-    "uribl": ("clean", "listed", "no_links"),
-    "clamav": ("clean", "infected", "partial"),
-    "rspamd": (
-        "no_action",
-        "greylist",
-        "add_header",
-        "rewrite_subject",
-        "soft_reject",
-        "reject",
-        "skipped",
-    ),
-    "spamassassin": ("ham", "spam", "skipped"),
-    "attachments": ("clean", "blocked", "scored", "none"),
-}
 URIBL_DOMAIN_RESULTS = ("looked_up", "allowlisted", "over_limit")
 ATTACHMENT_KINDS = (
     "extension",
@@ -723,7 +701,3 @@ def scrape_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=_multiprocess_dir)
     return registry
-
-
-def is_multiprocess() -> bool:
-    return _multiprocess_dir is not None

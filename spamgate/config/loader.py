@@ -73,12 +73,6 @@ class Config:
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(n, strict=False) for n in self.server.mynetworks]
 
-    @property
-    def upstream_endpoint(self) -> tuple[str, int] | None:
-        if self.upstream.address.startswith("maildir:"):
-            return None
-        return parse_hostport(self.upstream.address)
-
 
 def cores_for_workers() -> int:
     """`workers = 0`: a worker per core this process may run on (its CPU affinity,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-_WORDS = ("OK", "DUNNO", "REJECT", "DEFER", "DISCARD", "HOLD", "PREPEND", "WARN", "SCORE")
 _REFUSING = ("REJECT", "DEFER", "DISCARD", "HOLD")
 # Postfix actions people will try; named so the error says "not supported", not "typo".
 _POSTFIX_ONLY = (
