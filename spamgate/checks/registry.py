@@ -16,6 +16,7 @@ from .dkim import DkimCheck
 from .dmarc import DmarcCheck
 from .dnsbl import DnsblCheck
 from .greylist import GreylistCheck
+from .helo import HeloSyntaxCheck
 from .ratelimit import RateLimitCheck
 from .reputation import ReputationCheck
 from .rhsbl import RhsblCheck
@@ -32,6 +33,7 @@ from .uribl import UriblCheck
 CHECK_TYPES: list[type[Check]] = [
     ClientRules,
     HeloRules,
+    HeloSyntaxCheck,
     SenderRules,
     RecipientRules,
     # Before DNS at connect: a client blocked for its rejections costs no lookup,
