@@ -7,7 +7,7 @@ decoded) is judged by its last extension, as Windows reads it (trailing dots
 and spaces dropped), so `invoice.pdf.exe` and `invoice.exe.` are caught; a
 part whose first bytes show an executable under a harmless name (`scan.pdf`
 that starts with "MZ") is a disguise; and the names inside zip archives are
-read from the central directory (listing only, never extracting: `archives.py`).
+read from the central directory (listing only, never extracting: `engines/archives.py`).
 
 The whole message is walked (up to `scan_size`), not only its first megabyte:
 an executable after a large harmless attachment is still seen. Memory stays

@@ -2,7 +2,7 @@
 
 The whole message as received (headers and MIME body; clamd decodes MIME and
 archives itself with ScanMail/ScanArchive) is streamed to clamd with INSTREAM
-(`clamd.py`), at most `max_size` bytes. A virus refuses the message with
+(`engines/clamd.py`), at most `max_size` bytes. A virus refuses the message with
 `554 5.7.0 Virus found: NAME`, or holds it in quarantine, or adds the symbol
 CLAMAV_VIRUS, as `action` says. clamd down, refusing or slower than `timeout`
 is a check failure: the runner applies `on_error` ("continue": the message goes

@@ -1,7 +1,7 @@
 """Domain lists (RHSBL, Spamhaus DBL style) for the HELO name and the sender domain.
 
 The same site syntax, weights, threshold and error handling as the address lists
-(`dnslist.py`), applied to each identity on its own: the HELO name at HELO, the MAIL
+(`engines/dnslist.py`), applied to each identity on its own: the HELO name at HELO, the MAIL
 FROM domain at MAIL. The domain is looked up as given (`domain.zone`, RFC 5782
 §2.3); names that are not domains (address literals, single labels) are skipped,
 and so are clients in mynetworks and clients already refused (delayed reject).

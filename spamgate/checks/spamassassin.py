@@ -1,6 +1,6 @@
 """SpamAssassin as a scorer: the message through spamd, at end of data.
 
-spamd (SYMBOLS, `spamd.py`) gives a score, its own threshold and the rules that
+spamd (SYMBOLS, `engines/spamd.py`) gives a score, its own threshold and the rules that
 hit. By default (`mode = "score"`) the score enters spamgate's scoring as the
 symbol SPAMASSASSIN, worth the score times `weight`, beside DNS lists, SPF and
 the rest, so [scoring] reject and tag decide; with `mode = "action"` spamd's own

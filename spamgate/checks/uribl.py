@@ -1,9 +1,9 @@
 """Links against domain lists (URIBL / DBL style), at end of data.
 
-The hosts of every link in the message's text and HTML parts (`links.py` says
-how they are found and normalised) are looked up by their registered domain in
-DBL-style zones, with the same `zone[=filter][*weight]` syntax, weights,
-threshold, score-only `symbols` and error handling as `[dnsbl]` (`dnslist.py`):
+The hosts of every link in the message's text and HTML parts (`engines/links.py`
+says how they are found and normalised) are looked up by their registered domain
+in DBL-style zones, with the same `zone[=filter][*weight]` syntax, weights,
+threshold, score-only `symbols` and error handling as `[dnsbl]` (`engines/dnslist.py`):
 an answer a list gives to say "I refuse" is counted as an error, never as a
 listing. Links to IP addresses go to `ip_sites`, address lists such as zen.
 

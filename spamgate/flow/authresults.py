@@ -1,7 +1,7 @@
 """The Authentication-Results header field (RFC 8601): what spamgate found, for the
 mail stores downstream, which read this header already.
 
-It is built by the core (`flow.py`) for every message relayed or quarantined, in
+It is built by the session driver (`headers.py`) for every message relayed or held, in
 monitor mode too (a header refuses nothing), from the typed results the checks
 recorded: SPF for MAIL FROM and for HELO, each DKIM signature, DMARC per author
 domain. A method that did not run (disabled, or skipped for a client in

@@ -92,7 +92,7 @@ def _fast_aiosmtpd_init(
     methods: about 220 µs, a tenth of a message's CPU. None of them is used here
     (this class replaces the command loop, AUTH and the hooks), so they are empty,
     and the rest is what aiosmtpd would set with these arguments and no handler
-    hooks. tests/test_protocol_init.py compares the two, attribute by attribute.
+    hooks. tests/unit/smtp/test_protocol_init.py compares the two, attribute by attribute.
     """
     asyncio.StreamReaderProtocol.__init__(
         proto,

@@ -10,7 +10,7 @@ A short run is part of the normal suite. The long run, with a JSON line of
 figures per kind (sessions, messages accepted, crashes):
 
     FUZZ_EXAMPLES=3400 FUZZ_REPORT=/tmp/fuzz.jsonl \\
-        python -m pytest -q tests/test_fuzz.py
+        python -m pytest -q tests/e2e/test_fuzz.py
 
 Every failure hypothesis finds is shrunk to a small session: add it to
 tests/corpus/ so it is replayed forever after.

@@ -1,4 +1,4 @@
-"""Several worker processes, one scrape: the sum over all of them (tests/mpharness.py)."""
+"""Several worker processes, one scrape: the sum over all of them (tests/e2e/mpharness.py)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A fresh spamgate process (`python -m tests.e2e.scripted run`: the real CLI, with real
 rule tables, real DNS list, SPF, DKIM and DMARC checks against the test DNS server
-and messages signed by the test, plus the scripted check of tests/scripted.py for a
+and messages signed by the test, plus the scripted check of tests/e2e/scripted.py for a
 failing check and a refusal at DATA) is scraped every second by a
 private Prometheus on loopback. The test drives a scripted mix
 of accepted, rejected (at connect, HELO, MAIL, RCPT, DATA and end of data),
@@ -77,7 +77,7 @@ LIVE_ALERTS = {
 }
 HISTORY_ALERTS = {
     "SpamgateRejectionRateUnusual": "needs a day of history (grafana/prometheus/tests/*.yml)",
-    # provoked in tests/test_dmarc.py (a DKIM verification out of time); here its
+    # provoked in tests/e2e/test_dmarc.py (a DKIM verification out of time); here its
     # series must exist, and promtool shows when it fires
     "SpamgateDMARCInternalErrors": "a failure inside spamgate (grafana/prometheus/tests/*.yml)",
 }

@@ -69,7 +69,7 @@ async def test_a_txt_record_of_no_strings_is_an_answer(dns_server: DnsServer) ->
 
 async def test_a_cname_loop_is_a_dns_error(dns_server: DnsServer) -> None:
     # (as from a recursive resolver, which says SERVFAIL); SPF then decides what
-    # the error means where it is met (tests/test_spf.py)
+    # the error means where it is met (tests/e2e/test_spf.py)
     dns_server.zone("loop.test", {"a": {"CNAME": "b.loop.test."}, "b": {"CNAME": "a.loop.test."}})
     r = make_resolver(dns_server)
     started = time.monotonic()

@@ -1,4 +1,4 @@
-"""SMTP smuggling: every vector of tests/vectors.py, in both bare_newline modes.
+"""SMTP smuggling: every vector of tests/e2e/vectors.py, in both bare_newline modes.
 
 Over real sockets, each vector must give the upstream exactly one message (or
 none, when refused), and no command hidden in the content may ever reach the
