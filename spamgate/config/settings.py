@@ -93,9 +93,13 @@ def non_negative(value: float) -> str | None:
 def display_path(path: str) -> str:
     """A file as errors name it: where it really is (a path in the configuration is
     relative to the configuration file, not to where the command runs), relative to
-    the working directory when that is shorter, so an admin can open it as shown."""
+    the working directory when it lies below it, so an admin can open it as shown.
+    A path that would climb out of the working directory (`../../etc/x`) is shown
+    whole: it is no easier to open, and it would change with where the command runs."""
     absolute = os.path.abspath(path)
     relative = os.path.relpath(absolute)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        return absolute
     return relative if len(relative) < len(absolute) else absolute
 
 

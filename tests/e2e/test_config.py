@@ -302,3 +302,16 @@ def test_workers_zero_means_one_per_core_less_one() -> None:
     cores = len(os.sched_getaffinity(0))
     assert loads("[server]\nworkers = 0\n").server.workers == max(1, cores - 1)
     assert loads("[server]\nworkers = 3\n").server.workers == 3
+
+
+def test_display_path_is_relative_only_below_the_working_directory(tmp_path, monkeypatch) -> None:
+    """Errors name a file so that it opens from where the command ran: relative when
+    it lies below the working directory, whole when a relative form would climb out
+    (it would change with the working directory, and CI runs from anywhere)."""
+    from spamgate.settings import display_path
+
+    (tmp_path / "etc" / "rules").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "etc")
+    assert display_path(str(tmp_path / "etc" / "rules" / "client.cidr")) == "rules/client.cidr"
+    assert display_path(str(tmp_path / "other.cidr")) == str(tmp_path / "other.cidr")
+    assert display_path("/") == "/"
