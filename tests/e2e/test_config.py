@@ -308,7 +308,7 @@ def test_display_path_is_relative_only_below_the_working_directory(tmp_path, mon
     """Errors name a file so that it opens from where the command ran: relative when
     it lies below the working directory, whole when a relative form would climb out
     (it would change with the working directory, and CI runs from anywhere)."""
-    from spamgate.settings import display_path
+    from spamgate.config.settings import display_path
 
     (tmp_path / "etc" / "rules").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "etc")
