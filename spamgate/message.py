@@ -345,6 +345,9 @@ def scan_header(data: bytes | bytearray, start: int = 0) -> tuple[int | None, in
     body, after an empty line of its own (mime_state.c: "Invalid input. Force
     output of one blank line and jump to the body state"). Content whose first
     line starts with white space has no header section at all (`headerless`).
+    A leading mbox "From " line is no header field either: Postfix's smtpd makes
+    one an X-Mailbox-Line field only when it is the first line it receives, and
+    what spamgate relays always starts with its own Authentication-Results.
     Lines are CRLF-terminated here (DATA refuses or normalises bare CR and LF),
     and no longer than Postfix's line_length_limit with the default limits.
     """
