@@ -20,17 +20,27 @@ def ascii_lower(text: str) -> str:
 
 
 def domain_key(domain: str, *, lenient: bool = False) -> str | None:
-    """`domain` as it compares: lower-case ASCII, IDN labels as A-labels, no root
-    dot; None if it has no A-label form.
+    """`domain` as it compares and as DNS is asked about it: lower-case ASCII, IDN
+    labels as A-labels, no root dot; None if it has no A-label form.
 
-    A client's domain is held to IDNA 2008 as it stands (no mapping: upper-case,
-    compatibility and look-alike characters are refused); `lenient` applies the
-    UTS 46 mapping first, for what an admin wrote in the configuration.
+    A client's domain is held to IDNA 2008 as it stands: labels are split at "."
+    alone (not at the ideographic and full-width full stops), an ASCII label is
+    taken as it is, and every other label must be a U-label (RFC 5891 §5.4: no
+    mapping, so upper case, compatibility and look-alike characters are refused).
+    `lenient` applies the UTS 46 mapping first, for what an admin wrote in the
+    configuration. Every DNS name spamgate derives from client input goes through
+    here (`resolver.ascii_domain`, and the resolver itself for any name it is
+    given as text), as relay control does: one conversion for the whole product.
     """
     domain = ascii_lower(domain).rstrip(".")
     if domain.isascii():
         return domain
     try:
-        return idna.encode(domain, uts46=lenient).decode("ascii")
+        if lenient:
+            return idna.encode(domain, uts46=True).decode("ascii")
+        return ".".join(
+            label if label.isascii() else idna.alabel(label).decode("ascii")
+            for label in domain.split(".")
+        )
     except (idna.IDNAError, UnicodeError):
         return None

@@ -4,6 +4,15 @@ The header block is parsed once, lazily, into raw (name, value) pairs in order, 
 header rules, DKIM and DMARC read the same view. Values keep their folding; callers
 that want one logical line use `unfolded()`.
 
+The header section ends where Postfix ends it (cleanup's MIME state machine,
+mime_state.c, with is_header.c deciding what a header line is): at the empty
+line, or at the first line that is neither a header field nor the continuation
+of one, which Postfix delivers as the first line of the body, after an empty
+line it puts in. A `From:` below such a line is body to Postfix and so to every
+reader here (`scan_header`). Consumers that parse header fields with another
+parser (the `email` package, dkimpy, the content scanners) are given
+`header_section`: the same fields, written as Postfix writes them out.
+
 A large message is not held in memory: `spool.Spool` writes it to a file as it
 arrives and keeps only its header block, so a `Message` is either the whole content
 in memory or the header block plus a `SpoolFile`. Readers that need little take
@@ -26,7 +35,10 @@ from functools import cached_property
 _FOLD = re.compile(r"\r\n(?=[ \t])")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB
-_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # printable ASCII but ":"
+# A header line as Postfix's is_header() reads one: a name of printable ASCII but
+# ":" (no space, control, NUL or 8-bit byte in it; not empty), then optional white
+# space (RFC 5322 §4.5.3, obsolete syntax), then the colon.
+_HEADER_LINE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 # The first byte of content that has no header section: a line that starts with
 # white space continues a field, and there is none to continue (see `relayed`).
 WHITE_SPACE = (b" ", b"\t")
@@ -137,15 +149,23 @@ class Message:
 
     @cached_property
     def _split(self) -> int:
-        """Offset of the body (just after the empty line), or len when none; 0 when
-        the content starts with white space, which makes all of it body."""
-        if self.headerless:
-            return 0
-        data = self.content
-        if data.startswith(b"\r\n"):
-            return 2
-        idx = data.find(b"\r\n\r\n")
-        return len(data) if idx < 0 else idx + 4
+        """Offset of the body (see `scan_header`), or len when the header never ends."""
+        end, _ = scan_header(self.content)
+        return self._size if end is None else end
+
+    @property
+    def body_offset(self) -> int:
+        """Where the body starts: after the empty line that ends the header section,
+        or at the line that ended it otherwise."""
+        return self._split
+
+    @cached_property
+    def header_closed(self) -> bool:
+        """The header section ends with an empty line, or nothing follows it. False
+        when a line that is no header field ended it: Postfix puts an empty line
+        before such a line, and so does `relayed`."""
+        header = self.header_bytes
+        return self._split >= self._size or header == b"\r\n" or header.endswith(b"\r\n\r\n")
 
     @cached_property
     def headerless(self) -> bool:
@@ -160,7 +180,21 @@ class Message:
 
     @cached_property
     def header_bytes(self) -> bytes:
+        """The header section as received, with the empty line that ends it, if any."""
         return self.head(self._split)
+
+    @cached_property
+    def header_section(self) -> bytes:
+        """The header fields as Postfix writes them out, and the empty line after them.
+
+        For parsers of our own choosing (the `email` package, dkimpy) and for the
+        content scanners, so that they read the fields `headers` reads and no
+        other: a name written with white space before its colon (`Subject :`)
+        becomes `Subject:`, as Postfix normalises it, and the section always ends
+        with an empty line, even where the client's ended at a line that is no
+        header field. The body (`body_offset`) follows it.
+        """
+        return normal_header(self.header_bytes)
 
     @property
     def body(self) -> bytes:
@@ -169,11 +203,10 @@ class Message:
 
     @cached_property
     def headers(self) -> tuple[Header, ...]:
-        block = self.header_bytes
         out: list[Header] = []
-        for raw in _iter_fields(block):
+        for raw in _iter_raw_fields(self.header_bytes):
             header = _field(raw)
-            if header is not None:
+            if header is not None:  # None: the empty line that ends the section
                 out.append(header)
         return tuple(out)
 
@@ -199,10 +232,14 @@ class Message:
         Nothing the client sent may continue a field of `added`: content that starts
         with white space (`headerless`) is put after an empty line, as Postfix does,
         so that the reader downstream sees it as body, not as more of our field.
+        So is content whose header section a line that is no header field ended
+        (`header_closed`): every reader downstream, Postfix or not, then sees the
+        header section end where the checks here saw it end.
         """
         if self.headerless:
             return Outgoing(added + b"\r\n", b"", self)
         header = self.header_bytes
+        close = b"" if self.header_closed else b"\r\n"
         removed = 0
         if drop is not None and any(drop(h) for h in self.headers):
             kept: list[bytes] = []
@@ -213,7 +250,7 @@ class Message:
                 else:
                     kept.append(raw)
             header = b"".join(kept)
-        return Outgoing(added, header, self, removed)
+        return Outgoing(added, header + close, self, removed)
 
     def close(self) -> None:
         """Remove the spool file, if any; the message may not be read afterwards."""
@@ -285,24 +322,60 @@ def _field(raw: bytes) -> Header | None:
     syntax). Postfix keeps such a field and writes it out as "Name:", so it must
     count here too: a forged `Authentication-Results :` is one to remove.
     """
-    name, sep, value = raw.partition(b":")
-    name = name.rstrip(b" \t")
-    if not sep or not _FIELD_NAME.fullmatch(name):
+    m = _HEADER_LINE.match(raw)
+    if m is None:
         return None
-    return Header(name.decode("ascii"), value.decode("utf-8", "surrogateescape").strip(" \t\r\n"))
+    value = raw[m.end() :].decode("utf-8", "surrogateescape").strip(" \t\r\n")
+    return Header(m.group(1).decode("ascii"), value)
 
 
-def _iter_fields(block: bytes) -> list[bytes]:
-    """Split a header block into fields, keeping continuation lines with their field."""
-    fields: list[bytes] = []
-    for line in block.split(b"\r\n"):
-        if not line:
+def is_header_line(line: bytes | bytearray, pos: int = 0) -> bool:
+    """The line at `pos` starts a header field, as Postfix's is_header() says."""
+    return _HEADER_LINE.match(line, pos) is not None
+
+
+def scan_header(data: bytes | bytearray, start: int = 0) -> tuple[int | None, int]:
+    """Where the header section of a message starting with `data` ends, as Postfix
+    reads it: `(offset of the body, _)`, or `(None, resume)` when `data` ends before
+    the section does; call again with more data and `start=resume`.
+
+    The section ends at the empty line (which belongs to it), or just before the
+    first line that neither is a header field (`is_header_line`) nor continues
+    one (starts with a space or a tab): Postfix's cleanup delivers that line as
+    body, after an empty line of its own (mime_state.c: "Invalid input. Force
+    output of one blank line and jump to the body state"). Content whose first
+    line starts with white space has no header section at all (`headerless`).
+    A leading mbox "From " line is no header field either: Postfix's smtpd makes
+    one an X-Mailbox-Line field only when it is the first line it receives, and
+    what spamgate relays always starts with its own Authentication-Results.
+    Lines are CRLF-terminated here (DATA refuses or normalises bare CR and LF),
+    and no longer than Postfix's line_length_limit with the default limits.
+    """
+    if start == 0 and data[:1] in WHITE_SPACE:
+        return 0, 0
+    pos = start
+    while True:
+        eol = data.find(b"\r\n", pos)
+        if eol < 0:
+            return None, pos
+        if eol == pos:
+            return pos + 2, pos
+        if data[pos] in (0x20, 0x09) or _HEADER_LINE.match(data, pos):
+            pos = eol + 2
             continue
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += b"\r\n" + line
-        else:
-            fields.append(line)
-    return fields
+        return pos, pos
+
+
+def normal_header(block: bytes) -> bytes:
+    """A header section's fields as Postfix writes them out ("Name :" becomes
+    "Name:", the rest of each field as it came), then one empty line."""
+    out: list[bytes] = []
+    for raw in _iter_raw_fields(block):
+        m = _HEADER_LINE.match(raw)
+        if m is not None:
+            out += (m.group(1), b":", raw[m.end() :])
+    out.append(b"\r\n")
+    return b"".join(out)
 
 
 def render_headers(headers: list[tuple[str, str]]) -> bytes:

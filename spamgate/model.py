@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from .domains import ascii_lower
 from .message import Message
 
 T = TypeVar("T")
@@ -108,7 +109,9 @@ class Transaction:
 
     @property
     def sender_domain(self) -> str:
-        return self.mail_from.rpartition("@")[2].lower() if "@" in self.mail_from else ""
+        """The MAIL FROM domain, ASCII letters lower-cased and nothing else: Python's
+        Unicode case mapping would make "ban\u212a.test" (Kelvin sign) "bank.test"."""
+        return ascii_lower(self.mail_from.rpartition("@")[2]) if "@" in self.mail_from else ""
 
     @property
     def accepted_recipients(self) -> list[Recipient]:

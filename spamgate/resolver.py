@@ -55,6 +55,7 @@ import dns.resolver
 
 from . import metrics
 from .config.settings import parse_hostport
+from .domains import ascii_lower, domain_key
 from .nameserver import Nameserver, reached
 
 if TYPE_CHECKING:
@@ -214,7 +215,8 @@ class DnsResolver(Resolver):
 
         `timeout` bounds this caller's wait (a check's remaining budget); the query
         itself is bounded by the configured lifetime either way. A name that is not
-        a valid DNS name cannot exist, and is answered NXDOMAIN without a query.
+        a valid DNS name, or has no IDNA 2008 A-label form (see `_qname`), cannot
+        exist, and is answered NXDOMAIN without a query.
         """
         cached = self.cached(name, rdtype)
         if cached is not None:
@@ -500,17 +502,29 @@ def _nameservers(settings: DnsSettings, cache: dns.resolver.LRUCache) -> list[Na
 
 
 def _qname(name: str | dns.name.Name) -> dns.name.Name | None:
+    """The name to ask for, or None for one that cannot exist.
+
+    A name given as text is taken literally, label by label: not through
+    dnspython's `from_text`, whose IDNA 2003 codec maps look-alikes onto other
+    names (the Kelvin sign to "k", full-width letters to ASCII) and which reads
+    "\\107" as an escape for "k". Its non-ASCII labels must have an IDNA 2008
+    A-label form (`domains.domain_key`); a name without one is not asked for.
+    """
     if isinstance(name, dns.name.Name):
         return name if name.is_absolute() else name.concatenate(dns.name.root)
+    key = domain_key(name)
+    if key is None:
+        return None
+    labels = [label.encode("ascii") for label in key.split(".")] if key else []
     try:
-        return dns.name.from_text(name.rstrip(".") + ".")
-    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return dns.name.Name([*labels, b""])
+    except dns.exception.DNSException:  # an empty label, one too long, a name too long
         return None
 
 
 def _text(name: str | dns.name.Name) -> str:
     text = name.to_text(omit_final_dot=True) if isinstance(name, dns.name.Name) else name
-    return text.lower().rstrip(".")
+    return ascii_lower(text).rstrip(".")
 
 
 def _from_answer(qname: dns.name.Name, rdtype: str, answer: dns.resolver.Answer) -> DnsAnswer:
@@ -536,16 +550,19 @@ def is_domain(name: str) -> bool:
     return len(name) <= 253 and len(labels) >= 2 and all(_LABEL.match(x) for x in labels)
 
 
-def ascii_domain(name: str) -> str | None:
+def ascii_domain(name: str, *, lenient: bool = False) -> str | None:
     """`name` as a lower-case A-label domain ready to look up, or None if it is not
-    a domain (an address literal, a single label, bad characters)."""
-    name = name.lower().rstrip(".")
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    return name if is_domain(name) else None
+    a domain (an address literal, a single label, bad characters) or has no IDNA
+    2008 A-label form.
+
+    Strict for names from clients (`domains.domain_key`): never Python's Unicode
+    case mapping or the IDNA 2003 codec, which turn "ban\u212a.test" (Kelvin sign)
+    into "bank.test" and would give a look-alike the real domain's SPF, DMARC
+    policy and list entries. `lenient` (UTS 46 mapping) is for names an admin
+    configured.
+    """
+    key = domain_key(name, lenient=lenient)
+    return key if key is not None and is_domain(key) else None
 
 
 def _plausible_host(name: str) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .message import BLOCK_SIZE, WHITE_SPACE, Message, SpoolFile
+from .message import BLOCK_SIZE, Message, SpoolFile, scan_header
 
 _UNLIMITED = 1 << 62
 
@@ -37,6 +37,7 @@ class Spool:
         self._file: SpoolFile | None = None
         # The header block so far, until the empty line that ends it is seen.
         self._head = bytearray()
+        self._scan = 0  # where the scan of `_head` goes on (a line start)
         self._header: bytes | None = None
 
     @property
@@ -65,17 +66,12 @@ class Spool:
     def _track_header(self, data: bytes) -> None:
         if self._header is not None or len(self._head) > self.header_limit:
             return
-        start = max(0, len(self._head) - 3)
         self._head += data
-        if self._head.startswith(b"\r\n"):
-            self._header = b"\r\n"
-            return
-        if self._head[:1] in WHITE_SPACE:
-            self._header = b""  # all body: see Message.headerless
-            return
-        end = self._head.find(b"\r\n\r\n", start)
-        if end >= 0:
-            self._header = bytes(self._head[: end + 4])
+        # Where Postfix ends it (message.scan_header): at the empty line, or at
+        # the first line that is no header field; b"" when all of it is body.
+        end, self._scan = scan_header(self._head, self._scan)
+        if end is not None:
+            self._header = bytes(self._head[:end])
             self._head = bytearray()
 
     async def _flush(self) -> None:

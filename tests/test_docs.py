@@ -94,3 +94,17 @@ def test_scrape_example_is_a_valid_prometheus_config(tmp_path) -> None:
         timeout=60,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_readme_names_every_package_ci_installs() -> None:
+    """The README's list of what the tests need besides Python is `.ci/run`'s."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    listed = re.search(r"^pkgs=\(([^)]*)\)", ci, re.MULTILINE)
+    assert listed, "no pkgs=(...) in .ci/run"
+    packages = set(listed.group(1).split())
+    readme = (ROOT / "README.md").read_text()
+    paragraph = readme[readme.index("Besides Python") :].split("\n\n", 1)[0]
+    named = set(re.findall(r"`([a-z0-9][a-z0-9.+-]*)`", paragraph))
+    # python3-venv is in the set-up text above the commands, not in this list.
+    assert packages - {"python3-venv"} == named, paragraph
+    assert "install python3-venv" in readme

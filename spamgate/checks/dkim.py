@@ -172,12 +172,21 @@ class DkimCheck(Check):
 
     async def _verify(self, message: Message, answers: dict[str, KeyAnswer]) -> list:
         s = self.settings
+        # dkimpy reads the header fields as Postfix delivers them
+        # (`Message.header_section`), not its own reading of the raw block, which
+        # would find fields below a line that ended the header section.
+        header = message.header_section
         if message.size <= s.inline_size:
-            return verify(message.content, answers, s.max_signatures, s.min_key_bits)
+            content = header + message.body
+            return verify(content, answers, s.max_signatures, s.min_key_bits)
         loop = asyncio.get_running_loop()
         pool = self.services.processes(s.processes)
         # A spooled message goes by file name: this process never reads its body.
-        source = message.path or message.content
+        source: bytes | tuple[bytes, str, int] = (
+            (header, message.path, message.body_offset)
+            if message.path is not None
+            else header + message.body
+        )
         try:
             return await loop.run_in_executor(
                 pool, verify_message, source, answers, s.max_signatures, s.min_key_bits

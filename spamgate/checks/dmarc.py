@@ -42,8 +42,15 @@ Also:
 A message with no From field, several From fields, or a From without an address
 domain is outside DMARC (RFC 7489 §6.6.1: such messages are "typically
 rejected", and RFC 5322 requires exactly one From); `bad_from` says what to do
-(reject by default). A From field with several addresses is evaluated for each
-distinct domain, and the strictest policy among those that fail applies.
+(reject by default). So is a From domain that is no DNS domain name: a single
+label, an address literal, or one with no IDNA 2008 A-label form, such as a
+look-alike written with compatibility characters ("ban\u212a.test", Kelvin
+sign). Such a domain cannot exist (§6.6.1 would have mail from a non-existent
+domain refused), and it is never looked up as the domain it resembles, whose
+policy and alignment it would otherwise borrow.
+
+A From field with several addresses is evaluated for each distinct domain, and
+the strictest policy among those that fail applies.
 """
 
 from __future__ import annotations
@@ -247,9 +254,11 @@ def author_domains(message: Message) -> tuple[list[str], str]:
     domains: list[str] = []
     for address in candidates:
         local, at, domain = address.rpartition("@")
-        name = ascii_domain(domain) if at and local else None
-        if name is None:
+        if not (at and local and domain):
             return [], "a From address without a domain"
+        name = ascii_domain(domain)
+        if name is None:
+            return [], "a From address whose domain is not a DNS domain name"
         domains.append(name)
     if not domains:
         return [], "a From field without an address"

@@ -8,7 +8,9 @@ mail through. The result itself is kept (`SpfResult`, `SpfHeloResult`) for the
 Authentication-Results header and DMARC, whatever the action.
 
 The null sender is checked as postmaster@HELO (§2.4). Names that are not domains
-(address literals, single labels) give "none" without a lookup (§4.3). Clients in
+(address literals, single labels) give "none" without a lookup (§4.3), and so do
+domains with no IDNA 2008 A-label form ("ban\u212a.test", with a Kelvin sign):
+they are malformed, and never looked up as the domain they resemble. Clients in
 mynetworks are ours, and clients already refused (delayed reject) are past saving:
 no SPF check for either.
 """
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import spf
 
 from ..config.settings import positive, setting
+from ..domains import ascii_lower
 from ..model import Client, Stage
 from ..pipeline.check import Check, CheckContext, Series
 from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
@@ -145,7 +148,9 @@ class SpfCheck(Check):
             sender, actions, scores = ctx.transaction.mail_from, self.settings.actions, SCORES
         outcome = await self.engine.check(str(client.address), sender, helo)
         domain = (sender or f"postmaster@{helo}").rpartition("@")[2]
-        result = _result(kind, outcome, ascii_domain(domain) or domain, sender, client, helo)
+        result = _result(
+            kind, outcome, ascii_domain(domain) or ascii_lower(domain), sender, client, helo
+        )
         return _verdict(result, actions.get(result.result, "continue"), scores)
 
 
@@ -161,7 +166,7 @@ def _result(
         explanation = outcome.explanation  # the domain's own (exp=)
     return kind(
         result=outcome.result,
-        domain=domain.lower(),
+        domain=domain,
         sender=sender or f"postmaster@{helo}",
         client=str(client.address),
         helo=helo,

@@ -14,6 +14,12 @@ redirect targets, mail addresses, `src`, and bare text. Domains in the allowlist
 itself and its subdomains) are never looked up. All lookups go out at once
 through the shared resolver (cached, de-duplicated) and the check runs beside
 the other end-of-data checks (`concurrent`). The only network access is DNS.
+
+A link's host is mapped as a browser maps it (UTS 46, `links.py`), unlike the
+sender's domains, which are held to IDNA 2008 as written (`domains.py`): a link
+to "ban\u212a.test" (Kelvin sign) takes its reader to bank.test, so bank.test is
+the domain looked up, while mail *from* that look-alike is not judged as
+bank.test's. The allowlist is the admin's, read with the same mapping.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ DEFAULT_ALLOW = [
 
 def _domains(value: list[str]) -> str | None:
     for item in value:
-        if ascii_domain(item.lstrip(".")) is None:
+        if ascii_domain(item.lstrip("."), lenient=True) is None:
             return f'"{item}" is not a domain'
     return None
 
@@ -213,7 +219,7 @@ def _read_allow_file(path: str) -> list[str]:
         item = line.split("#", 1)[0].strip()
         if not item:
             continue
-        name = ascii_domain(item.lstrip("."))
+        name = ascii_domain(item.lstrip("."), lenient=True)
         if name is None:
             problems.append(f'{path}:{n}: "{item}" is not a domain')
         else:
@@ -259,7 +265,7 @@ class UriblCheck(Check):
         allow = [a.lstrip(".") for a in (*s.allow, *config.server.relay_domains)]
         if s.allow_file:
             allow += _read_allow_file(config.resolve_path(s.allow_file))
-        names = frozenset(n for a in allow if (n := ascii_domain(a)) is not None)
+        names = frozenset(n for a in allow if (n := ascii_domain(a, lenient=True)) is not None)
         return [cls(s, domains, addresses, names, services.resolver)]
 
     @classmethod

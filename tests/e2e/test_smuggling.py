@@ -102,7 +102,9 @@ async def test_the_aiosmtpd_vector(gate_factory: GateFactory, sink: Sink, mode: 
         assert sink.messages == []
     else:
         assert r.code == 250
-        assert [m.original for m in sink.messages] == [b"Testing\r\n.\r\nNO SMUGGLING\r\n"]
+        # "Testing" is no header field: it goes on after an empty line (as Postfix
+        # delivers such content), the rest unchanged.
+        assert [m.original for m in sink.messages] == [b"\r\nTesting\r\n.\r\nNO SMUGGLING\r\n"]
     assert await replies_until_close(c) == [221]
 
 

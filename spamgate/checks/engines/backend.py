@@ -99,13 +99,16 @@ class Outage:
 
 
 def _blocks(message: Message) -> Iterator[bytes]:
-    yield message.header_bytes
+    # The header fields as Postfix delivers them (`Message.header_section`): a
+    # scanner must not read a field below a line that ended the header section.
+    yield message.header_section
     yield from message.body_blocks()
 
 
 async def message_blocks(message: Message, limit: int) -> AsyncIterator[bytes]:
-    """The message as received, in blocks, up to `limit` bytes; a spooled message
-    is read in a worker thread, block by block, never whole."""
+    """The message as received (its header section as Postfix delivers it), in
+    blocks, up to `limit` bytes; a spooled message is read in a worker thread,
+    block by block, never whole."""
     sent = 0
     it = _blocks(message)
     while sent < limit:

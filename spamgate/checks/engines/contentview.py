@@ -48,8 +48,10 @@ def extract(message: Message, limits: ContentLimits) -> ContentView:
             truncated = True
             break
         headers.append(f"{h.name}: {h.unfolded()}")
-    # Only the part that is read is loaded: a spooled message stays on disk.
-    data = message.head(limits.scan_size)
+    # Only the part that is read is loaded: a spooled message stays on disk. The
+    # `email` package is given the header fields as Postfix reads them (not its
+    # own reading of the raw block), so the MIME structure is the delivered one.
+    data = message.header_section + message.head(limits.scan_size)[message.body_offset :]
     if message.size > limits.scan_size:
         truncated = True
     parsed = email.message_from_bytes(data, policy=email.policy.compat32)

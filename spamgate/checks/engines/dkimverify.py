@@ -101,13 +101,21 @@ def signature_key(value: bytes) -> str | None:
 
 
 def verify_message(
-    source: bytes | str, answers: dict[str, KeyAnswer], max_signatures: int, minkey: int
+    source: bytes | str | tuple[bytes, str, int],
+    answers: dict[str, KeyAnswer],
+    max_signatures: int,
+    minkey: int,
 ) -> list[SignatureResult]:
-    """`verify` for what a worker process is given: the message, or the name of the
-    file it is spooled to."""
+    """`verify` for what a worker process is given: the message, the name of a
+    file holding it, or its header section with the name of the file it is
+    spooled to and where the body starts in that file."""
     if isinstance(source, str):
-        with open(source, "rb") as fh:
-            source = fh.read()
+        source = (b"", source, 0)
+    if isinstance(source, tuple):
+        header, path, offset = source
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            source = header + fh.read()
     return verify(source, answers, max_signatures, minkey)
 
 

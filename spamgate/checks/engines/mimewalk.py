@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from email.errors import HeaderParseError
 
-from ...message import Message
+from ...message import Message, is_header_line, normal_header
 
 _MAX_CARRY = 65536  # a "line" longer than this is body, whatever it holds
 # Bytes outside the base64 alphabet (and "="): dropped before decoding, as RFC 2045
@@ -165,6 +165,8 @@ class _Decoder:
 
 
 def _header_fields(block: bytes) -> email.message.Message:
+    """The `email` package's reading of a header section already in Postfix's form
+    (`message.normal_header`): it sees the fields Postfix sees, and no others."""
     return email.message_from_bytes(block, policy=email.policy.compat32)
 
 
@@ -193,7 +195,9 @@ class _Walker:
 
     # -- the structure -------------------------------------------------------------
 
-    def start_entity(self, fields: email.message.Message, depth: int) -> None:
+    def start_entity(
+        self, fields: email.message.Message, depth: int, *, nested: bool = True
+    ) -> None:
         """An entity's header block is complete: a container, or a leaf to decode."""
         ctype = fields.get_content_type()
         if fields.get_content_maintype() == "multipart":
@@ -209,7 +213,7 @@ class _Walker:
                 self.stop("nesting deeper than the limit")
                 return
             ctype = "text/plain"  # a multipart without a boundary: RFC 2046 §5.1.1
-        if ctype == "message/rfc822" and depth < self.limits.depth:
+        if ctype == "message/rfc822" and nested and depth < self.limits.depth:
             encoding = str(fields.get("Content-Transfer-Encoding", "7bit")).strip().lower()
             if encoding in ("7bit", "8bit", "binary"):
                 self.state = "headers"  # the enclosed message's own header block
@@ -234,6 +238,13 @@ class _Walker:
         wish = self.tail_wish(part) if self.tail_wish is not None else 0
         self.decoder = _Decoder(part, keep, wish)
         self.state = "body"
+
+    def end_header(self, *, nested: bool) -> None:
+        """The header block of the current entity is complete; `nested`: it ended
+        with an empty line, so a message/rfc822 part's own header block follows."""
+        fields = _header_fields(normal_header(bytes(self.header)))
+        self.header.clear()
+        self.start_entity(fields, self.depth, nested=nested)
 
     def end_part(self) -> None:
         if self.decoder is not None:
@@ -281,14 +292,20 @@ class _Walker:
                 stop = data.find(b"\n", pos)
                 stop = end if stop < 0 else stop + 1
                 line = data[pos:stop]
-                pos = stop
                 if line in (b"\r\n", b"\n"):
-                    fields = _header_fields(bytes(self.header))
-                    self.header.clear()
-                    self.start_entity(fields, self.depth)
+                    pos = stop
+                    self.end_header(nested=True)
                     continue
                 if self.boundaries and line.startswith(b"--") and self.boundary(line):
+                    pos = stop
                     continue
+                if not (self.header and line[:1] in (b" ", b"\t")) and not is_header_line(line):
+                    # Neither a field nor the rest of one: the header block ends
+                    # here and this line is body, as Postfix reads a part (and
+                    # then does not look for a message inside it).
+                    self.end_header(nested=False)
+                    continue
+                pos = stop
                 self.header += line
                 if len(self.header) > self.limits.header_size:
                     self.stop("a part's header block is larger than the limit")
@@ -336,7 +353,7 @@ def walk(
     decoded bytes to keep (archives). Blocks on file reads for a spooled message:
     call it in a worker thread then."""
     w = _Walker(limits, tail)
-    w.start_entity(_header_fields(message.header_bytes), 0)
+    w.start_entity(_header_fields(message.header_section), 0)
     walked = len(message.header_bytes)
     carry = b""
     for block in blocks if blocks is not None else message.body_blocks():

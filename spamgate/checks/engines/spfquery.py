@@ -17,7 +17,8 @@ semantics (lookup limits, void lookups, temperror) stay pyspf's.
 
 The hook is installed once; outside an evaluation of ours (another caller of pyspf
 in this process) it hands over to pyspf's own lookup. One method of pyspf's is
-replaced for our evaluations: DNS errors in the `ptr` mechanism (`_Query`).
+replaced for our evaluations: DNS errors in the `ptr` mechanism (`_Query`), and
+pyspf's Unicode lower-casing of the names it looks up.
 
 A result is remembered, by client address, sender domain and HELO name, until the
 first of the DNS answers it was computed from expires: the same question asked
@@ -40,6 +41,7 @@ from typing import Any
 
 import spf
 
+from ...domains import ascii_lower, domain_key
 from ...resolver import DnsAnswer, DnsError, Resolver, ascii_domain
 
 # Enough for any record within RFC 7208's limits (10 DNS mechanisms, 10 names per
@@ -103,7 +105,7 @@ class _Evaluation:
 
     def answer(self, name: str, qtype: str) -> list:
         """pyspf's DNSLookup contract: [((name, type), value), ...]; [] for none."""
-        key = (name.lower().rstrip("."), qtype.upper())
+        key = (ascii_lower(name).rstrip("."), qtype.upper())
         if key not in self.known:
             cached = self.resolver.cached(*key)
             if cached is None:
@@ -238,6 +240,20 @@ class _Query(spf.query):
     "unknown" when it is empty (§7.3). A missing answer (`_Missing`) is not a DNS
     error and still stops the run.
     """
+
+    def dns(self, name, qtype, cnames=None, ignore_void=False):  # type: ignore[no-untyped-def]
+        """pyspf's lookup, for a name held to IDNA 2008 first (`domains.domain_key`).
+
+        pyspf lower-cases every name with Python's Unicode case mapping, which makes
+        a Kelvin sign a "k": a name built from client input (the HELO name in
+        %{h}, a UTF-8 local part in %{l}) could then be looked up as another
+        domain's. A name with no A-label form does not exist: no records, as
+        pyspf answers a name that is not a valid DNS name.
+        """
+        key = domain_key(str(name)) if name else name
+        if key is None:
+            return []
+        return super().dns(key, qtype, cnames, ignore_void)
 
     def validated_ptrs(self) -> list[str]:
         most = spf.MAX_PTR if self.strict else spf.MAX_PTR * 4
