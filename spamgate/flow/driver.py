@@ -35,7 +35,7 @@ from typing import Literal
 
 from .. import metrics
 from ..background import Background
-from ..message import Message, render_headers
+from ..message import Message, Outgoing, render_headers
 from ..model import IPAddress, Recipient, Session, Stage, Transaction
 from ..pipeline.check import CheckContext
 from ..pipeline.ledger import Ledger
@@ -110,7 +110,6 @@ class SessionDriver:
             session, self.ledger, self.log, self.pipeline.observers, background
         )
         self.headers = HeaderBuilder(policy.config.hostname)
-        self.sasl = SaslRelay(self.link, self.log)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -210,7 +209,7 @@ class SessionDriver:
         `respond` sends a 334 challenge to the client and returns its answer line
         (without CRLF), or None when the client went away or sent no proper line.
         """
-        reply, login = await self.sasl.exchange(mechanism, initial, respond)
+        reply, login = await SaslRelay(self.link, self.log).exchange(mechanism, initial, respond)
         if login is not None:
             self.session.client.login = login
             self.session.relay_permitted = True
@@ -380,7 +379,9 @@ class SessionDriver:
         self.txnlog.end(reply, size=msg.size)
         return EndOfMessage(reply, "accept", None, tuple(added), removed)
 
-    async def _dispose(self, verdict: Verdict, txn: Transaction, content) -> tuple[Reply, Decision]:
+    async def _dispose(
+        self, verdict: Verdict, txn: Transaction, content: Outgoing
+    ) -> tuple[Reply, Decision]:
         await self.link.abort_transaction()
         rule = f" (rule {verdict.rule})" if verdict.rule else ""
         if verdict.action is Action.DISCARD:

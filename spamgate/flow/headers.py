@@ -44,9 +44,12 @@ class HeaderBuilder:
     def removed(self, message: Message) -> tuple[tuple[str, int], ...]:
         """The forged fields, as (name, occurrence): 1 for the first field of that
         name in the message, 2 for the second, ..."""
+        headers = message.headers
+        if not any(self.forged(h) for h in headers):
+            return ()
         seen: dict[str, int] = {}
         out = []
-        for header in message.headers:
+        for header in headers:
             key = header.name.lower()
             seen[key] = seen.get(key, 0) + 1
             if self.forged(header):

@@ -63,6 +63,8 @@ class Scorer:
 
     @property
     def total(self) -> float:
+        if not (self.session or self.transaction):
+            return 0.0
         return sum(s.score for s in self.symbols())
 
     @property
