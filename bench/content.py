@@ -5,7 +5,7 @@
 
 Run it from the repository root, as root or not, with clamav-daemon, spamd and
 rspamd installed (Debian's packages); each daemon is started privately on
-loopback (`tests.daemons`, the same fixtures the tests use) and stopped at the
+loopback (`testkit.daemons`, the same fixtures the tests use) and stopped at the
 end. DNS is the tests' responder, in this process, publishing one listed domain.
 
 For each check ([uribl], [attachments], [clamav], [spamassassin], [rspamd]) the
@@ -30,19 +30,19 @@ import statistics
 import time
 
 from spamgate.checks.attachments import AttachmentCheck, AttachmentSettings
-from spamgate.checks.base import CheckContext
 from spamgate.checks.clamav import ClamavCheck, ClamavSettings
+from spamgate.checks.engines.dnslist import ListPolicy
 from spamgate.checks.rspamd import RspamdCheck, RspamdSettings
 from spamgate.checks.spamassassin import SpamassassinCheck, SpamassassinSettings
 from spamgate.checks.uribl import UriblCheck, UriblSettings
 from spamgate.config import DnsSettings
-from spamgate.dnslist import ListPolicy
 from spamgate.message import Message
 from spamgate.model import Client, Recipient, Session, Stage, Transaction
-from spamgate.resolver import Resolver
-from tests.daemons import Clamd, Rspamd, Spamd
-from tests.dnsserver import DnsServer
-from tests.mimemaker import html_base64, newsletter, with_attachment, zip_of
+from spamgate.pipeline.check import CheckContext
+from spamgate.resolver import DnsResolver
+from testkit.daemons import Clamd, Rspamd, Spamd
+from testkit.dnsserver import DnsServer
+from testkit.mimemaker import html_base64, newsletter, with_attachment, zip_of
 
 
 def context(message: Message) -> CheckContext:
@@ -85,7 +85,7 @@ async def main(n: int) -> None:
     dns = DnsServer()
     await dns.start()
     dns.zone("dbl.test", {"listed.test": {"A": "127.0.1.2"}})
-    resolver = Resolver(DnsSettings(nameservers=[dns.address], timeout=1.0, lifetime=2.0))
+    resolver = DnsResolver(DnsSettings(nameservers=[dns.address], timeout=1.0, lifetime=2.0))
     uribl_settings = UriblSettings(sites=["dbl.test=127.0.1.[2..99]"])
     uribl = UriblCheck(
         uribl_settings,

@@ -20,7 +20,8 @@ import asyncio
 import signal
 import sys
 
-from spamgate import cli, metrics, server
+from spamgate import cli, metrics
+from spamgate.ops import server
 
 TICK = 0.002
 

@@ -179,7 +179,7 @@ BUCKETS = (
     ("replies to the client", ("SMTPSession._send",)),
     ("reading DATA", ("read_data",)),
     ("logging", ("LoggerAdapter.", "Logger.")),
-    ("flow, pipeline", ("SessionFlow.",)),
+    ("session driver, pipeline", ("SessionDriver.", "Pipeline.")),
     ("upstream connect()", ("_sock_connect", "_connect_sock")),
     ("socket close", ("_call_connection_lost", "_real_close")),
     ("socket reads", ("_read_ready",)),

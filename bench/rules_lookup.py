@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from spamgate.checks.content import scan
-from spamgate.content import ContentLimits, extract
+from spamgate.checks.engines.contentview import ContentLimits, extract
 from spamgate.message import Message
 from spamgate.tables import Query, load_table
 

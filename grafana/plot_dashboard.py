@@ -10,10 +10,10 @@ Against any Prometheus that scrapes spamgate:
         --start 2026-01-01T10:00:00Z --end 2026-01-01T11:00:00Z --out dashboard.png
 
 The picture in docs/monitoring.md comes from the real Prometheus of
-tests/test_prometheus.py; to draw it again (needs matplotlib, `pip install -e .[docs]`):
+tests/e2e/test_prometheus.py; to draw it again (needs matplotlib, `pip install -e .[docs]`):
 
     SPAMGATE_DASHBOARD_PNG=docs/img/dashboard.png SPAMGATE_DASHBOARD_ROUNDS=12 \\
-        python -m pytest -q tests/test_prometheus.py -k traffic
+        python -m pytest -q tests/e2e/test_prometheus.py -k traffic
 """
 
 from __future__ import annotations

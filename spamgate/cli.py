@@ -2,6 +2,11 @@
 
 User mistakes (a missing file, a bad value, a port in use) print one clear line per
 problem and exit with status 1; a traceback means a bug in spamgate.
+
+Each subcommand imports what it needs when it runs (`spamgate query` never loads
+the checks, `spamgate check` never the server): deliberate, for start-up time.
+Every one that builds spamgate asks the composition root (`app`) with the checks
+`main` was given: the registry's, or a test's own.
 """
 
 from __future__ import annotations
@@ -13,15 +18,15 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
-from .config import Config, InvalidConfig, hostname_problem, load
-from .settings import ConfigError
+from .config import Config, InvalidConfig, hostname_problem
+from .config.settings import ConfigError
 
 
 def _setup_logging(level: str, *, with_pid: bool = False) -> None:
     """Log to stderr; `with_pid` (several workers) names the process, as Postfix's
     `smtpd[1234]:` does, so a session's lines can be told from another worker's."""
-    from .daemon import JournalFormatter, on_journal
     from .logescape import install
+    from .ops.daemon import JournalFormatter, on_journal
 
     name = "%(name)s[%(process)d]" if with_pid else "%(name)s"
     handler = install(logging.StreamHandler(sys.stderr))  # no client forges a line
@@ -36,34 +41,36 @@ def _setup_logging(level: str, *, with_pid: bool = False) -> None:
     logging.getLogger("mail.debug").setLevel(logging.ERROR)
 
 
-def problems_of(path: str | None) -> tuple[Config | None, list[str]]:
+def problems_of(path: str | None, checks=None) -> tuple[Config | None, list[str]]:
     """The configuration at `path` and every problem in it, its rule tables and its
     certificate, all at once (a bad setting does not hide a missing table)."""
-    from .runtime import build
+    from . import app
 
+    checks = checks or app.DEFAULT_CHECKS
     problems: list[str] = []
     try:
-        config: Config | None = load(path)
+        config: Config | None = app.load(path, checks)
     except ConfigError as exc:
         problems += exc.problems
         config = exc.partial if isinstance(exc, InvalidConfig) else None
     if config is not None:
         try:
-            build(config)
+            app.build(config, checks=checks)
         except ConfigError as exc:
             problems += [p for p in exc.problems if p not in problems]
     return config, problems
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import raise_fd_limit
-    from .server import Server, StartupError
+    from . import app
+    from .ops.daemon import raise_fd_limit
+    from .ops.server import Server, StartupError
 
     try:
-        config = load(args.config)
+        config = app.load(args.config, args.checks)
     except ConfigError:
         _setup_logging(args.log_level)
-        for problem in problems_of(args.config)[1]:
+        for problem in problems_of(args.config, args.checks)[1]:
             print(f"spamgate: {problem}", file=sys.stderr)
         return 1
     workers = config.server.workers
@@ -73,14 +80,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("spamgate").warning("%s", hostname)
     factory = loop_factory(config.server.uvloop)
     if workers > 1:
-        from . import workers as supervisor
+        from .ops import workers as supervisor
 
-        return supervisor.run(config, args.config, factory)
+        return supervisor.run(config, args.config, factory, args.checks)
     raise_fd_limit(config.limits.max_sessions)
 
     async def main() -> int:
         try:
-            server = Server(config)
+            server = Server(app.build(config, checks=args.checks))
         except ConfigError as exc:
             for problem in exc.problems:
                 print(f"spamgate: {problem}", file=sys.stderr)
@@ -112,7 +119,7 @@ def loop_factory(want_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] |
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config, problems = problems_of(args.config)
+    config, problems = problems_of(args.config, args.checks)
     for problem in problems:
         print(problem)
     if problems:
@@ -133,11 +140,12 @@ def cmd_query(args: argparse.Namespace) -> int:
     """Look KEY up in TABLE like `postmap -q`: 0 found, 1 not found, 2 bad table."""
     import socket
 
+    from . import app
     from .explain import make_query, query_table
     from .tables import load_table
 
     try:
-        hostname = load(args.config).hostname if args.config else socket.getfqdn()
+        hostname = app.load(args.config, args.checks).hostname if args.config else socket.getfqdn()
         table = load_table(args.table, hostname=hostname)
     except (ConfigError, ValueError) as exc:
         for problem in getattr(exc, "problems", [str(exc)]):
@@ -151,6 +159,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """One synthetic session through every check; 0 if the mail would be accepted."""
+    from . import app
     from .explain import explain
 
     _setup_logging("warning")
@@ -165,10 +174,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         # .eml files usually have LF line ends; SMTP carries CRLF.
         message = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     try:
-        config = load(args.config)
+        config = app.load(args.config, args.checks)
         return asyncio.run(
             explain(
                 config,
+                checks=args.checks,
                 client_ip=args.client,
                 client_name=args.name,
                 helo=args.helo,
@@ -185,13 +195,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 2
 
 
-def reference_markdown() -> str:
+def reference_markdown(checks=None) -> str:
     """The configuration reference as Markdown tables, one per section."""
-    from .config import ARRAY_SECTIONS, all_sections
-    from .settings import describe
+    from . import app
+    from .config import ARRAY_SECTIONS
+    from .config.settings import describe
 
     out: list[str] = []
-    for name, cls in all_sections().items():
+    for name, cls in app.sections(checks or app.DEFAULT_CHECKS).items():
         title = f"[[{name}]]" if name in ARRAY_SECTIONS else f"[{name}]"
         out += [f"### {title}", "", "| key | default | meaning |", "| --- | --- | --- |"]
         for key, default, doc in describe(cls, name):
@@ -206,7 +217,7 @@ START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    text = reference_markdown()
+    text = reference_markdown(args.checks)
     if not args.update:
         print(text)
         return 0
@@ -309,8 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, checks=None) -> int:
+    """The command; `checks`: the check types to run (default: the registry's)."""
     args = build_parser().parse_args(argv)
+    if checks is None:
+        from . import app
+
+        checks = app.DEFAULT_CHECKS
+    args.checks = checks
     return args.func(args)
 
 

@@ -1,6 +1,6 @@
 """`spamgate explain` and `spamgate query`: what the rules do, without sending mail.
 
-`explain` drives one synthetic session through the real `SessionFlow`, with the
+`explain` drives one synthetic session through the real session driver, with the
 real checks (DNS included), so delayed rejection, score thresholds and monitor
 mode behave exactly as they do on port 25; only the upstream is a stand-in that
 says 250 and keeps nothing. Each check's verdict is printed as the runner sees it.
@@ -15,58 +15,27 @@ import ipaddress
 import logging
 from typing import TextIO
 
-from .checks.base import Check
+from . import app
 from .config import Config
-from .flow import SessionFlow
+from .flow.disposal import Quarantine
+from .flow.driver import SessionDriver
 from .logescape import escape
-from .message import Message, Outgoing
+from .message import Message
 from .model import Client, Session, Stage
-from .reply import Reply
-from .runtime import Policy, Runtime
-from .services import Services
-from .smtp.commands import PathArg
+from .pipeline.check import Check
+from .pipeline.entry import CoreEntry
+from .pipeline.observer import Observer
+from .pipeline.verdict import Action, Symbol, Verdict
 from .state import MemoryStore
 from .tables import Query, Table
 from .tables.keys import NULL_SENDER, parse_ip
-from .upstream.base import Upstream, UpstreamSession
-from .verdict import Action, Symbol, Verdict
+from .upstream.dry import DryUpstream
 
+NOT_DELIVERED = "Ok: not delivered (spamgate explain)"
 SYNTHETIC = (
     "From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: spamgate explain\r\n"
     "Message-ID: <explain@spamgate.invalid>\r\n\r\n(no message given)\r\n"
 )
-
-
-class DryUpstream(Upstream, UpstreamSession):
-    """Says 250 to everything and remembers only the last message, to show it."""
-
-    name = "explain"
-
-    def __init__(self) -> None:
-        self.delivered: Outgoing | None = None
-
-    async def open(self, client: Client) -> UpstreamSession:
-        return self
-
-    async def mail(self, sender: str, params: tuple[str, ...], smtputf8: bool) -> Reply:
-        return Reply(250, "2.1.0", ("Ok",))
-
-    async def rcpt(self, recipient: str, params: tuple[str, ...], smtputf8: bool) -> Reply:
-        return Reply(250, "2.1.5", ("Ok",))
-
-    async def data(self, content: Outgoing) -> Reply:
-        self.delivered = content
-        return Reply(250, "2.0.0", ("Ok: not delivered (spamgate explain)",))
-
-    async def rset(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    @property
-    def usable(self) -> bool:
-        return True
 
 
 def _verdict_text(verdict: Verdict) -> str:
@@ -108,6 +77,7 @@ class _ListHandler(logging.Handler):
 async def explain(
     config: Config,
     *,
+    checks: app.Checks = app.DEFAULT_CHECKS,
     client_ip: str,
     client_name: str | None,
     helo: str,
@@ -123,30 +93,16 @@ async def explain(
         config = dataclasses.replace(
             config, dns=dataclasses.replace(config.dns, reverse_lookup=False)
         )
-    dry, hold = DryUpstream(), DryUpstream()
+    dry, hold = DryUpstream(NOT_DELIVERED), DryUpstream(NOT_DELIVERED)
     # A throwaway state store too: explaining must not use up, or greylist for, a
     # real client's quota in the store the running instances share.
-    services = dataclasses.replace(
-        Services.build(config), upstream=dry, quarantine=hold, state=MemoryStore()
+    built = app.build(
+        config, checks=checks, upstream=dry, disposal=Quarantine(hold), state=MemoryStore()
     )
-    runtime = Runtime(Policy.build(config, services), services)
     client = Client(address=address, port=0, name=client_name or "[UNAVAILABLE]")
-    flow = SessionFlow(runtime, Session(id="EXPLAIN", client=client))
-    symbols: dict[str, Symbol] = {}
-    overrides = config.scoring.symbols
-
-    def trace(stage: Stage, check: Check, verdict: Verdict, seconds: float) -> None:
-        for sym in verdict.symbols:
-            symbols.setdefault(sym.name, Symbol(sym.name, overrides.get(sym.name, sym.score)))
-        out.write(f"  {check.label:<24} {_verdict_text(verdict)}\n")
-        # Findings that say more than the verdict (the links found and what each
-        # list said; what a scanner reported), when the result can tell.
-        details = getattr(verdict.result, "explain", None)
-        if details is not None:
-            for line in details():
-                out.write(f"  {'':<24}   {line}\n")
-
-    flow.trace = trace
+    printer = _Printer(out, config.scoring.symbols)
+    flow = built.driver(Session(id="EXPLAIN", client=client), observer=printer)
+    symbols = printer.symbols
     handler = _ListHandler(out)
     loggers = [logging.getLogger("spamgate.session"), logging.getLogger("spamgate.pipeline")]
     if verbose:
@@ -154,13 +110,13 @@ async def explain(
             lg.addHandler(handler)
             lg.setLevel(logging.INFO)
             lg.propagate = False
-    if runtime.policy.pipeline.monitor:
+    if built.policy.pipeline.monitor:
         out.write('mode = "monitor": nothing is refused; would-be actions are logged\n')
     try:
         decision = await _converse(flow, dry, hold, helo, sender, recipients, message, out)
     finally:
         await flow.close("explain")
-        await services.aclose()
+        await built.aclose()
         for lg in loggers:
             lg.removeHandler(handler)
             lg.propagate = True
@@ -173,14 +129,39 @@ async def explain(
     return 0 if decision.startswith("accepted") else 1
 
 
-def _held(flow: SessionFlow, out: TextIO) -> None:
-    held = flow.session.pending or (flow.session.transaction and flow.session.transaction.pending)
-    if held:
+class _Printer(Observer):
+    """Prints each check's verdict as the runner takes it (the core's own entries
+    show in the replies and the decision)."""
+
+    def __init__(self, out: TextIO, overrides: dict[str, float]) -> None:
+        self.out = out
+        self.overrides = overrides
+        self.symbols: dict[str, Symbol] = {}
+
+    def verdict(
+        self, stage: Stage, entry: Check | CoreEntry, verdict: Verdict, seconds: float
+    ) -> None:
+        if not isinstance(entry, Check):
+            return
+        for sym in verdict.symbols:
+            score = self.overrides.get(sym.name, sym.score)
+            self.symbols.setdefault(sym.name, Symbol(sym.name, score))
+        self.out.write(f"  {entry.label:<24} {_verdict_text(verdict)}\n")
+        # Findings that say more than the verdict (the links found and what each
+        # list said; what a scanner reported), when the result can tell.
+        details = getattr(verdict.result, "explain", None)
+        if details is not None:
+            for line in details():
+                self.out.write(f"  {'':<24}   {line}\n")
+
+
+def _held(flow: SessionDriver, out: TextIO) -> None:
+    if flow.ledger.held.any is not None:
         out.write("     (refusal held until RCPT: delayed reject, [smtp] delay_reject)\n")
 
 
 async def _converse(
-    flow: SessionFlow,
+    flow: SessionDriver,
     dry: DryUpstream,
     hold: DryUpstream,
     helo: str,
@@ -203,7 +184,7 @@ async def _converse(
         return f"refused at HELO: {reply}"
     _held(flow, out)
     out.write(f"MAIL FROM:<{sender}>\n")
-    reply = await flow.mail(PathArg(sender, (), {}))
+    reply = await flow.mail(sender, (), {})
     out.write(f"  => {reply}\n")
     if reply.code != 250:
         return f"refused at MAIL: {reply}"
@@ -211,7 +192,7 @@ async def _converse(
     refused: list[str] = []
     for rcpt in recipients:
         out.write(f"RCPT TO:<{rcpt}>\n")
-        reply = await flow.rcpt(PathArg(rcpt, (), {}))
+        reply = await flow.rcpt(rcpt, ())
         out.write(f"  => {reply}\n")
         if reply.code // 100 != 2:
             refused.append(f"<{rcpt}> {reply}")
@@ -226,7 +207,7 @@ async def _converse(
         out.write(f"  => {reply}\n")
         return f"refused at DATA: {reply}"
     content = message or SYNTHETIC.format(sender=sender, rcpt=recipients[0]).encode()
-    reply = await flow.message(Message(content))
+    reply = (await flow.message(Message(content))).reply
     out.write(f"end of data ({len(content)} bytes)\n  => {reply}\n")
     if reply.code // 100 != 2:
         return f"refused at end of data: {reply}"

@@ -39,6 +39,8 @@ from prometheus_client import (
     values,
 )
 
+from . import __version__
+
 # `<name>_created` series double the series count and no panel uses them.
 disable_created_metrics()
 
@@ -66,20 +68,10 @@ LATENCY_BUCKETS = (
     10,
     30,
 )
-# Rule ids of tables up to this long are created at zero when the table loads, so
-# a rule's first hit shows as an increase; longer tables (big blocklists) only get
-# series for the rules that match, to keep the series count bounded.
-PRECREATED_RULES_PER_TABLE = 1000
 SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 10485760, 33554432)
 SCORE_BUCKETS = (-5, 0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 50)
 
 # -- the closed label sets ------------------------------------------------------------
-STAGES = ("connect", "helo", "mail", "rcpt", "data", "eod")
-# Decisions the core makes itself appear under these "check" labels, next to the
-# checks' own names: relay control, score thresholds, size/recipient limits, and
-# protocol refusals (bare line ends and over-long lines in content, pregreet).
-CORE_CHECKS = ("relay", "score", "limits", "protocol")
-REFUSALS = ("reject", "defer", "disconnect")  # actions that refuse; "rejection rate"
 TRANSACTION_OUTCOMES = (
     "accepted",
     "rejected",
@@ -103,6 +95,7 @@ PROTOCOL_ERROR_KINDS = (
     "timeout",
     "message_too_big",
     "too_many_recipients",
+    "header_too_big",
     "bare_cr",
     "proxy_header",
 )
@@ -121,7 +114,6 @@ DNS_RESULTS = (
     "shared",
     "breaker_open",
 )
-DNSBL_RESULTS_SET = ("listed", "not_listed", "error")
 # RFC 8601 result words per method.
 _SPF = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 AUTH_RESULT_SETS = {
@@ -300,22 +292,6 @@ DMARC_INTERNAL_ERRORS = Counter(
 DMARC_INTERNAL_CAUSES = ("spf", "dkim", "dmarc")
 
 # -- content checks (links, antivirus, external scorers, attachments) ---------------
-# Each check's result words: a closed set per check, created at zero with the check.
-CONTENT_RESULTS = {
-    "uribl": ("clean", "listed", "no_links"),
-    "clamav": ("clean", "infected", "partial"),
-    "rspamd": (
-        "no_action",
-        "greylist",
-        "add_header",
-        "rewrite_subject",
-        "soft_reject",
-        "reject",
-        "skipped",
-    ),
-    "spamassassin": ("ham", "spam", "skipped"),
-    "attachments": ("clean", "blocked", "scored", "none"),
-}
 URIBL_DOMAIN_RESULTS = ("looked_up", "allowlisted", "over_limit")
 ATTACHMENT_KINDS = (
     "extension",
@@ -557,8 +533,6 @@ def child(metric: Counter | Gauge | Histogram, *labels: str) -> Any:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
-
     out = {"version": __version__, "python": platform.python_version()}
     for label, dist in (
         ("aiosmtpd", "aiosmtpd"),
@@ -609,23 +583,6 @@ def _precreate() -> None:
         STARTTLS.labels(result)
     for result in AUTH_PASSTHROUGH_RESULTS:
         AUTH_PASSTHROUGH.labels(result)
-    for stage, check, action in (
-        ("rcpt", "relay", "reject"),
-        ("rcpt", "score", "reject"),
-        ("rcpt", "score", "defer"),
-        ("eod", "score", "reject"),
-        ("eod", "score", "defer"),
-        ("mail", "limits", "reject"),
-        ("rcpt", "limits", "defer"),
-        ("eod", "limits", "reject"),
-        ("eod", "protocol", "reject"),
-        ("connect", "protocol", "reject"),
-    ):
-        VERDICTS.labels(stage, check, action)
-    for stage in ("rcpt", "eod"):
-        for action in ("reject", "defer"):
-            WOULD_VERDICTS.labels(stage, "score", action)
-    WOULD_VERDICTS.labels("eod", "score", "tag")  # X-Spam headers monitor mode left out
     BUILD_INFO.labels(**_versions()).set(1)
     # Unknown until the first session or /readyz probe reaches (or misses) the MTA:
     # NaN, not 0, so "upstream down" alerts do not fire on an idle, fresh process.
@@ -650,6 +607,18 @@ def declare_checks(
             for action in ("reject", "defer"):
                 VERDICTS.labels(stage, label, action)
                 WOULD_VERDICTS.labels(stage, label, action)
+
+
+def declare_core(decisions: Iterable[tuple[str, str, str, bool]]) -> None:
+    """Create the series of the core's own decisions (relay, limits, protocol,
+    score: `Pipeline.series()`) at zero: (stage, label, action, may be monitored).
+    Only final actions are enforced decisions; the score's "tag" is only ever a
+    monitor-mode "would"."""
+    for stage, label, action, monitored in decisions:
+        if action != "tag":
+            VERDICTS.labels(stage, label, action)
+        if monitored:
+            WOULD_VERDICTS.labels(stage, label, action)
 
 
 _config_hash: str | None = None
@@ -732,7 +701,3 @@ def scrape_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=_multiprocess_dir)
     return registry
-
-
-def is_multiprocess() -> bool:
-    return _multiprocess_dir is not None

@@ -1,9 +1,11 @@
 """The state a check may read: the session, its current transaction and the message.
 
-Checks receive these through a read-only `CheckContext`; only the core and the
-pipeline runner change them. Structured findings of earlier checks (an SPF result,
-DKIM results) live in `Results`, keyed by their type, so a later check asks for
-`results.get(SpfResult)` and a typo is a NameError, not a silently missing note.
+Checks receive these through a read-only `CheckContext`; only the session driver
+and the pipeline runner change them. What the checks found and decided so far
+(symbols, held refusals, prepended headers) is the pipeline's `Ledger`. Structured
+findings of earlier checks (an SPF result, DKIM results) live in `Results`, keyed
+by their type, so a later check asks for `results.get(SpfResult)` and a typo is a
+NameError, not a silently missing note.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import TypeVar
 
 from .domains import ascii_lower
 from .message import Message
-from .verdict import Symbol, Verdict
 
 T = TypeVar("T")
 
@@ -32,10 +33,6 @@ class Stage(enum.Enum):
     RCPT = "rcpt"
     DATA = "data"  # the DATA command: envelope complete, no content yet
     EOD = "eod"  # end of data: the whole message is known
-
-    @classmethod
-    def parse(cls, name: str) -> Stage:
-        return cls(name.lower())
 
 
 class Results:
@@ -108,10 +105,6 @@ class Transaction:
     recipients: list[Recipient] = field(default_factory=list)
     message: Message | None = None
     results: Results = field(default_factory=Results)
-    symbols: list[Symbol] = field(default_factory=list)
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    # A MAIL-stage rejection held for the first RCPT (delayed reject).
-    pending: Verdict | None = None
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -124,10 +117,6 @@ class Transaction:
     def accepted_recipients(self) -> list[Recipient]:
         return [r for r in self.recipients if r.accepted]
 
-    @property
-    def score(self) -> float:
-        return sum(s.score for s in self.symbols)
-
 
 @dataclass
 class Session:
@@ -138,11 +127,7 @@ class Session:
     started: float = field(default_factory=time.monotonic)
     transaction: Transaction | None = None
     results: Results = field(default_factory=Results)
-    symbols: list[Symbol] = field(default_factory=list)
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    # Connect- and HELO-stage rejections held for the first RCPT (delayed reject).
-    pending: Verdict | None = None
-    pregreet: bool = False
+    pregreet: bool = False  # the client talked before our greeting
     errors: int = 0
     messages: int = 0
     # Set by the core from mynetworks (and AUTH passthrough); checks only read it.

@@ -51,24 +51,9 @@ class Reply:
         return "\n".join(self.lines)
 
     @property
-    def is_positive(self) -> bool:
-        return 200 <= self.code < 400
-
-    @property
-    def is_temporary(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def is_permanent(self) -> bool:
-        return self.code >= 500
-
-    @property
     def closes(self) -> bool:
         """421 and 521 end the session after they are sent (RFC 5321 §3.8, RFC 7504)."""
         return self.code in (421, 521)
-
-    def with_text(self, text: str) -> Reply:
-        return Reply.make(self.code, text, self.enhanced)
 
     def render(self, *, enhanced: bool = True) -> bytes:
         """Wire form, CRLF-terminated; continuation lines use `code-`."""
@@ -111,4 +96,3 @@ def default_enhanced(code: int) -> str:
 # Replies the core gives, in one place so that tests and docs can name them.
 OK = Reply(250, "2.0.0", ("Ok",))
 TEMP_UPSTREAM = Reply(451, "4.3.0", ("Error: queue file write error",))
-UPSTREAM_GONE = Reply(421, "4.3.0", ("Error: upstream unavailable, closing connection",))

@@ -31,6 +31,7 @@ running in a worker thread, use answers the event loop already has.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import ipaddress
@@ -53,9 +54,9 @@ import dns.rdtypes.ANY.TXT
 import dns.resolver
 
 from . import metrics
+from .config.settings import parse_hostport
 from .domains import ascii_lower, domain_key
 from .nameserver import Nameserver, reached
-from .settings import parse_hostport
 
 if TYPE_CHECKING:
     from .config import DnsSettings
@@ -121,7 +122,37 @@ class DnsAnswer:
         return [r.target.to_text(omit_final_dot=True) for r in self.records if hasattr(r, "target")]
 
 
-class Resolver:
+class Resolver(abc.ABC):
+    """What checks and the session driver ask of DNS; `DnsResolver` asks the network.
+
+    An interface, so that the composition root can be handed another: one that
+    answers from a recording (replaying traffic offline), or records what it
+    was asked. Answers are `DnsAnswer` values, failures one `DnsError`.
+    """
+
+    # Seconds one lookup may take in all: what checks budget for.
+    lifetime: float
+
+    @abc.abstractmethod
+    def cached(self, name: str | dns.name.Name, rdtype: str) -> DnsAnswer | None:
+        """The answer already known, or None; never waits (safe from any thread)."""
+
+    @abc.abstractmethod
+    async def lookup(
+        self, name: str | dns.name.Name, rdtype: str, *, timeout: float | None = None
+    ) -> DnsAnswer:
+        """The answer for `name`/`rdtype`; DnsError on timeout or failure."""
+
+    @abc.abstractmethod
+    async def verified_name(self, address: IPAddress) -> str:
+        """The forward-confirmed reverse name of `address`, or `[UNAVAILABLE]` /
+        `[TEMPUNAVAIL]`."""
+
+    async def aclose(self) -> None:  # noqa: B027 - a recording holds nothing to release
+        """Stop what runs in the background."""
+
+
+class DnsResolver(Resolver):
     """Async lookups through one dnspython resolver and one cache."""
 
     def __init__(self, settings: DnsSettings) -> None:

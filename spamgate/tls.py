@@ -11,7 +11,7 @@ import os
 import ssl
 
 from .config import Config
-from .settings import ConfigError, display_path
+from .config.settings import ConfigError, display_path
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 

@@ -11,19 +11,19 @@ import os
 import ssl
 import textwrap
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
 import trustme
 
-from spamgate.config import loads
-from spamgate.server import Server
-
-from .daemons import CLAMD, RSPAMD, SPAMD, Clamd, Rspamd, Spamd
-from .dnsserver import DnsServer
-from .postfix import POSTFIX, PostfixInstance
-from .redisserver import (
+from spamgate.app import DEFAULT_CHECKS, build, loads
+from spamgate.ops.server import Server
+from spamgate.pipeline.check import Check
+from testkit.daemons import CLAMD, RSPAMD, SPAMD, Clamd, Rspamd, Spamd
+from testkit.dnsserver import DnsServer
+from testkit.postfix import POSTFIX, PostfixInstance
+from testkit.redisserver import (
     REDIS_CLI,
     REDIS_SENTINEL,
     REDIS_SERVER,
@@ -31,8 +31,8 @@ from .redisserver import (
     RedisServer,
     SentinelSet,
 )
-from .sink import Sink
-from .smtpclient import RawClient
+from testkit.sink import Sink
+from testkit.smtpclient import RawClient
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -108,7 +108,7 @@ def need_postfix() -> None:
 
 @pytest.fixture(scope="session")
 def postfix() -> Iterator[PostfixInstance]:
-    """One private Postfix for the whole run (tests/postfix.py describes it).
+    """One private Postfix for the whole run (testkit/postfix.py describes it).
 
     Shared because starting one takes about a second; tests tell their mail apart
     by a unique marker in the message and a client address of their own.
@@ -220,13 +220,15 @@ async def gate_factory(sink: Sink, dns_server: DnsServer, tmp_path) -> AsyncIter
         server: dict | None = None,
         up: dict | None = None,
         resolver: dict | None = None,
+        checks: Sequence[type[Check]] = DEFAULT_CHECKS,
     ) -> Gate:
+        """`checks`: the check types spamgate runs (a test's own, or the registry's)."""
         target = sink if upstream == "sink" else upstream
         sink_or_none = target if isinstance(target, Sink) else None
         text = config_text(sink_or_none, extra, server, up, dns_server, resolver)
         path = tmp_path / f"spamgate-{len(gates)}.toml"
         path.write_text(text)
-        srv = Server(loads(text, str(path)))
+        srv = Server(build(loads(text, str(path), checks), checks=checks))
         await srv.start()
         g = Gate(srv)
         gates.append(g)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from spamgate.config import loads
+from spamgate.app import loads
 
 from .conftest import issue, need_binary
 

@@ -13,7 +13,7 @@ import subprocess
 
 import yaml
 
-from spamgate.config import loads
+from spamgate.app import loads
 
 from .conftest import need_binary
 

@@ -7,7 +7,7 @@ decoded) is judged by its last extension, as Windows reads it (trailing dots
 and spaces dropped), so `invoice.pdf.exe` and `invoice.exe.` are caught; a
 part whose first bytes show an executable under a harmless name (`scan.pdf`
 that starts with "MZ") is a disguise; and the names inside zip archives are
-read from the central directory (listing only, never extracting: `archives.py`).
+read from the central directory (listing only, never extracting: `engines/archives.py`).
 
 The whole message is walked (up to `scan_size`), not only its first megabyte:
 an executable after a large harmless attachment is still seen. Memory stays
@@ -22,13 +22,13 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ..archives import EXECUTABLE, EXPECTED, ZIP_TYPES, extensions, sniff, zip_listing
-from ..mimewalk import Part, WalkLimits, walk
+from ..config.settings import non_negative, positive, setting
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
-from ..settings import non_negative, positive, setting
-from ..verdict import DUNNO, Action, Symbol, Verdict
-from .base import Check, CheckContext
+from .engines.archives import EXECUTABLE, EXPECTED, ZIP_TYPES, extensions, sniff, zip_listing
+from .engines.mimewalk import Part, WalkLimits, walk
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -142,6 +142,7 @@ class AttachmentResult:
 
 
 class AttachmentCheck(Check):
+    section = ("attachments", AttachmentSettings)
     name = "attachments"
     stages = frozenset({Stage.EOD})
     concurrent = True

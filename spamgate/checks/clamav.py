@@ -2,7 +2,7 @@
 
 The whole message as received (headers and MIME body; clamd decodes MIME and
 archives itself with ScanMail/ScanArchive) is streamed to clamd with INSTREAM
-(`clamd.py`), at most `max_size` bytes. A virus refuses the message with
+(`engines/clamd.py`), at most `max_size` bytes. A virus refuses the message with
 `554 5.7.0 Virus found: NAME`, or holds it in quarantine, or adds the symbol
 CLAMAV_VIRUS, as `action` says. clamd down, refusing or slower than `timeout`
 is a check failure: the runner applies `on_error` ("continue": the message goes
@@ -16,13 +16,13 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ..backend import Outage, check_address, parse_address, printable
-from ..clamd import ClamdError, instream
+from ..config.settings import positive, setting
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
-from ..settings import positive, setting
-from ..verdict import DUNNO, Action, Symbol, Verdict
-from .base import Check, CheckContext
+from .engines.backend import Outage, check_address, parse_address, printable
+from .engines.clamd import ClamdError, instream
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -76,6 +76,7 @@ class ClamavResult:
 
 
 class ClamavCheck(Check):
+    section = ("clamav", ClamavSettings)
     name = "clamav"
     stages = frozenset({Stage.EOD})
     concurrent = True

@@ -20,13 +20,12 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..content import ContentLimits, ContentView, extract
-from ..message import Message
 from ..model import Stage
+from ..pipeline.check import CheckContext
+from ..pipeline.verdict import Symbol, Verdict
 from ..tables import Query, Table
-from ..tables.actions import ReplyContext, to_verdict
-from ..verdict import Symbol, Verdict
-from .base import CheckContext
+from .engines.contentview import ContentLimits, ContentView, extract
+from .engines.ruleverdict import ReplyContext, lookups, to_verdict
 from .rules import RulesSettings, TableCheck
 
 if TYPE_CHECKING:
@@ -117,10 +116,11 @@ class ContentCheck(TableCheck):
             view = known or extract(message, self.limits)
             return view, scan(self.table, self.lines(view), deadline)
 
-        if message.size > INLINE_LIMIT:
-            view, verdict = await asyncio.to_thread(work)
-        else:
-            view, verdict = work()
+        with lookups():
+            if message.size > INLINE_LIMIT:
+                view, verdict = await asyncio.to_thread(work)
+            else:
+                view, verdict = work()
         # Recorded for the next content table, so the message is parsed once.
         return verdict if known is not None else replace(verdict, result=view)
 
@@ -139,10 +139,3 @@ class BodyRules(ContentCheck):
 
     def lines(self, view: ContentView) -> tuple[str, ...]:
         return view.body
-
-
-def message_view(message: Message, settings: RulesSettings) -> ContentView:
-    """The view rules see, for `spamgate explain`."""
-    return extract(
-        message, ContentLimits(settings.scan_size, settings.body_part_size, settings.parts)
-    )

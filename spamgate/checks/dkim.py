@@ -30,11 +30,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .. import metrics
-from ..dkimverify import (
+from ..config.settings import positive, setting
+from ..message import Message
+from ..model import Stage
+from ..pipeline.check import Check, CheckContext, Series
+from ..pipeline.verdict import DUNNO, CheckError, Verdict
+from ..resolver import DnsError, Resolver
+from .engines.dkimverify import (
     KeyAnswer,
     SignatureResult,
     describe,
@@ -42,18 +48,14 @@ from ..dkimverify import (
     verify,
     verify_message,
 )
-from ..message import Message
-from ..model import Stage
-from ..resolver import DnsError, Resolver
-from ..settings import positive, setting
-from ..verdict import DUNNO, CheckError, Verdict
-from .base import Check, CheckContext
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..services import Services
 
 log = logging.getLogger("spamgate.dkim")
+
+AUTH_RESULTS = "spamgate_auth_results_total"  # where results are counted, by method
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,16 @@ class DkimResults:
         """The d= domains of the signatures that passed."""
         return [s.domain for s in self.signatures if s.result == "pass"]
 
+    def counted(self) -> Iterable[Series]:
+        """Each signature's result in spamgate_auth_results_total; "none" if unsigned."""
+        if not self.signatures:
+            yield AUTH_RESULTS, ("dkim", "none")
+        for s in self.signatures:
+            yield AUTH_RESULTS, ("dkim", s.result)
+
 
 class DkimCheck(Check):
+    section = ("dkim", DkimSettings)
     name = "dkim"
     stages = frozenset({Stage.EOD})
 
@@ -127,7 +137,6 @@ class DkimCheck(Check):
             h.value.encode("utf-8", "surrogateescape") for h in message.get_all("DKIM-Signature")
         ][: self.settings.max_signatures]
         if not values:
-            metrics.AUTH_RESULTS.labels("dkim", "none").inc()
             return Verdict(result=DkimResults())
         answers: dict[str, KeyAnswer] | None = None
         try:
@@ -141,8 +150,6 @@ class DkimCheck(Check):
                 # signer's DNS, and that is no temperror of the sender's making.
                 raise VerificationTimeout(f"{why} (the keys were fetched)") from None
             results = [describe(v, "temperror", why) for v in values]
-        for r in results:
-            metrics.AUTH_RESULTS.labels("dkim", r.result).inc()
         return Verdict(result=DkimResults(tuple(results)))
 
     async def _keys(self, values: list[bytes]) -> dict[str, KeyAnswer]:

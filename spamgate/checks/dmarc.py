@@ -62,22 +62,22 @@ import email.utils
 import random
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import dmarc as dmarclib
 from publicsuffixlist import PublicSuffixList
 
-from .. import metrics
-from ..dkimverify import describe
+from ..config.settings import ConfigError, positive, setting
 from ..message import Message
 from ..model import Stage, Transaction
+from ..pipeline.check import Check, CheckContext, Series
+from ..pipeline.verdict import DUNNO, Action, CheckFailures, Symbol, Verdict
 from ..reply import Reply
 from ..resolver import DnsError, Resolver, ascii_domain
-from ..settings import ConfigError, positive, setting
-from ..verdict import DUNNO, Action, CheckFailures, Symbol, Verdict
-from .base import Check, CheckContext
 from .dkim import DkimResults
+from .engines.dkimverify import describe
 from .spf import SpfResult
 
 if TYPE_CHECKING:
@@ -85,6 +85,9 @@ if TYPE_CHECKING:
     from ..services import Services
 
 PolicyAction = Literal["reject", "hold", "score", "continue"]
+# Where results are counted: RFC 8601 words by method, and internal errors by cause.
+AUTH_RESULTS = "spamgate_auth_results_total"
+INTERNAL_ERRORS = "spamgate_dmarc_internal_errors_total"
 
 SCORES = {
     "DMARC_REJECT": 10.0,
@@ -174,6 +177,14 @@ class DmarcResults:
     results: tuple[DmarcResult, ...] = ()
     problem: str = ""
 
+    def counted(self) -> Iterable[Series]:
+        """The outcome in spamgate_auth_results_total, and the first internal error's
+        cause (spf, dkim) in spamgate_dmarc_internal_errors_total."""
+        yield AUTH_RESULTS, ("dmarc", self.result)
+        internal = [r.internal for r in self.results if r.internal]
+        if internal:
+            yield INTERNAL_ERRORS, (internal[0],)
+
     @property
     def result(self) -> str:
         if self.problem:
@@ -183,6 +194,16 @@ class DmarcResults:
             if kind in kinds:
                 return kind
         return "none"
+
+
+@dataclass(frozen=True)
+class InternalError:
+    """This check itself failed (a bug): counted as an internal error, cause "dmarc"."""
+
+    cause: str
+
+    def counted(self) -> Iterable[Series]:
+        yield INTERNAL_ERRORS, (self.cause,)
 
 
 _psl: PublicSuffixList | None = None
@@ -245,6 +266,7 @@ def author_domains(message: Message) -> tuple[list[str], str]:
 
 
 class DmarcCheck(Check):
+    section = ("dmarc", DmarcSettings)
     name = "dmarc"
     stages = frozenset({Stage.EOD})
 
@@ -274,20 +296,16 @@ class DmarcCheck(Check):
         public_suffixes()  # load it now, not in the first session
         return [cls(s, services.resolver)]
 
-    async def check(self, ctx: CheckContext) -> Verdict:
-        try:
-            return await self._check(ctx)
-        except Exception:
-            metrics.DMARC_INTERNAL_ERRORS.labels("dmarc").inc()
-            raise  # the runner logs it and applies on_error
+    def failure(self, kind: str) -> object | None:
+        """A bug in this check is an internal error of its own (cause "dmarc")."""
+        return InternalError("dmarc") if kind == "exception" else None
 
-    async def _check(self, ctx: CheckContext) -> Verdict:
+    async def check(self, ctx: CheckContext) -> Verdict:
         message, txn = ctx.message, ctx.transaction
         if message is None or txn is None or ctx.session.relay_permitted:
             return DUNNO
         domains, problem = author_domains(message)
         if problem:
-            metrics.AUTH_RESULTS.labels("dmarc", "permerror").inc()
             return self._bad_from(DmarcResults(problem=problem))
         spf = txn.results.get(SpfResult)
         dkim = txn.results.get(DkimResults)
@@ -300,12 +318,7 @@ class DmarcCheck(Check):
         except TimeoutError:
             why = f"policy lookup took more than {self.settings.timeout:g}s"
             results = [DmarcResult("temperror", d, reason=why) for d in domains]
-        outcome = DmarcResults(tuple(results))
-        metrics.AUTH_RESULTS.labels("dmarc", outcome.result).inc()
-        internal = [r.internal for r in outcome.results if r.internal]
-        if internal:
-            metrics.DMARC_INTERNAL_ERRORS.labels(internal[0]).inc()
-        return self._verdict(outcome, txn)
+        return self._verdict(DmarcResults(tuple(results)), txn)
 
     async def _policy(self, domain: str) -> tuple[str | None, str | None, str]:
         """(record, org domain it was found at or None, problem); the problem is

@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..dnslist import ListPolicy, ListResult, check_sites, check_symbol_sites, ip_query
+from ..config.settings import positive, setting
 from ..model import Stage
-from ..settings import positive, setting
-from ..verdict import DUNNO, Verdict
-from .base import Check, CheckContext
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Verdict
+from .engines.dnslist import ListPolicy, ListResult, check_sites, check_symbol_sites, ip_query
 from .reputation import ReputationResult
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ class DnsblResult(ListResult):
 
 
 class DnsblCheck(Check):
+    section = ("dnsbl", DnsblSettings)
     name = "dnsbl"
     stages = frozenset({Stage.CONNECT})
 

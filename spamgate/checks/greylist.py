@@ -26,15 +26,17 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..config.settings import networks, non_negative, positive, setting
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Verdict
 from ..reply import Reply
-from ..settings import networks, non_negative, positive, setting
-from ..state import StateStore, StoreUnavailable, Window, network_of, unavailable_verdict
+from ..state import StateStore, StoreUnavailable, Window, network_of
 from ..state.base import prefix_check
 from ..tables import split_spec
 from ..tables.clientset import ClientSet, source_of
-from ..verdict import DUNNO, Action, Verdict
-from .base import Check, CheckContext
+from .engines.ruleverdict import lookups
+from .engines.unavailable import unavailable_verdict
 from .spf import SpfResult
 
 if TYPE_CHECKING:
@@ -127,6 +129,7 @@ def normalise_sender(address: str) -> str:
 
 
 class GreylistCheck(Check):
+    section = ("greylist", GreylistSettings)
     name = "greylist"
     stages = frozenset({Stage.RCPT})
 
@@ -151,7 +154,14 @@ class GreylistCheck(Check):
         if not s.enabled:
             return []
         lists = [
-            ClientSet.load(spec, config, "a greylist allowlist", ("greylist", "allowlist"))
+            ClientSet.load(
+                spec,
+                config,
+                "a greylist allowlist",
+                ("greylist", "allowlist"),
+                limits=config.section("rules").limits,
+                timeout=config.section("rules").timeout,
+            )
             for spec in s.allowlist
         ]
         return [cls(s, services.state, config.state.on_unavailable, lists)]
@@ -180,7 +190,9 @@ class GreylistCheck(Check):
 
     async def check(self, ctx: CheckContext) -> Verdict:
         assert ctx.transaction is not None and ctx.recipient is not None
-        if self._exempt(ctx):
+        with lookups():
+            exempt = self._exempt(ctx)
+        if exempt:
             return DUNNO
         s = self.settings
         net = network_of(ctx.session.client.address, s.ipv4_prefix, s.ipv6_prefix)

@@ -27,15 +27,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..config.settings import setting
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Verdict
 from ..reply import Reply
-from ..settings import setting
-from ..state import StateStore, StoreUnavailable, Window, network_of, unavailable_verdict
+from ..state import StateStore, StoreUnavailable, Window, network_of
 from ..state.base import prefix_check
 from ..tables import split_spec
 from ..tables.clientset import ClientSet, source_of
-from ..verdict import DUNNO, Action, Verdict
-from .base import Check, CheckContext
+from .engines.ruleverdict import lookups
+from .engines.unavailable import unavailable_verdict
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -199,6 +201,7 @@ def _by_tables(classes: list[tuple[ClientSet, dict[str, Limit | None]]]) -> Over
 
 
 class RateLimitCheck(Check):
+    section = ("ratelimit", RateLimitSettings)
     name = "ratelimit"
     stages = frozenset({Stage.CONNECT, Stage.RCPT, Stage.DATA})
 
@@ -227,7 +230,12 @@ class RateLimitCheck(Check):
         classes = [
             (
                 ClientSet.load(
-                    spec, config, "a rate-limit override table", ("ratelimit", "overrides", spec)
+                    spec,
+                    config,
+                    "a rate-limit override table",
+                    ("ratelimit", "overrides", spec),
+                    limits=config.section("rules").limits,
+                    timeout=config.section("rules").timeout,
                 ),
                 parse_overrides(text),
             )
@@ -268,7 +276,9 @@ class RateLimitCheck(Check):
         if any(ctx.session.client.address in net for net in self.exempt):
             return DUNNO
         requests: list[tuple[str, str, Window]] = []
-        for name, limit in self._limits_for(ctx).items():
+        with lookups():
+            limits = self._limits_for(ctx)
+        for name, limit in limits.items():
             kind = KINDS[name]
             if kind.stage is not ctx.stage:
                 continue

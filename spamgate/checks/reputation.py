@@ -21,12 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..config.settings import non_negative, positive, setting
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext, TransactionEnd, TransactionObserver
+from ..pipeline.verdict import DUNNO, Action, Verdict
 from ..reply import Reply
-from ..settings import non_negative, positive, setting
-from ..state import StateStore, StoreUnavailable, Window, unavailable_verdict
-from ..verdict import DUNNO, Action, Verdict
-from .base import Check, CheckContext, TransactionEnd, TransactionObserver
+from ..state import StateStore, StoreUnavailable, Window
+from .engines.unavailable import unavailable_verdict
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -59,6 +60,7 @@ class ReputationSettings:
 
 
 class ReputationCheck(Check, TransactionObserver):
+    section = ("reputation", ReputationSettings)
     name = "reputation"
     stages = frozenset({Stage.CONNECT})
 

@@ -1,7 +1,7 @@
 """Domain lists (RHSBL, Spamhaus DBL style) for the HELO name and the sender domain.
 
 The same site syntax, weights, threshold and error handling as the address lists
-(`dnslist.py`), applied to each identity on its own: the HELO name at HELO, the MAIL
+(`engines/dnslist.py`), applied to each identity on its own: the HELO name at HELO, the MAIL
 FROM domain at MAIL. The domain is looked up as given (`domain.zone`, RFC 5782
 §2.3); names that are not domains (address literals, single labels) are skipped,
 and so are clients in mynetworks and clients already refused (delayed reject).
@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..dnslist import ListPolicy, ListResult, check_sites, check_symbol_sites, domain_query
+from ..config.settings import positive, setting
 from ..model import Stage
-from ..settings import positive, setting
-from ..verdict import DUNNO, Verdict
-from .base import Check, CheckContext
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Verdict
+from .engines.dnslist import ListPolicy, ListResult, check_sites, check_symbol_sites, domain_query
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -56,6 +56,7 @@ class SenderListResult(ListResult):
 
 
 class RhsblCheck(Check):
+    section = ("rhsbl", RhsblSettings)
     name = "rhsbl"
     stages = frozenset({Stage.HELO, Stage.MAIL})
 
@@ -79,7 +80,7 @@ class RhsblCheck(Check):
         return self.policy.metric_series()
 
     async def check(self, ctx: CheckContext) -> Verdict:
-        if ctx.session.relay_permitted or ctx.session.pending is not None:
+        if ctx.session.relay_permitted or ctx.held is not None:
             # ours, or already refused (delayed reject): no lookups to make
             return DUNNO
         if ctx.stage is Stage.HELO:

@@ -21,13 +21,13 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ..backend import Outage, scanner_symbols
+from ..config.settings import positive, setting
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
-from ..rspamdclient import RspamdError, checkv2
-from ..settings import positive, setting
-from ..verdict import DUNNO, Action, Symbol, Verdict
-from .base import Check, CheckContext
+from .engines.backend import Outage, scanner_symbols
+from .engines.rspamdclient import RspamdError, checkv2
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -110,6 +110,7 @@ class RspamdResult:
 
 
 class RspamdCheck(Check):
+    section = ("rspamd", RspamdSettings)
     name = "rspamd"
     stages = frozenset({Stage.EOD})
     concurrent = True

@@ -1,7 +1,7 @@
 """Admin rule tables at the envelope stages: client, HELO, sender, recipient.
 
 Each table named in `[rules]` becomes one check, labelled with the table's file
-name, so logs, metrics and `spamgate explain` show which table said what. Tables of
+name, so logs, counters and `spamgate explain` show which table said what. Tables of
 one stage run in the order listed, like consecutive Postfix `check_*_access`
 restrictions: DUNNO, WARN, PREPEND and SCORE go on to the next table, the first
 final action (OK, REJECT, DEFER, 4NN/5NN, 421/521, DISCARD, HOLD) ends the stage.
@@ -13,24 +13,28 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from .. import metrics
+from ..config.settings import ConfigError, positive, setting
 from ..model import Stage
-from ..settings import ConfigError, positive, setting
+from ..pipeline.check import Check, CheckContext, Series
+from ..pipeline.verdict import DUNNO, Verdict
 from ..tables import Match, Query, Table, TableLimits, load_configured, split_spec
-from ..tables.actions import ReplyContext, to_verdict
 from ..tables.keys import NULL_SENDER
-from ..verdict import DUNNO, Verdict
-from .base import Check, CheckContext
+from .engines.ruleverdict import ReplyContext, lookups, to_verdict
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..services import Services
 
 STAGE_KEYS = ("client", "helo", "sender", "recipient", "header", "body")
+RULE_HITS = "spamgate_rule_hits_total"  # the runner counts each matched entry there
+# Rule ids of tables up to this long are created at zero when the table loads, so
+# a rule's first hit shows as an increase; longer tables (big blocklists) only get
+# series for the rules that match, to keep the series count bounded.
+PRECREATED_RULES_PER_TABLE = 1000
 
 
 def _specs(*, content: bool = False):
@@ -94,7 +98,7 @@ class RulesSettings:
     parts: int = setting(100, "MIME parts looked at by header and body rules.", check=positive)
 
     def __post_init__(self) -> None:
-        # Table names label replies, logs and metrics: two files may not share one.
+        # Table names label replies, logs and counters: two files may not share one.
         seen: dict[str, str] = {}
         for key in STAGE_KEYS:
             for spec in getattr(self, key):
@@ -121,7 +125,7 @@ def load_tables(config: Config, key: str) -> list[Table]:
     problems: list[str] = []
     for spec in getattr(settings, key):
         try:
-            tables.append(load_configured(spec, config, "rules", key))
+            tables.append(load_configured(spec, config, "rules", key, limits=settings.limits))
         except ConfigError as exc:
             problems += exc.problems
     if problems:
@@ -157,17 +161,19 @@ def decide(matches: Iterable[Match], reply: ReplyContext) -> Verdict:
     return Verdict(would=tuple(would), hits=tuple(hits))
 
 
-def rule_series(table: Table) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
+def rule_series(table: Table) -> Iterable[Series]:
     """The rule-hit series of a table, created at zero when it loads (see
     `Check.metric_series`); not for tables too long to graph rule by rule."""
     lines = table.lines()
-    if len(lines) <= metrics.PRECREATED_RULES_PER_TABLE:
+    if len(lines) <= PRECREATED_RULES_PER_TABLE:
         for line in lines:
-            yield metrics.RULE_HITS, (table.name, str(line))
+            yield RULE_HITS, (table.name, str(line))
 
 
 class TableCheck(Check):
     """One envelope table at one stage; subclasses say what is looked up."""
+
+    section = ("rules", RulesSettings)
 
     key: ClassVar[str]  # the [rules] list this check reads
 
@@ -189,7 +195,7 @@ class TableCheck(Check):
     def sources(cls, config: Config) -> list[str]:
         return table_files(config, cls.key)
 
-    def metric_series(self) -> Iterable[tuple[metrics.Counter, Sequence[str]]]:
+    def metric_series(self) -> Iterable[Series]:
         return rule_series(self.table)
 
     async def check(self, ctx: CheckContext) -> Verdict:
@@ -197,7 +203,8 @@ class TableCheck(Check):
         if asked is None:
             return DUNNO
         query, reply = asked
-        return decide(self.table.matches(query, time.monotonic() + self.timeout), reply)
+        with lookups():
+            return decide(self.table.matches(query, time.monotonic() + self.timeout), reply)
 
     def query(self, ctx: CheckContext) -> tuple[Query, ReplyContext] | None:
         raise NotImplementedError

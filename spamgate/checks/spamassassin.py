@@ -1,6 +1,6 @@
 """SpamAssassin as a scorer: the message through spamd, at end of data.
 
-spamd (SYMBOLS, `spamd.py`) gives a score, its own threshold and the rules that
+spamd (SYMBOLS, `engines/spamd.py`) gives a score, its own threshold and the rules that
 hit. By default (`mode = "score"`) the score enters spamgate's scoring as the
 symbol SPAMASSASSIN, worth the score times `weight`, beside DNS lists, SPF and
 the rest, so [scoring] reject and tag decide; with `mode = "action"` spamd's own
@@ -19,13 +19,13 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ..backend import Outage, check_address, parse_address, scanner_symbols
+from ..config.settings import positive, setting
 from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
-from ..settings import positive, setting
-from ..spamd import SpamdError, symbols
-from ..verdict import DUNNO, Action, Symbol, Verdict
-from .base import Check, CheckContext
+from .engines.backend import Outage, check_address, parse_address, scanner_symbols
+from .engines.spamd import SpamdError, symbols
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -100,6 +100,7 @@ class SpamassassinResult:
 
 
 class SpamassassinCheck(Check):
+    section = ("spamassassin", SpamassassinSettings)
     name = "spamassassin"
     stages = frozenset({Stage.EOD})
     concurrent = True

@@ -17,19 +17,20 @@ no SPF check for either.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import spf
 
+from ..config.settings import positive, setting
 from ..domains import ascii_lower
 from ..model import Client, Stage
+from ..pipeline.check import Check, CheckContext, Series
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
 from ..reply import Reply
 from ..resolver import ascii_domain
-from ..settings import positive, setting
-from ..spfquery import SpfEngine, SpfOutcome
-from ..verdict import DUNNO, Action, Symbol, Verdict
-from .base import Check, CheckContext
+from .engines.spfquery import SpfEngine, SpfOutcome
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 SpfAction = Literal["continue", "score", "reject", "tempfail"]
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+AUTH_RESULTS = "spamgate_auth_results_total"  # where results are counted, by method
 
 # Scores the symbols suggest; [scoring] symbols overrides them by name.
 SCORES = {"fail": 5.0, "softfail": 3.0, "permerror": 1.0}
@@ -95,6 +97,10 @@ class SpfResult:
     identity: ClassVar[str] = "mailfrom"
     method: ClassVar[str] = "spf"  # the metric's method label
 
+    def counted(self) -> Iterable[Series]:
+        """The result, in spamgate_auth_results_total (method spf or spf_helo)."""
+        yield AUTH_RESULTS, (self.method, self.result)
+
     @property
     def smtp_property(self) -> str:
         """The RFC 8601 property for Authentication-Results: smtp.mailfrom, smtp.helo."""
@@ -110,6 +116,7 @@ class SpfHeloResult(SpfResult):
 
 
 class SpfCheck(Check):
+    section = ("spf", SpfSettings)
     name = "spf"
 
     def __init__(self, settings: SpfSettings, engine: SpfEngine) -> None:
@@ -127,7 +134,7 @@ class SpfCheck(Check):
         return [cls(s, SpfEngine(services.resolver, services.threads, s.timeout))]
 
     async def check(self, ctx: CheckContext) -> Verdict:
-        if ctx.session.relay_permitted or ctx.session.pending is not None:
+        if ctx.session.relay_permitted or ctx.held is not None:
             # ours, or already refused (delayed reject): no lookups to make
             return DUNNO
         client = ctx.session.client
@@ -139,7 +146,7 @@ class SpfCheck(Check):
             assert ctx.transaction is not None
             kind = SpfResult
             sender, actions, scores = ctx.transaction.mail_from, self.settings.actions, SCORES
-        outcome = await self.engine.check(str(client.address), sender, helo, method=kind.method)
+        outcome = await self.engine.check(str(client.address), sender, helo)
         domain = (sender or f"postmaster@{helo}").rpartition("@")[2]
         result = _result(
             kind, outcome, ascii_domain(domain) or ascii_lower(domain), sender, client, helo

@@ -1,9 +1,9 @@
 """Links against domain lists (URIBL / DBL style), at end of data.
 
-The hosts of every link in the message's text and HTML parts (`links.py` says
-how they are found and normalised) are looked up by their registered domain in
-DBL-style zones, with the same `zone[=filter][*weight]` syntax, weights,
-threshold, score-only `symbols` and error handling as `[dnsbl]` (`dnslist.py`):
+The hosts of every link in the message's text and HTML parts (`engines/links.py`
+says how they are found and normalised) are looked up by their registered domain
+in DBL-style zones, with the same `zone[=filter][*weight]` syntax, weights,
+threshold, score-only `symbols` and error handling as `[dnsbl]` (`engines/dnslist.py`):
 an answer a list gives to say "I refuse" is counted as an error, never as a
 listing. Links to IP addresses go to `ip_sites`, address lists such as zen.
 
@@ -29,25 +29,26 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from ..dnslist import (
+from ..config.settings import ConfigError, positive, setting
+from ..message import Message
+from ..model import Stage
+from ..pipeline.check import Check, CheckContext
+from ..pipeline.verdict import DUNNO, Action, Symbol, Verdict
+from ..reply import Reply
+from ..resolver import Resolver, ascii_domain
+from .engines.dnslist import (
     ListPolicy,
     ZoneAnswer,
     check_sites,
     check_symbol_sites,
+    counted_answers,
     describe_errors,
     domain_query,
     ip_query,
     txt_reason,
 )
-from ..links import Extractor, Link, ordered
-from ..message import Message
-from ..mimewalk import WalkLimits, walk
-from ..model import Stage
-from ..reply import Reply
-from ..resolver import Resolver, ascii_domain
-from ..settings import ConfigError, positive, setting
-from ..verdict import DUNNO, Action, Symbol, Verdict
-from .base import Check, CheckContext
+from .engines.links import Extractor, Link, ordered
+from .engines.mimewalk import WalkLimits, walk
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -178,6 +179,8 @@ class UriblResult:
         else:
             outcome = "clean"
         yield "spamgate_content_scans_total", ("uribl", outcome)
+        for answer in self.looked_up:
+            yield from counted_answers(answer.answers)
         for what, n in (
             ("looked_up", len(self.looked_up)),
             ("allowlisted", len(self.allowlisted)),
@@ -227,6 +230,7 @@ def _read_allow_file(path: str) -> list[str]:
 
 
 class UriblCheck(Check):
+    section = ("uribl", UriblSettings)
     name = "uribl"
     stages = frozenset({Stage.EOD})
     concurrent = True

@@ -6,7 +6,8 @@ front of Postfix needs things it does not do: commands must end in CRLF, MAIL/RC
 parameters are passed upstream verbatim, every reply carries an enhanced status
 code, errors are counted per session, pipelining is checked, and DATA is read by
 `dataread`, which only ever ends on CRLF.CRLF. Everything this class decides is
-about the wire; what a command means for the mail is decided by `SessionFlow`.
+about the wire; what a command means for the mail is decided by the session
+driver (`flow.SessionDriver`).
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from aiosmtpd.smtp import TLSSetupException, login_always_fail
 from aiosmtpd.smtp import __ident__ as _AIOSMTPD_IDENT
 
 from .. import metrics
+from ..app import App
 from ..config import Listener
-from ..flow import SessionFlow
+from ..flow.driver import EndOfMessage, SessionDriver
 from ..model import Client, Session, TLSInfo
 from ..reply import Reply
-from ..runtime import Runtime
 from ..spool import Spool
 from . import commands
-from .dataread import DataProblem, DataTimeout, read_data
+from .dataread import DataTimeout, read_data
 
 log = logging.getLogger("spamgate.smtp")
 
@@ -46,13 +47,6 @@ SYNC = Reply(554, "5.5.0", ("Error: SMTP protocol synchronization",))
 TIMEOUT = "Error: timeout exceeded"
 SHUTTING_DOWN = "Error: service shutting down"
 OUT_OF_RESOURCES = "Error: out of resources, try again later"
-CONTENT_REPLIES = {
-    DataProblem.TOO_BIG: Reply(552, "5.3.4", ("Error: message file too big",)),
-    DataProblem.LINE_TOO_LONG: Reply(500, "5.5.2", ("Error: message line too long",)),
-    DataProblem.HEADER_TOO_BIG: Reply(552, "5.3.4", ("Error: message header size exceeds limit",)),
-    DataProblem.BARE_LF: Reply(550, "5.5.2", ("Error: bare <LF> received",)),
-    DataProblem.BARE_CR: Reply(550, "5.5.2", ("Error: bare <CR> received",)),
-}
 _NON_SMTP = {"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "USER"}
 MUST_STARTTLS = Reply(530, "5.7.0", ("Must issue a STARTTLS command first",))
 TLS_ACTIVE = Reply(554, "5.5.1", ("Error: TLS already active",))
@@ -71,7 +65,7 @@ class _NullHandle:
 
 
 class _NoHooks:
-    """aiosmtpd requires a handler object; every decision is made in SessionFlow."""
+    """aiosmtpd requires a handler object; every decision is made by the session driver."""
 
 
 _NO_HOOKS = _NoHooks()
@@ -98,7 +92,7 @@ def _fast_aiosmtpd_init(
     methods: about 220 µs, a tenth of a message's CPU. None of them is used here
     (this class replaces the command loop, AUTH and the hooks), so they are empty,
     and the rest is what aiosmtpd would set with these arguments and no handler
-    hooks. tests/test_protocol_init.py compares the two, attribute by attribute.
+    hooks. tests/unit/smtp/test_protocol_init.py compares the two, attribute by attribute.
     """
     asyncio.StreamReaderProtocol.__init__(
         proto,
@@ -140,7 +134,8 @@ class SMTPSession(_AiosmtpdSMTP):
     # The StreamReader buffer size; spamgate's own line limits apply per line.
     line_length_limit = 65536
 
-    def __init__(self, runtime: Runtime, listener: Listener | None = None) -> None:
+    def __init__(self, app: App, listener: Listener | None = None) -> None:
+        runtime = app.runtime
         cfg = runtime.config
         self.listener = listener or Listener(cfg.listeners[0].address)
         _fast_aiosmtpd_init(
@@ -156,15 +151,16 @@ class SMTPSession(_AiosmtpdSMTP):
         self._proxy_timeout = (
             cfg.server.proxy_protocol_timeout if self.listener.proxy_protocol else None
         )
+        self.app = app
         self.runtime = runtime
         self.cfg = cfg
         self.model: Session | None = None
-        self.flow: SessionFlow | None = None
+        self.flow: SessionDriver | None = None
         self._busy = False
         self._closing = False
         self._quit_seen = False
         self._no_service = False  # after a 554 greeting: 503 to all but QUIT
-        self._message_task: asyncio.Task[Reply] | None = None
+        self._message_task: asyncio.Task[EndOfMessage] | None = None
         # The command-read watchdog (_read_line): the pending read's deadline (loop
         # time, 0 when not reading), the same under stress, the one timer, and
         # whether it fired.
@@ -276,7 +272,7 @@ class SMTPSession(_AiosmtpdSMTP):
             return
         metrics.SESSIONS.inc()
         self.model = Session(id=new_session_id(), client=client)
-        self.flow = SessionFlow(self.runtime, self.model)
+        self.flow = self.app.driver(self.model)
         self.runtime.sessions.add(self)
         reason = "disconnected"
         try:
@@ -363,7 +359,7 @@ class SMTPSession(_AiosmtpdSMTP):
         if smtp.pregreet_wait > 0:
             await asyncio.sleep(smtp.pregreet_wait)
         if self._pending_input():
-            refusal = self.flow.pregreet(smtp.pregreet_action) or refusal
+            refusal = await self.flow.client_talked_first(smtp.pregreet_action) or refusal
         if refusal is not None:
             await self._send(refusal)
             if refusal.closes:
@@ -578,13 +574,7 @@ class SMTPSession(_AiosmtpdSMTP):
             metrics.PROTOCOL_ERRORS.labels("syntax").inc()
             await self._send(parsed)
             return
-        size = parsed.keywords.get("SIZE")
-        if size is not None and int(size) > self.cfg.limits.message_size:
-            metrics.PROTOCOL_ERRORS.labels("message_too_big").inc()
-            metrics.VERDICTS.labels("mail", "limits", "reject").inc()
-            await self._send(Reply(552, "5.3.4", ("Message size exceeds fixed limit",)))
-            return
-        await self._send(await self.flow.mail(parsed))
+        await self._send(await self.flow.mail(parsed.address, parsed.params, parsed.keywords))
 
     async def _rcpt(self, arg: str | None) -> None:
         assert self.flow is not None and self.model is not None
@@ -603,12 +593,7 @@ class SMTPSession(_AiosmtpdSMTP):
             metrics.PROTOCOL_ERRORS.labels("syntax").inc()
             await self._send(parsed)
             return
-        if len(txn.accepted_recipients) >= self.cfg.limits.recipients:
-            metrics.PROTOCOL_ERRORS.labels("too_many_recipients").inc()
-            metrics.VERDICTS.labels("rcpt", "limits", "defer").inc()
-            await self._send(Reply(452, "4.5.3", ("Error: too many recipients",)))
-            return
-        await self._send(await self.flow.rcpt(parsed))
+        await self._send(await self.flow.rcpt(parsed.address, parsed.params))
 
     async def _data(self, arg: str | None) -> None:
         assert self.flow is not None and self.model is not None
@@ -662,13 +647,12 @@ class SMTPSession(_AiosmtpdSMTP):
             self._close()
             return
         if result.problem is not None:
-            reply = CONTENT_REPLIES[result.problem]
-            await self._send(await self.flow.refuse_content(reply, result.problem.value))
+            await self._send(await self.flow.refuse_content(result.problem.value))
             return
         self._message_task = asyncio.ensure_future(self.flow.message(result.message))
-        reply = await asyncio.shield(self._message_task)
+        end = await asyncio.shield(self._message_task)
         self._message_task = None
-        await self._send(reply)
+        await self._send(end.reply)
 
     async def _rset(self, arg: str | None) -> None:
         assert self.flow is not None

@@ -15,7 +15,6 @@ from .base import (
     StoreUnavailable,
     Window,
     network_of,
-    unavailable_verdict,
 )
 from .memory import MemoryStore
 
@@ -58,5 +57,4 @@ __all__ = [
     "build_store",
     "network_of",
     "state_warnings",
-    "unavailable_verdict",
 ]

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..model import IPAddress
-from ..reply import Reply
-from ..verdict import DUNNO, Action, Verdict
 
 # A sliding window is kept as this many sub-counters ("slots") of equal width, so
 # its memory does not grow with the limit: an event is forgotten between
@@ -119,15 +117,6 @@ class StateStore(abc.ABC):
 
 
 # -- what checks share ----------------------------------------------------------------
-
-UNAVAILABLE = Reply(451, "4.3.0", ("Temporary failure in a message check, try again later",))
-
-
-def unavailable_verdict(policy: str, check: str) -> Verdict:
-    """The verdict of a check whose store is unreachable, per `[state] on_unavailable`."""
-    if policy == "tempfail":
-        return Verdict(Action.DEFER, UNAVAILABLE, rule=f"{check}:store-unavailable")
-    return DUNNO
 
 
 def network_of(address: IPAddress, ipv4_prefix: int, ipv6_prefix: int) -> str:

@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ClusterDownError
 
 from .. import metrics
-from ..settings import ConfigError, parse_hostport
+from ..config.settings import ConfigError, parse_hostport
 
 if TYPE_CHECKING:
     from ..config import Config, StateSettings

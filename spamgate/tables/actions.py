@@ -1,12 +1,11 @@
-"""Rule actions: the text right of a pattern, parsed once, turned into a `Verdict`.
+"""Rule actions: the text right of a pattern, parsed once into a `RuleAction`.
 
 The words are Postfix's access(5) ones (OK, DUNNO, REJECT, DEFER, 4NN/5NN text,
 421/521, DISCARD, HOLD, PREPEND, WARN), plus `SCORE n SYMBOL`. Actions are parsed
 when a table is loaded, so a typo is a `file:line` error at `spamgate check` or
-reload time rather than a surprise in production. Replies follow Postfix's form,
-`<name>: Client host rejected: text`, and end with the rule that fired
-(`(helo.regexp:12)`) so whoever reads a bounce can point the admin at the line;
-only the table's file name is shown, never its directory.
+reload time rather than a surprise in production. What an action means for the
+mail (a verdict, a reply in Postfix's wording) is the rule checks' business:
+`checks/engines/ruleverdict.py`.
 
 `WARN` followed by a refusing action (`WARN REJECT text`) is the per-rule monitor
 switch: the rule is logged and counted as what it would have done, and the lookup
@@ -19,10 +18,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from ..reply import Reply, default_enhanced
-from ..verdict import Action, Symbol, Verdict
-
-_WORDS = ("OK", "DUNNO", "REJECT", "DEFER", "DISCARD", "HOLD", "PREPEND", "WARN", "SCORE")
 _REFUSING = ("REJECT", "DEFER", "DISCARD", "HOLD")
 # Postfix actions people will try; named so the error says "not supported", not "typo".
 _POSTFIX_ONLY = (
@@ -41,10 +36,6 @@ _POSTFIX_ONLY = (
 )
 _HEADER = re.compile(r"^([!-9;-~]+):[ \t]*(.*)$", re.S)
 _SYMBOL = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-MAX_REPLY_TEXT = 400  # keeps a reply line well under RFC 5321's 512 octets
-MAX_HEADER = 998
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,74 +117,3 @@ def _parse_plain(upper: str, rest: str) -> RuleAction:
         f"unknown action '{upper}' (expected OK, DUNNO, REJECT, DEFER, 4NN/5NN text, "
         "DISCARD, HOLD, PREPEND, WARN or SCORE)"
     )
-
-
-# ---- from action to verdict -------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ReplyContext:
-    """How a stage words its refusals, like Postfix's `<name>: Class rejected: text`."""
-
-    name: str = ""  # the thing looked up, shown in <...>; "" for content
-    what: str = ""  # "Client host", "Helo command", ...; "" for content
-    reject_code: int = 554  # Postfix access_map_reject_code
-    defer_code: int = 450  # Postfix access_map_defer_code
-    reject_text: str = "Access denied"
-    defer_text: str = "Access denied"
-
-
-def to_verdict(action: RuleAction, rule: str, ctx: ReplyContext) -> Verdict:
-    """The verdict for one matched rule; `rule` is `table:line`."""
-    word = action.word
-    if word == "OK":
-        return Verdict(Action.OK, rule=rule)
-    if word == "DUNNO":
-        return Verdict(rule=rule)
-    if word == "WARN":
-        return Verdict(warn=_clean(action.text) or "(no text)", rule=rule)
-    if word == "SCORE":
-        return Verdict(symbols=(Symbol(action.symbol, action.score),), rule=rule)
-    if word == "PREPEND":
-        name, _, value = _clean(action.text).partition(":")
-        header = (name.strip(), value.strip()[:MAX_HEADER])
-        if not _HEADER.match(f"{header[0]}:"):
-            # A $1 substitution made the name invalid: keep the mail flowing, say so.
-            return Verdict(warn=f"PREPEND produced an invalid header name {name!r}", rule=rule)
-        return Verdict(headers=(header,), rule=rule)
-    if word in ("DISCARD", "HOLD"):
-        kind = Action.DISCARD if word == "DISCARD" else Action.HOLD
-        return Verdict(kind, warn=_clean(action.text) or None, rule=rule, monitor=action.monitor)
-    if word == "REJECT":
-        code, default = ctx.reject_code, ctx.reject_text
-    elif word == "DEFER":
-        code, default = ctx.defer_code, ctx.defer_text
-    else:
-        assert action.code is not None
-        code, default = action.code, (ctx.reject_text if action.code >= 500 else ctx.defer_text)
-    reply = _reply(code, action.text, default, ctx, rule)
-    if code in (421, 521):
-        kind = Action.DISCONNECT
-    else:
-        kind = Action.REJECT if code >= 500 else Action.DEFER
-    return Verdict(kind, reply, rule=rule, monitor=action.monitor)
-
-
-def _clean(text: str) -> str:
-    return _CONTROL.sub(" ", text).strip()
-
-
-def _reply(code: int, text: str, default: str, ctx: ReplyContext, rule: str) -> Reply:
-    text = _clean(text)
-    enhanced = None
-    m = _ENHANCED.match(text)
-    if m:
-        # Postfix corrects the class of an enhanced code to match the reply code.
-        enhanced = f"{str(code)[0]}.{m.group(2)}.{m.group(3)}"
-        text = text[m.end() :]
-    body = text or default
-    if ctx.what:
-        body = f"<{ctx.name}>: {ctx.what} rejected: {body}"
-    if len(body) > MAX_REPLY_TEXT:
-        body = body[: MAX_REPLY_TEXT - 3] + "..."
-    return Reply(code, enhanced or default_enhanced(code), (f"{body} ({rule})",))

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..model import IPAddress
-from . import Entry, Match, Query, Table, TableLimits, parse_entries, split_rule
 from .actions import parse_action
+from .base import Entry, Match, Query, Table, TableLimits, parse_entries, split_rule
 from .keys import parse_ip
 from .source import LogicalLine
 

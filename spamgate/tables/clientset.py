@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from ..settings import ConfigError
-from . import Query, Table, load_configured, split_spec
+from ..config.settings import ConfigError
+from . import Query, Table, TableLimits, load_configured, split_spec
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -33,10 +33,20 @@ class ClientSet:
         return self.table.spec
 
     @classmethod
-    def load(cls, spec: str, config: Config, what: str, setting: tuple[str, ...]) -> ClientSet:
+    def load(
+        cls,
+        spec: str,
+        config: Config,
+        what: str,
+        setting: tuple[str, ...],
+        *,
+        limits: TableLimits,
+        timeout: float,
+    ) -> ClientSet:
         """Load `spec`; `what` names the setting in errors ("a greylist allowlist"),
-        `setting` is where the configuration names it: (section, key[, item])."""
-        table = load_configured(spec, config, *setting)
+        `setting` is where the configuration names it: (section, key[, item]);
+        `limits` and `timeout` bound each lookup (TableTimeout beyond)."""
+        table = load_configured(spec, config, *setting, limits=limits)
         entries = table.entries  # type: ignore[attr-defined]  # every table type has them
         entries = entries.values() if isinstance(entries, dict) else entries
         problems = [
@@ -46,7 +56,7 @@ class ClientSet:
         ]
         if problems:
             raise ConfigError(problems)
-        return cls(table, config.section("rules").timeout)
+        return cls(table, timeout)
 
     def __contains__(self, client: Client) -> bool:
         name = None if client.name.startswith("[") else client.name

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ..settings import ConfigError
-from . import MYHOSTNAME, Entry, Match, Query, Table, TableLimits, split_rule
+from ..config.settings import ConfigError
 from .actions import parse_action
+from .base import MYHOSTNAME, Entry, Match, Query, Table, TableLimits, split_rule
 from .keys import domain_keys, email_keys, ip_keys
 from .source import LogicalLine
 

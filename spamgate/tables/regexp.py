@@ -17,7 +17,7 @@ Patterns come from admins and inputs from strangers, so a lookup is bounded twic
 the input is cut at `match_length` characters, and each match runs with a time
 limit (the `regex` module, which speaks Python's `re` syntax, can stop a match that
 backtracks; the standard `re` cannot). A match that runs out of time raises
-`RuleTimeout`, which the pipeline turns into the check's `on_error`.
+`TableTimeout`; the check that looked up turns it into its `on_error`.
 """
 
 from __future__ import annotations
@@ -29,17 +29,17 @@ from typing import Any
 
 import regex
 
-from . import (
+from .actions import parse_action
+from .base import (
     MYHOSTNAME,
     Entry,
     Match,
     Query,
-    RuleTimeout,
     Table,
     TableLimits,
+    TableTimeout,
     parse_entries,
 )
-from .actions import parse_action
 from .source import LogicalLine
 
 _FLAGS = {"i": 0, "m": regex.MULTILINE, "s": regex.DOTALL, "x": regex.VERBOSE}
@@ -110,11 +110,11 @@ class RegexpTable(Table):
             if deadline is not None:
                 budget = min(budget, deadline - time.monotonic())
                 if budget <= 0:
-                    raise RuleTimeout(f"{self.name}: out of time before line {entry.line}")
+                    raise TableTimeout(f"{self.name}: out of time before line {entry.line}")
             try:
                 m = entry.pattern.search(text, timeout=budget)
             except TimeoutError:
-                raise RuleTimeout(
+                raise TableTimeout(
                     f"{self.name}:{entry.line}: regexp ran longer than {budget:.3g}s "
                     f"on a {len(text)}-character input (catastrophic backtracking?)"
                 ) from None
@@ -134,7 +134,7 @@ class RegexpTable(Table):
         if deadline is not None:
             budget = min(budget, deadline - time.monotonic())
             if budget <= 0:
-                raise RuleTimeout(f"{self.name}: out of time")
+                raise TableTimeout(f"{self.name}: out of time")
         return budget
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..settings import ConfigError
+from ..config.settings import ConfigError
 
 
 class UnreadableTable(ConfigError):

@@ -29,7 +29,6 @@ connection and reuse is switched off for a while, as without a pool.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import ssl
 import time
@@ -39,19 +38,15 @@ from aiosmtplib import SMTPResponse
 
 from .. import metrics
 from ..config import UpstreamSettings
+from ..config.settings import parse_hostport
 from ..message import Outgoing
 from ..model import Client
 from ..reply import Reply
-from ..settings import parse_hostport
-from ..smtp import xtext
 from .base import Upstream, UpstreamError, UpstreamSession
+from .pool import Pool
+from .xclient import xclient_args
 
 log = logging.getLogger("spamgate.upstream")
-
-# XCLIENT attributes we can fill, in the order sent (ADDR last but LOGIN: Postfix
-# re-checks authorization as it applies each one, smtpd.c xclient_cmd).
-_XCLIENT_ORDER = ("NAME", "HELO", "PROTO", "PORT", "LOGIN", "ADDR")
-_XCLIENT_MAX_LINE = 512
 
 # A pooled connection is not reused after this long (Postfix's own client:
 # smtp_connection_reuse_time_limit), nor after this many junk commands (EHLO,
@@ -62,30 +57,6 @@ JUNK_LIMIT = 20
 # After the upstream refused a second XCLIENT, try reuse again after this long
 # (the admin may have changed smtpd_authorized_xclient_hosts meanwhile).
 RETRY_CHAIN_AFTER = 300.0
-
-
-def xclient_args(client: Client, offered: set[str]) -> list[bytes]:
-    """The XCLIENT attributes for `client`, limited to those the upstream offers."""
-    if client.address.version == 6:
-        addr = f"IPV6:{client.address.compressed}"
-    else:
-        addr = client.address.compressed
-    values = {
-        "NAME": client.name if client.name.startswith("[") else xtext.encode(client.name),
-        "HELO": xtext.encode(client.helo) if client.helo else "[UNAVAILABLE]",
-        "PROTO": client.proto,
-        "PORT": str(client.port),
-        "LOGIN": xtext.encode(client.login) if client.login else None,
-        "ADDR": addr,
-    }
-    args = [
-        f"{key}={values[key]}".encode("ascii")
-        for key in _XCLIENT_ORDER
-        if key in offered and values[key] is not None
-    ]
-    if len(b"XCLIENT " + b" ".join(args)) + 2 > _XCLIENT_MAX_LINE:
-        args = [a for a in args if not a.startswith(b"HELO=")] + [b"HELO=[UNAVAILABLE]"]
-    return args
 
 
 # Commands Postfix counts as junk (smtpd_junk_command_limit) until a delivery.
@@ -129,7 +100,7 @@ class SmtpUpstream(Upstream):
         self.helo_name = settings.helo_name or hostname
         self.tls_context = tls_context
         self.tls_name = settings.tls_server_name or self.host
-        self.pool = _Pool(settings.pool_size, settings.pool_idle_timeout)
+        self.pool: Pool[SmtpSession] = Pool(settings.pool_size, settings.pool_idle_timeout)
         # When the upstream last refused a second XCLIENT on a connection.
         self._chain_refused_at: float | None = None
 
@@ -242,66 +213,6 @@ class SmtpUpstream(Upstream):
         # After HELO (offer unknown), trust the upstream: should it refuse the next
         # XCLIENT after all, that session gets a new connection and reuse stops.
         return self.pool.put(session)
-
-
-class _Pool:
-    """Idle upstream sessions, newest last; the oldest are closed after `idle` seconds."""
-
-    def __init__(self, size: int, idle: float) -> None:
-        self.size = size
-        self.idle_timeout = idle
-        self.idle: collections.deque[SmtpSession] = collections.deque()
-        self._reaper: asyncio.TimerHandle | None = None
-        self._closing: set[asyncio.Task[None]] = set()
-
-    def take(self) -> SmtpSession | None:
-        now = time.monotonic()
-        while self.idle:
-            session = self.idle.pop()
-            if session.usable and now - session.pooled_at < self.idle_timeout:
-                return session
-            self.retire(session)
-        return None
-
-    def put(self, session: SmtpSession) -> bool:
-        if len(self.idle) >= self.size:
-            return False
-        session.pooled_at = time.monotonic()
-        self.idle.append(session)
-        if self._reaper is None:
-            loop = asyncio.get_running_loop()
-            self._reaper = loop.call_later(self.idle_timeout / 2, self._reap)
-        return True
-
-    def _reap(self) -> None:
-        self._reaper = None
-        now = time.monotonic()
-        while self.idle and now - self.idle[0].pooled_at >= self.idle_timeout:
-            self.retire(self.idle.popleft())
-        if self.idle:
-            loop = asyncio.get_running_loop()
-            self._reaper = loop.call_later(self.idle_timeout / 2, self._reap)
-
-    def retire(self, session: SmtpSession) -> None:
-        """Close a connection that leaves the pool, politely and in the background."""
-        if not session.usable:
-            session.smtp.close()
-            return
-        task = asyncio.ensure_future(session.quit())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    def clear(self) -> None:
-        while self.idle:
-            self.retire(self.idle.pop())
-
-    async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            self._reaper = None
-        self.clear()
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 class SmtpSession(UpstreamSession):
@@ -538,6 +449,9 @@ class SmtpSession(UpstreamSession):
         if self.owner is not None and self.owner.checkin(self):
             return
         await self.quit()
+
+    def abandon(self) -> None:
+        self.smtp.close()
 
     async def quit(self) -> None:
         if not self.smtp.is_connected:
