@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from testkit.dnsserver import DnsServer
+from tests.kit.dnsserver import DnsServer
 
 from .proxy import ROOT, free_port, rss_mb, stop, wait_log, wait_port
 

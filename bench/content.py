@@ -5,7 +5,7 @@
 
 Run it from the repository root, as root or not, with clamav-daemon, spamd and
 rspamd installed (Debian's packages); each daemon is started privately on
-loopback (`testkit.daemons`, the same fixtures the tests use) and stopped at the
+loopback (`tests.kit.daemons`, the same fixtures the tests use) and stopped at the
 end. DNS is the tests' responder, in this process, publishing one listed domain.
 
 For each check ([uribl], [attachments], [clamav], [spamassassin], [rspamd]) the
@@ -40,9 +40,9 @@ from spamgate.message import Message
 from spamgate.model import Client, Recipient, Session, Stage, Transaction
 from spamgate.pipeline.check import CheckContext
 from spamgate.resolver import DnsResolver
-from testkit.daemons import Clamd, Rspamd, Spamd
-from testkit.dnsserver import DnsServer
-from testkit.mimemaker import html_base64, newsletter, with_attachment, zip_of
+from tests.kit.daemons import Clamd, Rspamd, Spamd
+from tests.kit.dnsserver import DnsServer
+from tests.kit.mimemaker import html_base64, newsletter, with_attachment, zip_of
 
 
 def context(message: Message) -> CheckContext:

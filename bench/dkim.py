@@ -22,7 +22,7 @@ Parts (`--parts verify,offload,sessions`):
   and peak RSS (the event loop's process), the largest peak RSS of its worker
   processes, and how many signatures passed (spamgate's own counter).
 
-Everything runs on loopback: the tests' DNS responder (`python -m testkit.dnsserver`)
+Everything runs on loopback: the tests' DNS responder (`python -m tests.kit.dnsserver`)
 publishes the key and the policies, Postfix's smtp-sink (or the tests' sink) is the
 upstream. Bounded: at most 50 sessions, 20 MB messages and 300 s per run.
 """
@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.dns_checks import Procs, cpu_seconds, free_port, source, wait_port  # noqa: E402
 from spamgate.checks.engines.dkimverify import key_name, verify, verify_message  # noqa: E402
-from testkit.dkimkeys import Signer  # noqa: E402
-from testkit.smtpclient import RawClient  # noqa: E402
+from tests.kit.dkimkeys import Signer  # noqa: E402
+from tests.kit.smtpclient import RawClient  # noqa: E402
 
 MAX_SESSIONS = 50
 MAX_SIZE_MB = 20
@@ -248,7 +248,7 @@ async def run_sessions(checks: bool, sessions: int, wire: bytes, tmp: Path) -> d
         await procs.start(
             sys.executable,
             "-m",
-            "testkit.dnsserver",
+            "tests.kit.dnsserver",
             "--port",
             str(dns_port),
             str(zones),
@@ -260,7 +260,7 @@ async def run_sessions(checks: bool, sessions: int, wire: bytes, tmp: Path) -> d
             await procs.start(smtp_sink, *user, f"127.0.0.1:{sink_port}", "256")
         else:
             code = (
-                "import asyncio\nfrom testkit.sink import Sink\n"
+                "import asyncio\nfrom tests.kit.sink import Sink\n"
                 "async def main():\n"
                 "    s = Sink(); s.behaviour.keep_content = False\n"
                 "    loop = asyncio.get_running_loop()\n"

@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from testkit.smtpclient import RawClient  # noqa: E402
+from tests.kit.smtpclient import RawClient  # noqa: E402
 
 MAX_MESSAGES = 20000
 RUN_LIMIT = 300.0
@@ -224,7 +224,13 @@ async def start_dns(procs: Procs, kind: str, tmp: Path, port: int):
     zones = tmp / "zones.json"
     zones.write_text(json.dumps(ZONES))
     return await procs.start(
-        sys.executable, "-m", "testkit.dnsserver", "--port", str(port), str(zones), ready="serving"
+        sys.executable,
+        "-m",
+        "tests.kit.dnsserver",
+        "--port",
+        str(port),
+        str(zones),
+        ready="serving",
     )
 
 
@@ -253,7 +259,7 @@ async def run_once(scenario: str, count: int, concurrency: int, dns_kind: str, t
             await procs.start(smtp_sink, *user, f"127.0.0.1:{sink_port}", "1024")
         else:
             code = (
-                "import asyncio\nfrom testkit.sink import Sink\n"
+                "import asyncio\nfrom tests.kit.sink import Sink\n"
                 "async def main():\n"
                 f"    s = Sink(); s.port = {sink_port}\n"
                 "    loop = asyncio.get_running_loop()\n"

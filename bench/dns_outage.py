@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.dns_checks import Procs, free_port, source, wait_port  # noqa: E402
-from testkit.dkimkeys import Signer, message  # noqa: E402
-from testkit.sink import Sink  # noqa: E402
-from testkit.smtpclient import RawClient  # noqa: E402
+from tests.kit.dkimkeys import Signer, message  # noqa: E402
+from tests.kit.sink import Sink  # noqa: E402
+from tests.kit.smtpclient import RawClient  # noqa: E402
 
 MAX_SESSIONS = 5000
 RUN_LIMIT = 300.0

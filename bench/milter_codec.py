@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from spamgate.milter.codec import AddHeader, Continue, Decoder  # noqa: E402
 from spamgate.milter.connection import MilterConnection, Send, Step  # noqa: E402
 from spamgate.milter.negotiate import Needs  # noqa: E402
-from testkit.milterkit import connect, cstrings, macros, mta_packet, optneg  # noqa: E402
+from tests.kit.milterkit import connect, cstrings, macros, mta_packet, optneg  # noqa: E402
 
 READ = 65536
 MAX_MESSAGES = 100_000

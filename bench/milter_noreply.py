@@ -3,7 +3,7 @@
     python -m bench.milter_noreply                 # 200 messages each way, alternating
     python -m bench.milter_noreply --messages 500 --rounds 3
 
-Starts a private Postfix (testkit/postfix.py; needs root) whose `smtpd_milters` points
+Starts a private Postfix (tests/kit/postfix.py; needs root) whose `smtpd_milters` points
 at spamgate's milter server in this process, with a handler that answers "continue"
 to everything. One SMTP client sends messages one after the other (each its own
 session: connect, EHLO, MAIL, RCPT, DATA, 12 header fields, a 2 KB body, QUIT) over
@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from spamgate.milter.negotiate import Needs  # noqa: E402
 from spamgate.milter.protocol import Command  # noqa: E402
-from testkit.milterkit import Recorder, running_milter  # noqa: E402
-from testkit.postfix import PostfixInstance, free_port  # noqa: E402
-from testkit.smtpclient import RawClient  # noqa: E402
+from tests.kit.milterkit import Recorder, running_milter  # noqa: E402
+from tests.kit.postfix import PostfixInstance, free_port  # noqa: E402
+from tests.kit.smtpclient import RawClient  # noqa: E402
 
 MAX_MESSAGES = 2000
 NO_REPLY = frozenset(

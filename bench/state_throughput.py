@@ -6,7 +6,7 @@
 
 Everything runs on loopback and is started and stopped here: Postfix's smtp-sink
 as the upstream (with XCLIENT, as in front of Postfix), private Redis servers (no
-persistence; testkit/redisserver.py), one spamgate process per mode (`spamgate run`),
+persistence; tests/kit/redisserver.py), one spamgate process per mode (`spamgate run`),
 and Postfix's smtp-source as the load (one message per connection, HELO, tiny
 body, all from 127.0.0.1).
 
@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.smtpload import message_body, run_load  # noqa: E402
-from testkit.redisserver import (  # noqa: E402
+from tests.kit.redisserver import (  # noqa: E402
     REDIS_CLI,
     REDIS_SENTINEL,
     REDIS_SERVER,

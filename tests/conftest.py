@@ -20,10 +20,10 @@ import trustme
 from spamgate.app import DEFAULT_CHECKS, build, loads
 from spamgate.ops.server import Server
 from spamgate.pipeline.check import Check
-from testkit.daemons import CLAMD, RSPAMD, SPAMD, Clamd, Rspamd, Spamd
-from testkit.dnsserver import DnsServer
-from testkit.postfix import POSTFIX, PostfixInstance
-from testkit.redisserver import (
+from tests.kit.daemons import CLAMD, RSPAMD, SPAMD, Clamd, Rspamd, Spamd
+from tests.kit.dnsserver import DnsServer
+from tests.kit.postfix import POSTFIX, PostfixInstance
+from tests.kit.redisserver import (
     REDIS_CLI,
     REDIS_SENTINEL,
     REDIS_SERVER,
@@ -31,8 +31,8 @@ from testkit.redisserver import (
     RedisServer,
     SentinelSet,
 )
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -108,7 +108,7 @@ def need_postfix() -> None:
 
 @pytest.fixture(scope="session")
 def postfix() -> Iterator[PostfixInstance]:
-    """One private Postfix for the whole run (testkit/postfix.py describes it).
+    """One private Postfix for the whole run (tests/kit/postfix.py describes it).
 
     Shared because starting one takes about a second; tests tell their mail apart
     by a unique marker in the message and a client address of their own.

@@ -50,8 +50,8 @@ import trustme
 
 from spamgate.app import build, loads
 from spamgate.ops.server import Server
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
 
 REPLY_LINE = re.compile(rb"^[2-5][0-9][0-9](?:[ -][\x20-\x7e\x80-\xff\t]*)?\r\n$")
 MARKER = re.compile(rb"X-Fuzz-Id: (\d+)")

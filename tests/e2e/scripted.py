@@ -25,7 +25,7 @@ from spamgate.app import DEFAULT_CHECKS
 from spamgate.model import Stage
 from spamgate.pipeline.check import Check, CheckContext
 from spamgate.pipeline.verdict import DUNNO, Verdict, reject
-from testkit.dkimkeys import Signer
+from tests.kit.dkimkeys import Signer
 
 # Real rule tables for the same tests: file name -> lines (`[rules]` type:name).
 RULE_TABLES = {
@@ -97,7 +97,7 @@ enabled = true
 
 
 def publish_dns(dns_server) -> None:
-    """Publish the DNS list and SPF zones on a testkit.dnsserver.DnsServer.
+    """Publish the DNS list and SPF zones on a tests.kit.dnsserver.DnsServer.
 
     Answers live 5 seconds, so traffic spread over minutes keeps asking the network
     (and the DNS panels keep having data), as a busy MX does.

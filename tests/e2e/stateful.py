@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from testkit.smtpclient import Reply
+from tests.kit.smtpclient import Reply
 
 from ..conftest import Gate
 

@@ -21,8 +21,8 @@ import authres.dmarc
 import pytest
 
 from spamgate.message import Message, render_headers
-from testkit.postfix import PostfixInstance
-from testkit.sink import Sink
+from tests.kit.postfix import PostfixInstance
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory, TlsFiles
 from .test_postfix import delivered, gate_to, marker

@@ -10,8 +10,8 @@ import zipfile
 
 from spamgate import metrics
 from spamgate.checks.engines.archives import extensions, zip_listing
-from testkit.mimemaker import b64, header, plain, with_attachment, zip_of
-from testkit.sink import Sink
+from tests.kit.mimemaker import b64, header, plain, with_attachment, zip_of
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

@@ -16,7 +16,7 @@ from spamgate.model import Stage
 from spamgate.pipeline.check import Check, CheckContext
 from spamgate.pipeline.verdict import Action, Verdict
 from spamgate.reply import Reply
-from testkit.sink import Sink
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

@@ -18,10 +18,10 @@ from spamgate.checks.engines.dkimverify import SignatureResult
 from spamgate.explain import explain
 from spamgate.flow.authresults import authserv_id_of, build, claims
 from spamgate.model import Client, Session, Transaction
-from testkit.dkimkeys import Signer, message
-from testkit.dnsserver import DnsServer
-from testkit.postfix import PostfixInstance
-from testkit.sink import Sink
+from tests.kit.dkimkeys import Signer, message
+from tests.kit.dnsserver import DnsServer
+from tests.kit.postfix import PostfixInstance
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory, config_text
 from .test_dmarc import CONFIG, DKIM, publish

@@ -1,6 +1,6 @@
 """The whole chain with a real Postfix, configured with the lines shipped in deploy/postfix/.
 
-The private Postfix (testkit/postfix.py) starts from Postfix's own defaults for the
+The private Postfix (tests/kit/postfix.py) starts from Postfix's own defaults for the
 three settings at stake (no XCLIENT for anyone, bare newlines allowed, exclusions
 $mynetworks), then gets exactly the listener entry of deploy/postfix/master.cf
 and the contents of deploy/postfix/main.cf. If the shipped lines stopped doing
@@ -18,8 +18,8 @@ import uuid
 import pytest
 
 from spamgate import metrics
-from testkit.postfix import PostfixInstance
-from testkit.smtpclient import RawClient, Reply
+from tests.kit.postfix import PostfixInstance
+from tests.kit.smtpclient import RawClient, Reply
 
 from ..conftest import GateFactory, PostfixFactory
 

@@ -8,10 +8,10 @@ import time
 import pytest
 
 from spamgate import metrics
-from testkit.daemons import SIGNATURE, SIGNATURE_NAME, Clamd
-from testkit.mimemaker import header, plain, with_attachment
-from testkit.redisserver import free_port
-from testkit.sink import Sink
+from tests.kit.daemons import SIGNATURE, SIGNATURE_NAME, Clamd
+from tests.kit.mimemaker import header, plain, with_attachment
+from tests.kit.redisserver import free_port
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

@@ -10,8 +10,8 @@ import pytest
 from spamgate.app import loads
 from spamgate.cli import main
 from spamgate.explain import explain
-from testkit.dnsserver import DnsServer
-from testkit.mimemaker import html_base64
+from tests.kit.dnsserver import DnsServer
+from tests.kit.mimemaker import html_base64
 
 from ..conftest import GateFactory, config_text
 

@@ -17,9 +17,9 @@ import tempfile
 
 import pytest
 
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BODY = b"Subject: daemon\r\n\r\nhello\r\n"

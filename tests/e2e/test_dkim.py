@@ -29,8 +29,8 @@ from spamgate.pipeline.policy import Policy
 from spamgate.pipeline.verdict import Action, CheckFailures
 from spamgate.services import Services
 from spamgate.spool import Spool
-from testkit.dkimkeys import Signer, message
-from testkit.dnsserver import DnsServer
+from tests.kit.dkimkeys import Signer, message
+from tests.kit.dnsserver import DnsServer
 
 from ..conftest import config_text
 

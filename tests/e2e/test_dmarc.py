@@ -19,9 +19,9 @@ from spamgate.pipeline.check import CheckContext
 from spamgate.pipeline.ledger import Ledger
 from spamgate.pipeline.verdict import CheckFailures
 from spamgate.services import Services
-from testkit.dkimkeys import Signer, message
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
+from tests.kit.dkimkeys import Signer, message
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory, config_text
 

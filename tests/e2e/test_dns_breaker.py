@@ -23,9 +23,9 @@ import pytest
 from spamgate import metrics
 from spamgate.config import DnsSettings
 from spamgate.resolver import DnsError, DnsResolver, Resolver
-from testkit.dkimkeys import Signer, message
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
+from tests.kit.dkimkeys import Signer, message
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

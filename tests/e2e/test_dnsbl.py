@@ -9,9 +9,9 @@ import logging
 import time
 
 from spamgate import metrics
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import GateFactory
 

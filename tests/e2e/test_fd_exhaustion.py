@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from .test_reload import ROOT_DIR, free_port
 

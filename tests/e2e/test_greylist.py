@@ -10,8 +10,8 @@ from spamgate.app import build, loads
 from spamgate.checks.greylist import normalise_sender
 from spamgate.config.settings import ConfigError
 from spamgate.ops.server import Server
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 from .stateful import codes, send

@@ -24,11 +24,11 @@ import pytest
 
 from spamgate.message import Message, scan_header
 from spamgate.spool import Spool
-from testkit.dkimkeys import Signer, message
-from testkit.dnsserver import DnsServer
-from testkit.mimemaker import b64
-from testkit.postfix import PostfixInstance
-from testkit.sink import Sink
+from tests.kit.dkimkeys import Signer, message
+from tests.kit.dnsserver import DnsServer
+from tests.kit.mimemaker import b64
+from tests.kit.postfix import PostfixInstance
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 from .test_postfix import gate_to

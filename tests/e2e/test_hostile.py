@@ -16,7 +16,7 @@ import pytest
 from spamgate.checks.engines.spfquery import SpfEngine
 from spamgate.config import DnsSettings
 from spamgate.resolver import UNAVAILABLE, DnsResolver
-from testkit.dnsserver import DnsServer
+from tests.kit.dnsserver import DnsServer
 
 from ..conftest import GateFactory
 from .test_limits import limits

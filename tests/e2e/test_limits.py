@@ -15,8 +15,8 @@ import time
 import pytest
 
 from spamgate import metrics
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import Gate, GateFactory
 

@@ -15,8 +15,8 @@ import signal
 import pytest
 
 from spamgate.logescape import EscapeFilter, escape
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import TlsFiles
 from .test_daemon import free_port, start

@@ -18,9 +18,9 @@ import pytest
 from spamgate import metrics
 from spamgate.checks.engines.spfquery import SpfEngine
 from spamgate.resolver import Resolver, ascii_domain
-from testkit.dkimkeys import Signer, message
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
+from tests.kit.dkimkeys import Signer, message
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 from .test_resolver import make_resolver

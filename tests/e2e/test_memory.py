@@ -12,7 +12,7 @@ import gc
 import re
 import tracemalloc
 
-from testkit.sink import Sink
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from spamgate import metrics
 from spamgate.ops import health
 from spamgate.ops.server import StartupError
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import GateFactory, need_binary
 from . import scripted

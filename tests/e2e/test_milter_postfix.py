@@ -1,6 +1,6 @@
 """The milter protocol layer against a real Postfix (3.7 on Debian 12), through real SMTP.
 
-A private Postfix (testkit/postfix.py) runs with `smtpd_milters` pointing at a port on
+A private Postfix (tests/kit/postfix.py) runs with `smtpd_milters` pointing at a port on
 loopback; each test starts spamgate's milter server there with a recording handler
 whose answers the test scripts, sends mail with a raw SMTP client from a loopback
 address of its own, and checks what the client heard, what the handler saw, and
@@ -36,9 +36,9 @@ from spamgate.milter.codec import (
 from spamgate.milter.handler import MessageDecision
 from spamgate.milter.macros import postfix_lines
 from spamgate.milter.negotiate import Needs
-from testkit.milterkit import Recorder, running_milter
-from testkit.postfix import PostfixInstance, free_port
-from testkit.smtpclient import RawClient, Reply
+from tests.kit.milterkit import Recorder, running_milter
+from tests.kit.postfix import PostfixInstance, free_port
+from tests.kit.smtpclient import RawClient, Reply
 
 from ..conftest import PostfixFactory
 
@@ -346,7 +346,7 @@ async def test_milter_killed_mid_session_gives_4xx(postfix_factory: PostfixFacto
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": root}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "testkit.milterproc", str(port)], stdout=subprocess.PIPE, env=env
+        [sys.executable, "-m", "tests.kit.milterproc", str(port)], stdout=subprocess.PIPE, env=env
     )
     try:
         ready = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)

@@ -11,7 +11,7 @@ import pytest
 from spamgate.milter.codec import AddHeader, Continue, ReplyCode, TempFail
 from spamgate.milter.handler import MessageDecision
 from spamgate.milter.server import Limits
-from testkit.milterkit import (
+from tests.kit.milterkit import (
     MtaClient,
     Recorder,
     connect,

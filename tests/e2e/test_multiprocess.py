@@ -11,8 +11,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import config_text
 

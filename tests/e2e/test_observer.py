@@ -13,7 +13,7 @@ from spamgate.background import Background
 from spamgate.model import Stage
 from spamgate.pipeline.check import Check, CheckContext, TransactionEnd, TransactionObserver
 from spamgate.pipeline.verdict import DUNNO, Verdict
-from testkit.sink import Sink
+from tests.kit.sink import Sink
 
 from ..conftest import Gate, GateFactory
 

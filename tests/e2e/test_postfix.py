@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from testkit.postfix import HOSTNAME, UNKNOWN_USER, PostfixError, PostfixInstance
-from testkit.smtpclient import RawClient, Reply
+from tests.kit.postfix import HOSTNAME, UNKNOWN_USER, PostfixError, PostfixInstance
+from tests.kit.smtpclient import RawClient, Reply
 
 from ..conftest import Gate, GateFactory, PostfixFactory, need_postfix
 from .vectors import FAKE_ENDS, SMUGGLER, VICTIM, smuggling_message

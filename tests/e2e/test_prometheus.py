@@ -47,9 +47,9 @@ from typing import Any
 import pytest
 import yaml
 
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import config_text, need_binary
 from . import scripted

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import GateFactory
 

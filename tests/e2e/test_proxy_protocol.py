@@ -9,8 +9,8 @@ import struct
 from aiosmtpd.proxy_protocol import V2_SIGNATURE
 
 from spamgate import metrics
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import GateFactory
 

@@ -9,7 +9,7 @@ import pytest
 from spamgate.app import build, loads
 from spamgate.checks.ratelimit import Limit, parse_limit
 from spamgate.config.settings import ConfigError
-from testkit.sink import Sink
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 from .stateful import STRANGER, codes, send

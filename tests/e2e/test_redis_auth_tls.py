@@ -16,8 +16,8 @@ import pytest
 import trustme
 
 from spamgate.cli import main
-from testkit.redisserver import ClusterSet, RedisServer, Sentinel, free_port
-from testkit.sink import Sink
+from tests.kit.redisserver import ClusterSet, RedisServer, Sentinel, free_port
+from tests.kit.sink import Sink
 
 from ..conftest import REDIS_CLI, REDIS_SENTINEL, REDIS_SERVER, GateFactory, issue, need_binary
 from .stateful import codes, send

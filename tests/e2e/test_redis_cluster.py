@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from spamgate.state import StoreUnavailable, Window
-from testkit.redisserver import ClusterSet, RedisServer
-from testkit.sink import Sink
+from tests.kit.redisserver import ClusterSet, RedisServer
+from tests.kit.sink import Sink
 
 from ..conftest import REDIS_CLI, REDIS_SERVER, GateFactory, need_binary, state_section
 from .stateful import codes, send

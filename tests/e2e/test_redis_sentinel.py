@@ -14,8 +14,8 @@ import time
 import pytest
 
 from spamgate import metrics
-from testkit.redisserver import RedisServer, Sentinel, SentinelSet
-from testkit.sink import Sink
+from tests.kit.redisserver import RedisServer, Sentinel, SentinelSet
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory, state_section
 from .stateful import codes, send

@@ -12,7 +12,7 @@ import sys
 import time
 
 from spamgate import metrics
-from testkit.smtpclient import RawClient
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import GateFactory
 

@@ -13,7 +13,7 @@ import collections
 import os
 import re
 
-from testkit.sink import Sink
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

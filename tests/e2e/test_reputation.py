@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from spamgate.checks.reputation import ReputationResult
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
 
 from ..conftest import Gate, GateFactory
 from .stateful import STRANGER, codes, send

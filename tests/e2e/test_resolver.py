@@ -13,8 +13,8 @@ from spamgate import metrics
 from spamgate import resolver as resolver_module
 from spamgate.config import DnsSettings
 from spamgate.resolver import TEMPUNAVAIL, UNAVAILABLE, DnsError, DnsResolver, Resolver
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

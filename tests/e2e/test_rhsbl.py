@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from spamgate import metrics
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from spamgate import metrics
-from testkit.daemons import Rspamd
-from testkit.mimemaker import GTUBE, plain
-from testkit.redisserver import free_port
-from testkit.sink import Sink
+from tests.kit.daemons import Rspamd
+from tests.kit.mimemaker import GTUBE, plain
+from tests.kit.redisserver import free_port
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

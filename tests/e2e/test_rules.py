@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from spamgate import metrics
-from testkit.sink import Sink
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

@@ -8,8 +8,8 @@ import logging
 import pytest
 
 from spamgate import metrics
-from testkit.redisserver import RedisServer
-from testkit.sink import Sink
+from tests.kit.redisserver import RedisServer
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory, state_section
 from .stateful import codes, send

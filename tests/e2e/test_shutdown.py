@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from testkit.postfix import free_port
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.postfix import free_port
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import Gate, GateFactory
 

@@ -16,8 +16,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from spamgate.smtp.dataread import DataProblem, read_data
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import GateFactory
 from .vectors import FAKE_ENDS, SMUGGLER, VICTIM, has_bare_line_end, normalized, smuggling_message

@@ -21,8 +21,8 @@ from spamgate.pipeline.check import CheckContext
 from spamgate.pipeline.ledger import Ledger
 from spamgate.resolver import DnsResolver
 from spamgate.services import Services
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory, config_text
 

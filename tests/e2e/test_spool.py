@@ -15,7 +15,7 @@ from spamgate.message import BLOCK_SIZE, Message
 from spamgate.smtp.dataread import read_data
 from spamgate.spool import Spool
 from spamgate.upstream.smtp import dot_stuff
-from testkit.sink import Sink
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

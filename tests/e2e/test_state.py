@@ -14,7 +14,7 @@ from spamgate import metrics
 from spamgate.state import MemoryStore, StateStore, StoreUnavailable, Window
 from spamgate.state.base import SLOTS
 from spamgate.state.redisstore import RedisStore
-from testkit.redisserver import ClusterSet, RedisServer, SentinelSet
+from tests.kit.redisserver import ClusterSet, RedisServer, SentinelSet
 
 
 def sample(name: str, **labels: str) -> float:

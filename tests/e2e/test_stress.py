@@ -16,8 +16,8 @@ import logging
 import time
 
 from spamgate import metrics
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import GateFactory
 from .test_limits import limits, start_txn, wait_sessions

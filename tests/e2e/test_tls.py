@@ -12,8 +12,8 @@ import pytest
 from spamgate import metrics
 from spamgate.app import build, loads
 from spamgate.config.settings import ConfigError
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import GateFactory, issue
 

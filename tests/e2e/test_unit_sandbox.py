@@ -5,7 +5,7 @@ call it denies fails with EPERM. spamgate once started its DKIM worker pool with
 os.nice(10) (setpriority): under the unit every worker died, signed mail over
 [dkim] inline_size lost dkim=pass, and a forged message from a p=reject domain
 was let through as dmarc=temperror. These tests run `spamgate run` as a real
-process under the filter read from the unit file itself (testkit/syscallfilter.py),
+process under the filter read from the unit file itself (tests/kit/syscallfilter.py),
 so a change to either the unit or the code that the other does not allow fails
 here.
 """
@@ -21,11 +21,11 @@ import sys
 
 import pytest
 
-from testkit.dkimkeys import Signer, message
-from testkit.dnsserver import DnsServer
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
-from testkit.syscallfilter import expand, load_groups, unit_directives, unit_filter
+from tests.kit.dkimkeys import Signer, message
+from tests.kit.dnsserver import DnsServer
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
+from tests.kit.syscallfilter import expand, load_groups, unit_directives, unit_filter
 
 from ..conftest import config_text
 from .test_daemon import Notifications, free_port
@@ -50,7 +50,7 @@ def run_filtered(code: str) -> subprocess.CompletedProcess:
         [
             sys.executable,
             "-m",
-            "testkit.syscallfilter",
+            "tests.kit.syscallfilter",
             str(UNIT),
             "--",
             sys.executable,
@@ -126,7 +126,7 @@ async def sandboxed(request: pytest.FixtureRequest, sink: Sink, dns_server: DnsS
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "testkit.syscallfilter",
+            "tests.kit.syscallfilter",
             str(UNIT),
             "--",
             sys.executable,

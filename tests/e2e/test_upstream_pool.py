@@ -14,8 +14,8 @@ import re
 import pytest
 
 from spamgate import metrics
-from testkit.postfix import HOSTNAME, PostfixInstance
-from testkit.sink import Sink
+from tests.kit.postfix import HOSTNAME, PostfixInstance
+from tests.kit.sink import Sink
 
 from ..conftest import Gate, GateFactory, PostfixFactory
 from .test_postfix import delivered, log_line, marker, queue_id

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from testkit.sink import Sink
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

@@ -7,9 +7,9 @@ import time
 
 from spamgate import metrics
 from spamgate.checks.engines.links import Extractor, normal_host
-from testkit.dnsserver import DnsServer
-from testkit.mimemaker import b64, header, html_base64, plain
-from testkit.sink import Sink
+from tests.kit.dnsserver import DnsServer
+from tests.kit.mimemaker import b64, header, html_base64, plain
+from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
 

@@ -19,8 +19,8 @@ import sys
 import pytest
 
 from spamgate.app import build, loads
-from testkit.sink import Sink
-from testkit.smtpclient import RawClient
+from tests.kit.sink import Sink
+from tests.kit.smtpclient import RawClient
 
 from ..conftest import config_text
 from .test_daemon import Notifications, free_port, ids, world_dir  # noqa: F401 - fixture

@@ -1,6 +1,6 @@
 """The milter codec as plain data: packets in, events out; responses in, bytes out.
 
-Packets are built with the test kit's own encoder (testkit/milterkit.py), written from
+Packets are built with the test kit's own encoder (tests/kit/milterkit.py), written from
 Postfix's milter8.c, so that the codec is checked against the protocol and not
 against itself. The fuzzing at the end feeds arbitrary bytes, cut anywhere: the
 decoder must return values, never raise.
@@ -44,7 +44,7 @@ from spamgate.milter.codec import (
     Violation,
 )
 from spamgate.milter.protocol import Action, Command, Family, MacroStage, ProtocolFlag
-from testkit.milterkit import connect, cstrings, macros, mta_packet, optneg
+from tests.kit.milterkit import connect, cstrings, macros, mta_packet, optneg
 
 
 def decode_all(data: bytes, max_packet: int = codec.DEFAULT_MAX_PACKET) -> list[object]:

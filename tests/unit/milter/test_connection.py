@@ -18,7 +18,7 @@ from spamgate.milter.codec import (
 from spamgate.milter.connection import BadDecision, End, MilterConnection, Send, Step
 from spamgate.milter.negotiate import Needs
 from spamgate.milter.protocol import Command
-from testkit.milterkit import connect, cstrings, macros, mta_packet, optneg
+from tests.kit.milterkit import connect, cstrings, macros, mta_packet, optneg
 
 
 def opened(needs: Needs | None = None) -> MilterConnection:

@@ -1,4 +1,4 @@
-"""A milter in its own process, for tests that kill it: `python -m testkit.milterproc PORT`.
+"""A milter in its own process, for tests that kill it: `python -m tests.kit.milterproc PORT`.
 
 It answers "continue" to everything and prints "ready" once it listens.
 """

@@ -6,7 +6,7 @@ running. Code that works in a terminal can fail there: the DKIM worker pool
 once died on `os.nice()` (setpriority is in @resources, which the unit denies).
 So tests run spamgate under the same filter:
 
-    python -m testkit.syscallfilter deploy/systemd/spamgate.service -- spamgate run -c x.toml
+    python -m tests.kit.syscallfilter deploy/systemd/spamgate.service -- spamgate run -c x.toml
 
 reads the unit, expands its groups with `systemd-syscall-groups.txt` (what
 `systemd-analyze syscall-filter` prints, source cited there), loads the filter
@@ -145,7 +145,7 @@ def load(spec: Filter) -> None:
 
 def main(argv: list[str]) -> None:
     if "--" not in argv or argv.index("--") != 1 or len(argv) < 3:
-        sys.exit("usage: python -m testkit.syscallfilter UNIT -- COMMAND [ARG...]")
+        sys.exit("usage: python -m tests.kit.syscallfilter UNIT -- COMMAND [ARG...]")
     unit, command = argv[0], argv[2:]
     load(unit_filter(pathlib.Path(unit).read_text()))
     os.execvp(command[0], command)

@@ -15,7 +15,7 @@ It stands in for the resolver spamgate talks to, so "the world" is the published
 zones: a name outside every zone gets NXDOMAIN (with an SOA, so negative caching is
 exercised too). It answers over UDP and TCP on one port; a UDP answer too large for
 the client's buffer is truncated (TC) so the client retries over TCP, as with a real
-server. `python -m testkit.dnsserver --port P ZONES.json` serves zones from a file
+server. `python -m tests.kit.dnsserver --port P ZONES.json` serves zones from a file
 (the benchmark runs it as a separate process).
 """
 
@@ -49,7 +49,7 @@ import dns.rrset
 Value = str | list[str]
 Records = Mapping[str, Mapping[str, Value]]
 
-log = logging.getLogger("testkit.dnsserver")
+log = logging.getLogger("tests.kit.dnsserver")
 
 _ROOT_SOA = "a.root.test. hostmaster.root.test. 1 3600 600 86400 300"
 
