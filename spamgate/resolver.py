@@ -38,6 +38,7 @@ import ipaddress
 import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -147,6 +148,11 @@ class Resolver(abc.ABC):
     async def verified_name(self, address: IPAddress) -> str:
         """The forward-confirmed reverse name of `address`, or `[UNAVAILABLE]` /
         `[TEMPUNAVAIL]`."""
+
+    def reused(self, answers: Iterable[tuple[tuple[str, str], DnsAnswer]]) -> None:  # noqa: B027
+        """A check decided from answers it kept itself ((name, type) -> answer: SPF's
+        remembered results) rather than asking again: a recording resolver writes
+        them down for the session, as if they had been asked for. No-op here."""
 
     async def aclose(self) -> None:  # noqa: B027 - a recording holds nothing to release
         """Stop what runs in the background."""
