@@ -29,7 +29,9 @@ no budget or round limit), and none whose records hold a macro: "%{l}" and its
 kind make the result depend on the local part, the time or the receiver. The
 answers are kept with it and handed to `Resolver.reused` when it is given again,
 so that a recording of the session (`spamgate replay`) holds them as if they had
-been asked for.
+been asked for; whether they still hold is the resolver's to say
+(`Resolver.current`: the network's until their TTLs run out, a replay's while
+the record being replayed has the same answers).
 
 pyspf's worker thread runs in a copy of the asking session's context
 (`contextvars`), as `asyncio.to_thread` would: what the resolver's `cached()` is
@@ -43,7 +45,6 @@ import concurrent.futures
 import contextvars
 import math
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,7 +177,7 @@ class SpfEngine:
         key = (ip, name, helo)
         memo = self._memo.get(key)
         if memo is not None:
-            if memo[1] > time.time():
+            if self.resolver.current(memo[2], memo[1]):
                 self.resolver.reused(memo[2])
                 return memo[0]
             del self._memo[key]
@@ -209,12 +210,13 @@ class SpfEngine:
     def _remember(
         self, key: tuple[str, str, str], outcome: SpfOutcome, evaluation: _Evaluation
     ) -> None:
-        if not evaluation.memorable or evaluation.expires <= time.time():
+        used = tuple(evaluation.used)
+        if not evaluation.memorable or not self.resolver.current(used, evaluation.expires):
             return
         if len(self._memo) >= MEMO_SIZE:
             del self._memo[next(iter(self._memo))]
         remembered = SpfOutcome(outcome.result, outcome.explanation, rounds=0)
-        self._memo[key] = (remembered, evaluation.expires, tuple(evaluation.used))
+        self._memo[key] = (remembered, evaluation.expires, used)
 
     async def _fetch(self, evaluation: _Evaluation, family: str, timeout: float) -> None:
         keys = list(dict.fromkeys(evaluation.missing))
