@@ -25,6 +25,7 @@ from typing import Any
 
 import dns.name
 
+from ..domains import ascii_lower
 from ..model import Stage
 from ..pipeline.verdict import Verdict
 from ..reply import Reply
@@ -47,7 +48,7 @@ def name_text(name: str | dns.name.Name) -> str:
     """A DNS name as the recording keys it: lower case, no final dot."""
     if isinstance(name, dns.name.Name):
         name = name.to_text(omit_final_dot=True)
-    return name.lower().rstrip(".")
+    return ascii_lower(name).rstrip(".")
 
 
 # -- results -----------------------------------------------------------------------------
