@@ -205,17 +205,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     _setup_logging("error")  # the replayed sessions' own lines would drown the report
     try:
         config = app.load(args.config, args.checks)
-        diff, error = asyncio.run(
-            replay(
-                config,
-                args.capture,
-                checks=args.checks,
-                live=args.live_dns,
-                skip_bad=args.skip_bad,
-                show=args.show,
-                candidate=args.config,
+        with asyncio.Runner(loop_factory=loop_factory(True)) as runner:
+            diff, error = runner.run(
+                replay(
+                    config,
+                    args.capture,
+                    checks=args.checks,
+                    live=args.live_dns,
+                    skip_bad=args.skip_bad,
+                    show=args.show,
+                    candidate=args.config,
+                )
             )
-        )
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

@@ -47,6 +47,25 @@ def client_text(record: dict[str, Any]) -> str:
     return f"{name}[{c['address']}]"
 
 
+def deciding_rule(kind: str, before: Outcome, after: Outcome) -> str:
+    """The rule a change is put down to: the one refusing now (newly refused), the
+    one refusing then (newly accepted); for another change, the rule of the first
+    recipient whose reply changed, else of the end, else the X-Spam tag."""
+    if kind == "refused":
+        return after.rule or "(no rule)"
+    if kind == "accepted":
+        return before.rule or "(no rule)"
+    for i, (b, a) in enumerate(zip(before.rcpts, after.rcpts, strict=False)):
+        if b != a:
+            rules = (*after.rcpt_rules[i : i + 1], *before.rcpt_rules[i : i + 1])
+            found = next((x for x in rules if x), None)
+            if found:
+                return found
+    if before.tagged != after.tagged and before.key[:3] == after.key[:3]:
+        return "score:tag"
+    return after.rule or before.rule or "(no rule)"
+
+
 def outcome_class(o: Outcome) -> str:
     """For the chart: delivered (or let through), rejected, tempfailed."""
     return o.label if o.refused else "accepted"
@@ -118,10 +137,7 @@ class Diff:
             self.unknown_asked[what] += 1
         rule = None
         if kind != "unknown":
-            rule = r.after.rule if kind == "refused" else r.before.rule
-            if kind == "changed":
-                rule = r.after.rule or r.before.rule
-            rule = rule or "(no rule: see the transaction)"
+            rule = deciding_rule(kind, r.before, r.after)
             change = self.rules.setdefault(rule, RuleChange())
             setattr(change, kind, getattr(change, kind) + 1)
             change.clients.add(record["client"]["address"])

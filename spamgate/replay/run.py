@@ -42,6 +42,7 @@ from .results import ResultError, rebuild
 from .sources import PLAYING, Playing, ReplayError, ReplayResolver, ReplayStore, ReplayUpstream
 
 REFUSED = frozenset({"rejected", "tempfailed"})
+DISPOSED = frozenset({"discarded", "quarantined"})
 _MULTIPART = re.compile(r"^content-type:\s*(multipart|message)/", re.IGNORECASE | re.MULTILINE)
 
 
@@ -108,7 +109,13 @@ class AsRecorded(Check):
                 f"check {self.name} (not run when recorded; needs the {self.needs})"
             )
             return DUNNO
-        return verdict_from(found[-1])
+        try:
+            return verdict_from(found[-1])
+        except ReplayError as exc:
+            # The record's fault, not the check's (which the runner would take an
+            # exception for): the record is refused once its run is over.
+            playing.broken = str(exc)
+            return DUNNO
 
 
 def can_run(record: dict[str, Any], needs: str) -> bool:
@@ -191,6 +198,7 @@ class Outcome:
     rule: str | None  # the rule (or entry) of the refusal, if refused
     stage: str | None  # where that refusal was decided
     reply: str = ""  # its reply, as text
+    rcpt_rules: tuple[str | None, ...] = ()  # the rule refusing each recipient, if any
 
     @property
     def refused(self) -> bool:
@@ -201,6 +209,8 @@ class Outcome:
         return (self.label, self.code, self.rcpts, self.tagged)
 
     def describe(self) -> str:
+        if self.label == "envelope":
+            return "accepted at RCPT (the client sent no message then: no end of data to replay)"
         tag = ", tagged" if self.tagged else ""
         where = f" at {self.stage}" if self.stage else ""
         rule = f" (rule {self.rule})" if self.rule else ""
@@ -253,11 +263,25 @@ def before(record: dict[str, Any]) -> Outcome:
     if refusal is not None and label in REFUSED:
         stage, r = refusal
         rule = _recorded_rule(record, r)
+    elif label in DISPOSED and record.get("mode") != "monitor":
+        taken = [
+            v
+            for v in record["verdicts"]
+            if v["action"] in ("discard", "hold") and not v.get("monitor")
+        ]
+        if taken:
+            rule, stage = taken[-1].get("rule") or taken[-1]["entry"], taken[-1]["stage"]
     tagged = record.get("mode") != "monitor" and any(
         v.get("rule") == "score:tag" and v["action"] == "tag" and not v.get("monitor")
         for v in record["verdicts"]
     )
     code = end["reply"][0] if end.get("reply") else (refusal[1][0] if refusal else None)
+    rcpt_rules = tuple(
+        _recorded_rule(record, r["reply"])
+        if r.get("by") == "us" and r.get("reply") and r["reply"][0] >= 400
+        else None
+        for r in rcpts
+    )
     return Outcome(
         label,
         code,
@@ -266,7 +290,8 @@ def before(record: dict[str, Any]) -> Outcome:
         float(end.get("score", 0.0)),
         rule,
         stage,
-        _text(refusal[1]) if rule is not None or stage is not None else _text(end.get("reply")),
+        _text(refusal[1]) if label in REFUSED and refusal is not None else _text(end.get("reply")),
+        rcpt_rules,
     )
 
 
@@ -280,7 +305,7 @@ def _recorded_rule(record: dict[str, Any], reply: list) -> str | None:
 class Watch(Observer):
     """What the candidate decides in one replayed session."""
 
-    __slots__ = ("_monitor", "end", "recent", "replies", "tagged")
+    __slots__ = ("_monitor", "disposed", "end", "recent", "replies", "tagged")
 
     def __init__(self, monitor: bool) -> None:
         self.recent: list[tuple[Stage, str, Verdict]] = []
@@ -288,6 +313,7 @@ class Watch(Observer):
         self.replies: list[tuple[str, Reply | None, str | None, str | None]] = []
         self.end: TransactionEnd | None = None
         self.tagged = False
+        self.disposed: tuple[str, str] | None = None  # (rule, stage) of a DISCARD or HOLD
         self._monitor = monitor
 
     def command(self, event: str, args: tuple[object, ...]) -> None:
@@ -299,6 +325,10 @@ class Watch(Observer):
         self.recent.append((stage, entry.label, verdict))
         if verdict.rule == "score:tag" and verdict.action is Action.TAG:
             self.tagged = not (self._monitor or verdict.monitor)
+        elif verdict.action in (Action.DISCARD, Action.HOLD) and not (
+            self._monitor or verdict.monitor
+        ):
+            self.disposed = (verdict.rule or entry.label, stage.value)
 
     def reply(self, event: str, reply: Reply | None) -> None:
         rule = stage = None
@@ -339,10 +369,13 @@ def after(watch: Watch, note: str | None) -> Outcome:
     if refusal is not None and label in REFUSED:
         found = next(x for x in replies if x[1] is refusal[1])
         rule, stage = found[2], found[3] or refusal[0]
+    elif label in DISPOSED and watch.disposed is not None:
+        rule, stage = watch.disposed
     end = ends[-1] if ends else None
     code = end.code if end is not None else (refusal[1].code if refusal else None)
-    decided = refusal[1] if rule is not None or stage is not None else end
-    return Outcome(label, code, codes, watch.tagged, score, rule, stage, _text(decided))
+    decided = refusal[1] if label in REFUSED and refusal is not None else end
+    rcpt_rules = tuple(rule for e, _, rule, _ in replies if e == "rcpt")
+    return Outcome(label, code, codes, watch.tagged, score, rule, stage, _text(decided), rcpt_rules)
 
 
 # -- one record ------------------------------------------------------------------------
@@ -451,6 +484,9 @@ async def replay_one(built: app.App, item: Item, pregreet: str) -> Replayed | It
         return Item(item.path, item.line, None, f"{item.where}: cannot be replayed ({what})")
     finally:
         PLAYING.reset(token)
+    if playing.broken is not None:
+        where = f"{item.where}: cannot be replayed: {playing.broken}"
+        return Item(item.path, item.line, None, where)
     return Replayed(
         item, was, after(watch, note), tuple(playing.unknown), len(playing.live), playing.assumed
     )

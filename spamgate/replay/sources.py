@@ -55,6 +55,7 @@ class Playing:
         "_marks",
         "answers",
         "assumed",
+        "broken",
         "dns",
         "live",
         "rcpt_seen",
@@ -72,6 +73,7 @@ class Playing:
         self.unknown: list[str] = []  # questions the record does not answer
         self.live: list[str] = []  # ... that were asked live instead (--live-dns)
         self.assumed = 0  # upstream replies assumed (commands not relayed when recorded)
+        self.broken: str | None = None  # what in the record could not be used
         self.rcpt_seen: dict[str, int] = {}
         self.seen: dict[tuple[str, str], int] = {}  # state key -> calls so far
         self._hits: dict[str, list[int | None]] | None = None
