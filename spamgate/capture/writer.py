@@ -1,8 +1,11 @@
 """The capture's writer: a thread of its own, so that no session ever waits on disk.
 
-Sessions hand records over (`submit`, a queue put); the thread makes each one
-(`recorder.RecordMaker`: the record's shape, keyed hashes, digests), writes it
-as one JSON line to the current file, and keeps the directory in bounds:
+Sessions hand records over (`submit`: an append to a deque, nothing more); every
+`BATCH` seconds the thread takes what has come, makes each record
+(`recorder.RecordMaker`: the record's shape, keyed hashes, digests), writes each
+as one JSON line to the current file, flushes once, and keeps the directory in
+bounds. Taking records in batches rather than waking for each keeps the two
+threads from handing the GIL to and fro for every message. Then:
 
 * a file is closed when it reaches [capture] file_size or file_age, then
   compressed (`NAME.jsonl.gz`, written beside it and renamed into place, so a
@@ -16,7 +19,7 @@ as one JSON line to the current file, and keeps the directory in bounds:
   it is stopped, and every `RETRY` seconds it tries again. The mail never waits
   for any of it, and never fails because of it.
 
-The queue is bounded ([capture] queue_size): when the writer falls behind,
+What waits is bounded ([capture] queue_size): when the writer falls behind,
 records are dropped and counted, not kept in memory without limit.
 
 File names: `capture-YYYYMMDDTHHMMSS-PID-N.jsonl` (UTC), one writer per process,
@@ -33,11 +36,11 @@ import itertools
 import json
 import logging
 import os
-import queue
 import re
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -48,9 +51,8 @@ log = logging.getLogger("spamgate.capture")
 
 RETRY = 60.0  # seconds between attempts to write again after a stop
 FREE_CHECK = 10.0  # seconds between checks of the free space
-FLUSH = 1.0  # seconds a record may wait in the file's buffer
+BATCH = 0.1  # seconds between the writer's rounds (what came meanwhile is written, flushed)
 NAME = re.compile(r"^capture-\d{8}T\d{6}-\d+-\d+\.jsonl(\.gz)?$")
-_CLOSE = object()
 
 
 class CaptureWriter:
@@ -69,10 +71,11 @@ class CaptureWriter:
         self.clock = clock
         # How a capture file is opened (binary, append); a test hands /dev/full.
         self.opener = opener or (lambda path: open(path, "ab", buffering=65536))  # noqa: SIM115
-        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.put = 0  # records queued (the event loop's count)
+        self.pending: deque[Any] = deque()  # appended by the loop, taken by the thread
         self.taken = 0  # records taken (the thread's count)
         self.writing = True  # False while stopped: records are dropped at once
+        self._wake = threading.Event()
+        self._closing = False
         self.thread: threading.Thread | None = None
         self.file: Any = None
         self.path = ""
@@ -91,19 +94,23 @@ class CaptureWriter:
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="spamgate-capture", daemon=True)
             self.thread.start()
-        if not self.writing or self.put - self.taken >= self.settings.queue_size:
+        if not self.writing or len(self.pending) >= self.settings.queue_size:
             metrics.CAPTURE_RECORDS.labels("dropped").inc()
             return
-        self.put += 1
-        self.queue.put(item)
+        self.pending.append(item)
+
+    def wake(self) -> None:
+        """Start the thread's next round now (tests; shutdown)."""
+        self._wake.set()
 
     async def aclose(self, timeout: float = 10.0) -> None:
-        """Write what is queued, close the current file (left uncompressed: it is
+        """Write what is waiting, close the current file (left uncompressed: it is
         complete, and readers take plain files too)."""
         thread = self.thread
         if thread is None:
             return
-        self.queue.put(_CLOSE)
+        self._closing = True
+        self._wake.set()
         await asyncio.to_thread(thread.join, timeout)
 
     # -- the thread ----------------------------------------------------------------------
@@ -111,27 +118,29 @@ class CaptureWriter:
     def _run(self) -> None:
         self._open()
         while True:
-            try:
-                item = self.queue.get(timeout=FLUSH)
-            except queue.Empty:
-                item = None
-            if item is _CLOSE:
-                break
-            if item is not None:
-                self.taken += 1
+            self._wake.wait(BATCH)
+            self._wake.clear()
+            closing = self._closing
+            batch = []
+            while self.pending:
+                batch.append(self.pending.popleft())
+            self.taken += len(batch)
             now = self.clock()
-            if self.file is None:
-                if item is not None:
-                    metrics.CAPTURE_RECORDS.labels("dropped").inc()
-                if now >= self._retry_at:
-                    self._open()
-                continue
-            if item is not None:
+            if self.file is None and now >= self._retry_at:
+                self._open()
+            for n, item in enumerate(batch):
+                if self.file is None:  # stopped: the rest of the batch is lost too
+                    metrics.CAPTURE_RECORDS.labels("dropped").inc(len(batch) - n)
+                    break
                 self._write(item)
-            if self.file is not None and (item is None or self.queue.empty()):
+                if self.file is not None:
+                    self._maintain(now)  # a file full of this batch rotates at once
+            if self.file is not None and batch:
                 self._flush()
             if self.file is not None:
                 self._maintain(now)
+            if closing:
+                break
         self._close_file()
 
     def _write(self, item: Any) -> None:

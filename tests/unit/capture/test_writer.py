@@ -81,7 +81,7 @@ async def test_files_rotate_by_age_and_the_oldest_go(tmp_path) -> None:
         wait_for(lambda n=n: w.taken == n + 1 and w.size > 0)
         current = w.path
         clock.now += 61  # the file is older than file_age: the next wake rotates it
-        w.queue.put(None)
+        w.wake()
         wait_for(lambda current=current: w.path != current)
     await w.aclose()
     compressed = [n for n in files(tmp_path) if n.endswith(".gz")]
@@ -100,7 +100,7 @@ async def test_files_rotate_by_age_and_the_oldest_go(tmp_path) -> None:
     w.submit(99)
     wait_for(lambda: w.taken == 1 and w.size > 0)
     clock.now += 61
-    w.queue.put(None)
+    w.wake()
     wait_for(lambda: not old.exists())
     await w.aclose()
     assert not_ours.exists()
@@ -126,11 +126,11 @@ async def test_a_full_disk_stops_the_writer_not_its_caller(
     assert value("spamgate_capture_records_total", result="dropped") == dropped + 49
     assert value("spamgate_capture_active") == 0
     assert "capture stopped (disk_full)" in caplog.text and "No space left" in caplog.text
-    assert w.queue.qsize() == 0
+    assert not w.pending
     # Room again: after RETRY it writes where it left off.
     w.opener = lambda path: open(path, "ab")  # noqa: SIM115 - the writer closes it
     clock.now += 61
-    w.queue.put(None)
+    w.wake()
     wait_for(lambda: w.stopped is None)
     w.submit(50)
     await w.aclose()
