@@ -14,17 +14,22 @@ end. The recorder takes:
   the HELO names, TLS, the AUTH login), so that a record says what its
   transaction ran under.
 
-On the event loop it only keeps references to these (immutable values: verdicts,
-replies, DNS answers) in lists; when the transaction has ended, and the reply that
-ended it is known, the lot goes to the writer thread (`writer.CaptureWriter`),
-which turns it into a record (`encode`) and writes it. A session refused before
-any MAIL (at connect or HELO) is one record too.
+While the session runs it only keeps references to these (immutable values:
+verdicts, replies, DNS answers) in lists. When the transaction has ended, and the
+reply that ended it is known, a callback scheduled after that reply turns them
+into a record (`RecordMaker`, `encode`: a JSON line), and the line goes to the
+writer thread (`writer.CaptureWriter`), which alone touches the disk. The record
+is made on the event loop, not in the writer thread, on purpose: a second thread
+working on the same objects costs more CPU than making the record does (their
+reference counts travel between cores), and the session's reply never waits for
+it. A session refused before any MAIL (at connect or HELO) is one record too.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -32,12 +37,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics
 from ..checks.dkim import DkimResults
 from ..checks.dmarc import DmarcResults
 from ..checks.spf import SpfHeloResult, SpfResult
 from ..config import Config
 from ..message import Message
-from ..model import Session, Stage, TLSInfo
+from ..model import Results, Session, Stage
 from ..pipeline.check import TransactionEnd
 from ..pipeline.observer import Observer
 from ..pipeline.verdict import CheckFailures, Verdict
@@ -63,7 +69,9 @@ KEY_FILE = "redact.key"
 
 
 class _Txn:
-    """What one transaction's record is made of (references; encoded later)."""
+    """What one transaction's record is made of: references to values that do not
+    change any more (or lists that only grow, with how much of them is this
+    transaction's), turned into a record in the writer thread."""
 
     __slots__ = (
         "client",
@@ -71,6 +79,7 @@ class _Txn:
         "content_refused",
         "data",
         "data_reply",
+        "digest",
         "dns",
         "end",
         "end_reply",
@@ -78,10 +87,14 @@ class _Txn:
         "mail",
         "mail_reply",
         "message",
+        "monitor",
         "n",
         "rcpts",
         "results",
+        "session",
         "session_marks",
+        "session_results",
+        "sid",
         "state",
         "time",
         "verdicts",
@@ -90,10 +103,16 @@ class _Txn:
     def __init__(self, n: int) -> None:
         self.n = n
         self.time = 0.0
+        self.sid = ""
+        self.digest = ""
+        self.monitor = False
         self.client: tuple = ()
-        self.helos: list[list] = []
+        self.helos: tuple[list[list], int] = ([], 0)  # the session's list, and how much
         self.connect: Reply | None = None
+        # The session's verdicts, DNS and state lists, and how much of each is ours.
+        self.session: tuple[list, list, list] = ([], [], [])
         self.session_marks = (0, 0, 0)
+        self.session_results: list[object] = []
         self.mail: tuple | None = None
         self.mail_reply: tuple[Reply | None, str | None] = (None, None)
         self.rcpts: list[list] = []  # [address, params, reply, by]
@@ -106,7 +125,7 @@ class _Txn:
         self.state: list[tuple] = []
         self.end: tuple[str, float] | None = None  # (outcome, score)
         self.end_reply: tuple[Reply | None, str | None] = (None, None)
-        self.results: list[object] = []
+        self.results: Results | None = None
 
 
 class SessionRecorder(Observer):
@@ -159,30 +178,32 @@ class SessionRecorder(Observer):
     # -- the observer --------------------------------------------------------------------
 
     def command(self, event: str, args: tuple[object, ...]) -> None:
-        TAPE.set(self)
+        if TAPE.get() is not self:
+            TAPE.set(self)
         if self.ended is not None:  # ended by the previous event, with no reply to wait for
             self._finish(self.ended)
         self.event = event
-        self.recent = []
-        if event == "mail":
+        self.recent.clear()
+        txn = self.txn
+        if event == "rcpt":
+            if txn is not None:
+                txn.rcpts.append([args[0], args[1], None, None])
+        elif event == "mail":
             self._begin(args)
-        elif event == "rcpt":
-            if self.txn is not None:
-                self.txn.rcpts.append([args[0], args[1], None, None])
         elif event == "data":
-            if self.txn is not None:
-                self.txn.data = True
+            if txn is not None:
+                txn.data = True
         elif event == "message":
-            if self.txn is not None:
-                self.txn.message = _message(args[0])  # type: ignore[arg-type]
-        elif event == "refuse_content":
-            if self.txn is not None:
-                self.txn.content_refused = str(args[0])
+            if txn is not None:
+                txn.message = _message(args[0])  # type: ignore[arg-type]
         elif event == "helo":
             self.helos.append([args[0], args[1], None])
+        elif event == "refuse_content":
+            if txn is not None:
+                txn.content_refused = str(args[0])
         elif event == "starttls":
             self.helos = []
-        elif event == "close" and self.count == 0 and self.txn is None:
+        elif event == "close" and self.count == 0 and txn is None:
             self._refused_session()
 
     def verdict(
@@ -233,7 +254,7 @@ class SessionRecorder(Observer):
         txn.end = (event.outcome, event.score)
         live = self.session.transaction
         if live is not None:
-            txn.results = live.results.all()
+            txn.results = live.results  # the transaction's: nothing is added after its end
         if self.event in _REPLY_FOLLOWS:
             self.ended = txn
         else:
@@ -246,6 +267,8 @@ class SessionRecorder(Observer):
         be reached: 451 4.3.0), or "upstream" (relayed)."""
         if reply is None:
             return None
+        if reply.code < 400:  # ours only when a refusal is held (MAIL), or disposed of
+            return "upstream"
         if event in ("connect", "helo") or any(v.reply is reply for v in self.recent):
             return "us"
         if reply == TEMP_UPSTREAM:
@@ -254,12 +277,19 @@ class SessionRecorder(Observer):
 
     def _begin(self, args: tuple[object, ...]) -> None:
         self.count += 1
-        txn = self.txn = _Txn(self.count)
-        txn.client = _client(self.session)
-        txn.helos = [list(h) for h in self.helos]
-        txn.connect = self.connect_reply
-        txn.session_marks = (len(self.s_verdicts), len(self.s_dns), len(self.s_state))
+        txn = self.txn = self._txn(self.count)
         txn.mail = args
+
+    def _txn(self, n: int) -> _Txn:
+        """A transaction's record begun: what the session has said and been told so far
+        (as references: the writer thread copies them)."""
+        txn = _Txn(n)
+        txn.client = _client(self.session)
+        txn.helos = (self.helos, len(self.helos))
+        txn.connect = self.connect_reply
+        txn.session = (self.s_verdicts, self.s_dns, self.s_state)
+        txn.session_marks = (len(self.s_verdicts), len(self.s_dns), len(self.s_state))
+        return txn
 
     def _refused_session(self) -> None:
         """A session that ends without a transaction is a record when it was refused
@@ -270,59 +300,35 @@ class SessionRecorder(Observer):
         if not refused:
             return
         self.count += 1
-        txn = _Txn(0)
-        txn.client = _client(self.session)
-        txn.helos = [list(h) for h in self.helos]
-        txn.connect = self.connect_reply
-        txn.session_marks = (len(self.s_verdicts), len(self.s_dns), len(self.s_state))
+        txn = self._txn(0)
         last = self.connect_reply or next(h[2] for h in reversed(self.helos) if h[2] is not None)
         txn.end = ("tempfailed" if last.code < 500 else "rejected", 0.0)
         txn.end_reply = (last, "us")
-        txn.results = self.session.results.all()
         self._finish(txn)
 
     def _finish(self, txn: _Txn) -> None:
         if txn is self.ended:
             self.ended = None
         txn.time = time.time()
-        v, d, s = txn.session_marks
-        pending = _Pending(
-            txn,
-            self.session.id,
-            self.digest,
-            self.monitor,
-            self.s_verdicts[:v],
-            self.s_dns[:d],
-            self.s_state[:s],
-            self.session.results.all(),
-        )
-        self.capture.submit(pending)
-
-
-@dataclasses.dataclass(slots=True)
-class _Pending:
-    txn: _Txn
-    sid: str
-    digest: str
-    monitor: bool
-    verdicts: list
-    dns: list
-    state: list
-    session_results: list
+        txn.sid, txn.digest, txn.monitor = self.session.id, self.digest, self.monitor
+        # The session's findings change with a new HELO: as they are now.
+        txn.session_results = self.session.results.all()
+        self.capture.submit(txn)
 
 
 def _client(session: Session) -> tuple:
+    """The client's facts as references (addresses and TLSInfo are not changed once
+    set: a front end sets a new TLSInfo; the writer thread writes them out)."""
     c = session.client
-    tls: TLSInfo | None = c.tls
-    local = f"{c.local_address}:{c.local_port}" if c.local_address is not None else None
     return (
-        str(c.address),
+        c.address,
         c.port,
         c.name,
-        (tls.version, tls.cipher, tls.bits) if tls is not None else None,
+        c.tls,
         c.login,
         session.pregreet,
-        local,
+        c.local_address,
+        c.local_port,
     )
 
 
@@ -338,7 +344,7 @@ def _message(msg: Message) -> tuple:
 
 
 class RecordMaker:
-    """Turns a `_Pending` into a record (in the writer thread)."""
+    """Turns a finished `_Txn` into a record (in the writer thread)."""
 
     def __init__(self, settings: CaptureSettings, key: Callable[[], bytes] | None) -> None:
         self.settings = settings
@@ -352,34 +358,34 @@ class RecordMaker:
             self._redactor = encode.Redactor(self._key())
         return self._redactor
 
-    def __call__(self, p: _Pending) -> dict[str, Any]:
-        t = p.txn
+    def __call__(self, t: _Txn) -> dict[str, Any]:
         r = self.redactor()
         addr = r.address if r is not None else _same
         text = r.text if r is not None else _same
         key = encode.key_shape if r is not None else _same
-        address, port, name, tls, login, pregreet, local = t.client
+        address, port, name, tls, login, pregreet, local, local_port = t.client
         rec: dict[str, Any] = {
             "v": encode.FORMAT,
             "t": round(t.time, 3),
-            "sid": p.sid,
+            "sid": t.sid,
             "n": t.n,
-            "cfg": p.digest,
+            "cfg": t.digest,
         }
-        if p.monitor:
+        if t.monitor:
             rec["mode"] = "monitor"
         if r is not None:
             rec["redacted"] = True
-        client: dict[str, Any] = {"address": address, "port": port, "name": name}
+        client: dict[str, Any] = {"address": str(address), "port": port, "name": name}
         if local is not None:
-            client["local"] = local
+            client["local"] = f"{local}:{local_port}"
         if pregreet:
             client["pregreet"] = True
         if tls is not None:
-            client["tls"] = {"version": tls[0], "cipher": tls[1], "bits": tls[2]}
+            client["tls"] = {"version": tls.version, "cipher": tls.cipher, "bits": tls.bits}
         if login is not None:
             client["login"] = r.login(login) if r is not None else login
-        client["helo"] = [[h[0], h[1], encode.reply(h[2])] for h in t.helos]
+        helos, count = t.helos
+        client["helo"] = [[h[0], h[1], encode.reply(h[2])] for h in helos[:count]]
         rec["client"] = client
         if t.connect is not None:
             rec["connect"] = encode.reply(t.connect)
@@ -414,10 +420,11 @@ class RecordMaker:
             "reply": encode.reply(t.end_reply[0]),
             "by": t.end_reply[1],
         }
-        rec["verdicts"] = [encode.verdict(*v) for v in (*p.verdicts, *t.verdicts)]
-        rec["dns"] = encode.dns_entries((*p.dns, *t.dns), t.time)
-        rec["state"] = encode.state_entries((*p.state, *t.state), key)
-        results = [*p.session_results, *t.results]
+        (verdicts, dns, state), (v, d, s) = t.session, t.session_marks
+        rec["verdicts"] = [encode.verdict(*x) for x in (*verdicts[:v], *t.verdicts)]
+        rec["dns"] = encode.dns_entries((*dns[:d], *t.dns), t.time)
+        rec["state"] = encode.state_entries((*state[:s], *t.state), key)
+        results = [*t.session_results, *(t.results.all() if t.results is not None else ())]
         auth = _auth(results)
         if auth:
             rec["auth"] = auth
@@ -484,7 +491,9 @@ class Capture:
             else os.path.join(self.directory, KEY_FILE)
         )
         key = self._key if settings.redact else None
-        self.writer = CaptureWriter(self.directory, settings, RecordMaker(settings, key))
+        self.maker = RecordMaker(settings, key)
+        self.writer = CaptureWriter(self.directory, settings)
+        self._failed_record = False
 
     def problems(self, config: Config) -> list[str]:
         """What would stop the capture, for `spamgate check`: a directory that cannot
@@ -516,8 +525,30 @@ class Capture:
     def recorder(self, session: Session, digest: str, monitor: bool) -> SessionRecorder:
         return SessionRecorder(self, session, digest, monitor)
 
-    def submit(self, pending: _Pending) -> None:
-        self.writer.submit(pending)
+    def submit(self, txn: _Txn) -> None:
+        """A transaction is over: its record is made once the current callback (the
+        one giving the reply) is done."""
+        if not self.writer.accepting:
+            metrics.CAPTURE_RECORDS.labels("dropped").inc()
+            return
+        asyncio.get_running_loop().call_soon(self._record, txn)
+
+    def _record(self, txn: _Txn) -> None:
+        try:
+            record = self.maker(txn)
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        except OSError as exc:  # the redaction key could not be read or made
+            metrics.CAPTURE_RECORDS.labels("dropped").inc()
+            if self.writer.writing:
+                self.writer.stop("error", str(exc))
+            return
+        except Exception:
+            metrics.CAPTURE_RECORDS.labels("dropped").inc()
+            if not self._failed_record:  # a bug: said once, not once a message
+                self._failed_record = True
+                log.exception("capture: a record could not be made (dropped)")
+            return
+        self.writer.submit(line.encode("utf-8", "surrogateescape"))
 
     def _read_key(self) -> bytes:
         try:

@@ -1,11 +1,11 @@
 """The capture's writer: a thread of its own, so that no session ever waits on disk.
 
-Sessions hand records over (`submit`: an append to a deque, nothing more); every
-`BATCH` seconds the thread takes what has come, makes each record
-(`recorder.RecordMaker`: the record's shape, keyed hashes, digests), writes each
-as one JSON line to the current file, flushes once, and keeps the directory in
-bounds. Taking records in batches rather than waking for each keeps the two
-threads from handing the GIL to and fro for every message. Then:
+Records come as finished lines (`submit`: an append to a deque, nothing more);
+every `BATCH` seconds the thread takes what has come, writes it to the current
+file, flushes once, and keeps the directory in bounds. The thread touches no
+session's objects and runs hardly any Python (the records are made on the event
+loop, `recorder.Capture`): two threads working on the same objects cost more CPU
+than the work itself (their reference counts travel between the cores). Then:
 
 * a file is closed when it reaches [capture] file_size or file_age, then
   compressed (`NAME.jsonl.gz`, written beside it and renamed into place, so a
@@ -33,7 +33,6 @@ import contextlib
 import errno
 import gzip
 import itertools
-import json
 import logging
 import os
 import re
@@ -60,18 +59,16 @@ class CaptureWriter:
         self,
         directory: str,
         settings: CaptureSettings,
-        make: Callable[[Any], dict[str, Any]],
         *,
         clock: Callable[[], float] = time.time,
         opener: Callable[[str], Any] | None = None,
     ) -> None:
         self.directory = directory
         self.settings = settings
-        self.make = make
         self.clock = clock
         # How a capture file is opened (binary, append); a test hands /dev/full.
         self.opener = opener or (lambda path: open(path, "ab", buffering=65536))  # noqa: SIM115
-        self.pending: deque[Any] = deque()  # appended by the loop, taken by the thread
+        self.pending: deque[bytes] = deque()  # appended by the loop, taken by the thread
         self.taken = 0  # records taken (the thread's count)
         self.writing = True  # False while stopped: records are dropped at once
         self._wake = threading.Event()
@@ -85,19 +82,23 @@ class CaptureWriter:
         self.stopped: str | None = None  # the reason, while stopped
         self._retry_at = 0.0
         self._free_at = 0.0
-        self._failed_record = False
 
     # -- the event loop's side ---------------------------------------------------------
 
-    def submit(self, item: Any) -> None:
-        """Queue a record; never blocks, never raises."""
+    @property
+    def accepting(self) -> bool:
+        """Would a record be taken now (not stopped, not too far behind)?"""
+        return self.writing and len(self.pending) < self.settings.queue_size
+
+    def submit(self, line: bytes) -> None:
+        """Queue one record's line; never blocks, never raises."""
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="spamgate-capture", daemon=True)
             self.thread.start()
-        if not self.writing or len(self.pending) >= self.settings.queue_size:
+        if not self.accepting:
             metrics.CAPTURE_RECORDS.labels("dropped").inc()
             return
-        self.pending.append(item)
+        self.pending.append(line)
 
     def wake(self) -> None:
         """Start the thread's next round now (tests; shutdown)."""
@@ -128,13 +129,19 @@ class CaptureWriter:
             now = self.clock()
             if self.file is None and now >= self._retry_at:
                 self._open()
+            written = size = 0
             for n, item in enumerate(batch):
                 if self.file is None:  # stopped: the rest of the batch is lost too
                     metrics.CAPTURE_RECORDS.labels("dropped").inc(len(batch) - n)
                     break
-                self._write(item)
+                wrote = self._write(item)
+                if wrote:
+                    written, size = written + 1, size + wrote
                 if self.file is not None:
                     self._maintain(now)  # a file full of this batch rotates at once
+            if written:  # counted once a round, not once a record
+                metrics.CAPTURE_RECORDS.labels("written").inc(written)
+                metrics.CAPTURE_BYTES.inc(size)
             if self.file is not None and batch:
                 self._flush()
             if self.file is not None:
@@ -143,30 +150,16 @@ class CaptureWriter:
                 break
         self._close_file()
 
-    def _write(self, item: Any) -> None:
-        try:
-            record = self.make(item)
-            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
-        except OSError as exc:  # the redaction key could not be read or made
-            metrics.CAPTURE_RECORDS.labels("dropped").inc()
-            self._stop("error", str(exc))
-            return
-        except Exception:
-            metrics.CAPTURE_RECORDS.labels("dropped").inc()
-            if not self._failed_record:  # a bug: said once, not once a message
-                self._failed_record = True
-                log.exception("capture: a record could not be made (dropped)")
-            return
-        data = line.encode("utf-8", "surrogateescape")
+    def _write(self, data: bytes) -> int:
+        """Write one record's line; its size in bytes, 0 if it was dropped."""
         try:
             self.file.write(data)
         except OSError as exc:
             metrics.CAPTURE_RECORDS.labels("dropped").inc()
             self._failed(exc)
-            return
+            return 0
         self.size += len(data)
-        metrics.CAPTURE_RECORDS.labels("written").inc()
-        metrics.CAPTURE_BYTES.inc(len(data))
+        return len(data)
 
     def _flush(self) -> None:
         try:
@@ -188,6 +181,17 @@ class CaptureWriter:
     def _failed(self, exc: OSError) -> None:
         reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "error"
         self._stop(reason, f"{self.path}: {exc.strerror or exc}")
+
+    def stop(self, reason: str, detail: str) -> None:
+        """Stop for good, from the event loop's side (the redaction key cannot be
+        read: records cannot be made until it is fixed and spamgate restarted)."""
+        self.writing = False
+        self.stopped = reason
+        metrics.CAPTURE_ACTIVE.set(0)
+        metrics.CAPTURE_STOPS.labels(reason).inc()
+        log.error(
+            "capture stopped (%s): %s; mail is not affected; fix it and restart", reason, detail
+        )
 
     def _stop(self, reason: str, detail: str) -> None:
         """Stop writing (the mail goes on): say so once, in the log and the metrics."""
