@@ -50,7 +50,7 @@ from ..pipeline.verdict import CheckFailures, Verdict
 from ..reply import TEMP_UPSTREAM, Reply
 from ..resolver import DnsAnswer, DnsError
 from . import encode
-from .recording import TAPE
+from .recording import TAPE, Reel
 from .settings import CaptureSettings
 from .writer import CaptureWriter
 
@@ -142,6 +142,7 @@ class SessionRecorder(Observer):
         "helos",
         "monitor",
         "recent",
+        "reel",
         "s_dns",
         "s_state",
         "s_verdicts",
@@ -164,6 +165,7 @@ class SessionRecorder(Observer):
         self.txn: _Txn | None = None
         self.ended: _Txn | None = None  # ended; its reply is still to come
         self.count = 0  # records made
+        self.reel = Reel(self)  # what the resolver and the store find (TAPE)
 
     # -- the tape (recording.Tape) -------------------------------------------------------
 
@@ -178,8 +180,8 @@ class SessionRecorder(Observer):
     # -- the observer --------------------------------------------------------------------
 
     def command(self, event: str, args: tuple[object, ...]) -> None:
-        if TAPE.get() is not self:
-            TAPE.set(self)
+        if TAPE.get() is not self.reel:
+            TAPE.set(self.reel)
         if self.ended is not None:  # ended by the previous event, with no reply to wait for
             self._finish(self.ended)
         self.event = event
@@ -203,8 +205,11 @@ class SessionRecorder(Observer):
                 txn.content_refused = str(args[0])
         elif event == "starttls":
             self.helos = []
-        elif event == "close" and self.count == 0 and txn is None:
-            self._refused_session()
+        elif event == "close":
+            if self.count == 0 and txn is None:
+                self._refused_session()
+            if txn is None:
+                self.reel.tape = None  # nothing more to record (see recording.Reel)
 
     def verdict(
         self, stage: Stage, entry: Check | CoreEntry, verdict: Verdict, seconds: float
@@ -309,6 +314,8 @@ class SessionRecorder(Observer):
     def _finish(self, txn: _Txn) -> None:
         if txn is self.ended:
             self.ended = None
+        if self.event == "close":  # the last transaction of the session
+            self.reel.tape = None
         txn.time = time.time()
         txn.sid, txn.digest, txn.monitor = self.session.id, self.digest, self.monitor
         # The session's findings change with a new HELO: as they are now.

@@ -10,6 +10,12 @@ the context), finds the recorder there and is added to its tape. Lookups made fo
 nobody (the resolver's own probes, background work after a transaction's record
 is done) find none and cost one context-variable read.
 
+The variable holds a `Reel`, not the recorder: contexts are copied into every
+timer and task a session starts (the runner's check timeouts among them), and a
+cancelled timer can keep its copy for as long as the timeout it stood for. The
+recorder empties its reel when the session closes, so those copies keep nothing
+of the session alive.
+
 What is kept is exactly what the check received: the answer (records and TTL,
 NXDOMAIN, no data) or the failure (`DnsError`: time-out or error), a cache hit
 as much as a query, and the state store's answer or `StoreUnavailable`. A replay
@@ -44,8 +50,20 @@ class Tape(Protocol):
         None: the store was unavailable."""
 
 
-# The recorder of the session whose event is being handled, or None.
-TAPE: contextvars.ContextVar[Tape | None] = contextvars.ContextVar("spamgate_tape", default=None)
+class Reel:
+    """Holds a session's recorder until the session closes (`tape` None after)."""
+
+    __slots__ = ("tape",)
+
+    def __init__(self, tape: Tape) -> None:
+        self.tape: Tape | None = tape
+
+
+_EMPTY = Reel.__new__(Reel)
+_EMPTY.tape = None
+
+# The reel of the session whose event is being handled.
+TAPE: contextvars.ContextVar[Reel] = contextvars.ContextVar("spamgate_tape", default=_EMPTY)
 
 
 class RecordingResolver(Resolver):
@@ -61,7 +79,7 @@ class RecordingResolver(Resolver):
     def cached(self, name: str | dns.name.Name, rdtype: str) -> DnsAnswer | None:
         answer = self.inner.cached(name, rdtype)
         if answer is not None:
-            tape = TAPE.get()
+            tape = TAPE.get().tape
             if tape is not None:
                 tape.dns(name, rdtype, answer)
         return answer
@@ -69,7 +87,7 @@ class RecordingResolver(Resolver):
     async def lookup(
         self, name: str | dns.name.Name, rdtype: str, *, timeout: float | None = None
     ) -> DnsAnswer:
-        tape = TAPE.get()
+        tape = TAPE.get().tape
         if tape is None:
             return await self.inner.lookup(name, rdtype, timeout=timeout)
         try:
@@ -81,7 +99,7 @@ class RecordingResolver(Resolver):
         return answer
 
     def reused(self, answers: Iterable[tuple[tuple[str, str], DnsAnswer]]) -> None:
-        tape = TAPE.get()
+        tape = TAPE.get().tape
         if tape is not None:
             for (name, rdtype), answer in answers:
                 tape.dns(name, rdtype, answer)
@@ -110,7 +128,7 @@ class RecordingStore(StateStore):
         return self.inner.kind
 
     async def hit(self, windows: Sequence[Window]) -> Hit:
-        tape = TAPE.get()
+        tape = TAPE.get().tape
         if tape is None:
             return await self.inner.hit(windows)
         try:
@@ -122,7 +140,7 @@ class RecordingStore(StateStore):
         return hit
 
     async def first_seen(self, key: str, ttl: float) -> float:
-        tape = TAPE.get()
+        tape = TAPE.get().tape
         if tape is None:
             return await self.inner.first_seen(key, ttl)
         try:
@@ -134,7 +152,7 @@ class RecordingStore(StateStore):
         return age
 
     async def marked(self, keys: Sequence[str]) -> tuple[bool, ...]:
-        tape = TAPE.get()
+        tape = TAPE.get().tape
         if tape is None:
             return await self.inner.marked(keys)
         try:

@@ -473,7 +473,7 @@ async def replay_one(built: app.App, item: Item, pregreet: str) -> Replayed | It
     record = item.record
     assert record is not None
     playing = Playing(record)
-    token = PLAYING.set(playing)
+    previous, PLAYING.now = PLAYING.now, playing
     try:
         watch, note = await play(built, record, pregreet)
         was = before(record)
@@ -483,7 +483,7 @@ async def replay_one(built: app.App, item: Item, pregreet: str) -> Replayed | It
         what = f"{type(exc).__name__}: {exc}"
         return Item(item.path, item.line, None, f"{item.where}: cannot be replayed ({what})")
     finally:
-        PLAYING.reset(token)
+        PLAYING.now = previous
     if playing.broken is not None:
         where = f"{item.where}: cannot be replayed: {playing.broken}"
         return Item(item.path, item.line, None, where)

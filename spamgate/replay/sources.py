@@ -1,8 +1,10 @@
 """What a replayed session asks, answered from its record: DNS, the state store, the
 upstream.
 
-The record being replayed is `PLAYING` (a context variable, set by the replay for
-each record; concurrent checks and pyspf inherit it). A question the record holds
+The record being replayed is `PLAYING.now`: a replay runs one record at a time,
+and a plain holder (not a context variable) is what every check, concurrent or in
+pyspf's run, finds it in, without a copy of it in every timer a check sets (a
+cancelled timer would keep the record alive). A question the record holds
 the answer to gets that answer, as the check received it then (records, NXDOMAIN,
 no data, a time-out; the store's counts and ages; the upstream's reply). A
 question it does not hold (a DNS list zone added since, a state key a changed
@@ -17,7 +19,6 @@ refuses one of those requests counts less for the next, as the store would have.
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -144,7 +145,21 @@ class Playing:
         return self._next(self._marks, "marked", key)  # type: ignore[arg-type]
 
 
-PLAYING: contextvars.ContextVar[Playing] = contextvars.ContextVar("spamgate_playing")
+class Deck:
+    """The record being replayed (`now`), one at a time."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now: Playing | None = None
+
+    def get(self) -> Playing:
+        now = self.now
+        assert now is not None, "no record is being replayed"
+        return now
+
+
+PLAYING = Deck()
 
 
 # -- DNS ------------------------------------------------------------------------------------
