@@ -27,7 +27,7 @@ import dns.name
 
 from ..domains import ascii_lower
 from ..model import Stage
-from ..pipeline.verdict import Verdict
+from ..pipeline.verdict import Action, Verdict
 from ..reply import Reply
 from ..resolver import DnsAnswer, DnsError
 from ..state import Hit, Window
@@ -35,6 +35,9 @@ from ..state import Hit, Window
 FORMAT = 1  # the record format this spamgate writes (and the newest it reads)
 
 _EOD = Stage.EOD
+# An enum member's `.value` is a property; these are dict lookups (a record has many).
+_STAGES = {s: s.value for s in Stage}
+_ACTIONS = {a: a.value for a in Action}
 
 
 def reply(r: Reply | None) -> list | None:
@@ -48,6 +51,8 @@ def name_text(name: str | dns.name.Name) -> str:
     """A DNS name as the recording keys it: lower case, no final dot."""
     if isinstance(name, dns.name.Name):
         name = name.to_text(omit_final_dot=True)
+    if name.isascii():  # (almost always): str.lower is ASCII's own there
+        return name.lower().rstrip(".")
     return ascii_lower(name).rstrip(".")
 
 
@@ -90,7 +95,7 @@ def verdict(stage: Stage, label: str, v: Verdict) -> dict[str, Any]:
     """One entry's verdict. Its typed result is kept at end of data only, where a
     replay without the message may have to give the recorded verdict back (a
     check that needs the body; a scanner daemon); elsewhere the checks run again."""
-    out: dict[str, Any] = {"stage": stage.value, "entry": label, "action": v.action.value}
+    out: dict[str, Any] = {"stage": _STAGES[stage], "entry": label, "action": _ACTIONS[v.action]}
     if v.rule:
         out["rule"] = v.rule
     if v.reply is not None:

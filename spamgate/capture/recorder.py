@@ -28,6 +28,7 @@ it. A session refused before any MAIL (at connect or HELO) is one record too.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import logging
@@ -61,6 +62,12 @@ if TYPE_CHECKING:
     from ..pipeline.entry import CoreEntry
 
 log = logging.getLogger("spamgate.capture")
+
+# A record is made in a context of its own (nobody's session: no copy made of one).
+_NOBODY = contextvars.Context()
+# One encoder for every record: json.dumps with these arguments makes a new one
+# each time, and a record holds no cycles to look for.
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
 
 # The events whose reply comes after the transaction they ended has ended: the
 # record waits for it.
@@ -398,17 +405,20 @@ class RecordMaker:
             rec["connect"] = encode.reply(t.connect)
         if t.mail is not None:
             sender, params, keywords = t.mail
+            if r is not None:
+                params = [text(x) for x in params]
+                keywords = {k: (text(v) if v is not None else None) for k, v in keywords.items()}
             rec["mail"] = {
                 "from": addr(sender),
-                "params": [text(x) for x in params],
-                "keywords": {k: (text(v) if v is not None else None) for k, v in keywords.items()},
+                "params": list(params),
+                "keywords": dict(keywords),
                 "reply": encode.reply(t.mail_reply[0]),
                 "by": t.mail_reply[1],
             }
             rec["rcpt"] = [
                 {
                     "to": addr(a),
-                    "params": [text(x) for x in ps],
+                    "params": [text(x) for x in ps] if r is not None else list(ps),
                     "reply": encode.reply(rep),
                     "by": by,
                 }
@@ -538,12 +548,12 @@ class Capture:
         if not self.writer.accepting:
             metrics.CAPTURE_RECORDS.labels("dropped").inc()
             return
-        asyncio.get_running_loop().call_soon(self._record, txn)
+        asyncio.get_running_loop().call_soon(self._record, txn, context=_NOBODY)
 
     def _record(self, txn: _Txn) -> None:
         try:
             record = self.maker(txn)
-            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+            line = _JSON.encode(record) + "\n"
         except OSError as exc:  # the redaction key could not be read or made
             metrics.CAPTURE_RECORDS.labels("dropped").inc()
             if self.writer.writing:
