@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -243,7 +244,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _write(path: str | None, write: Callable) -> int:
     """Write to `path` (or standard output); 2 with one line if it cannot be written."""
     if path is None:
-        write(sys.stdout)
+        try:
+            write(sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader has seen enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     try:
         with open(path, "w", encoding="utf-8") as out:

@@ -126,7 +126,7 @@ def chart(diff: Diff) -> str:
     width, height, pad = 960, 240, 40
     most = max(sum(slot[w].values()) for _, slot in buckets for w in ("before", "after")) or 1
     step = (width - 2 * pad) / len(buckets)
-    bar = max(1.0, step * 0.38)
+    bar = min(40.0, max(1.0, step * 0.38))
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 40}" '
         f'role="img" aria-label="outcomes per {unit}, before and after">',
