@@ -313,7 +313,7 @@ class Runtime:
         """This process's share of [limits] max_sessions."""
         return -(-self.policy.config.limits.max_sessions // self.share)
 
-    def admit(self, address: IPAddress, fd: int = -1) -> str | None:
+    def admit(self, address: IPAddress, fd: int = -1, frontend: str = "proxy") -> str | None:
         """Count a new session; the refusal reason if a limit is reached.
 
         `fd` is the client socket's descriptor: accept() returns the lowest free
@@ -331,13 +331,13 @@ class Runtime:
             return "per_client"
         self.active += 1
         self.per_client[address] += 1
-        metrics.SESSIONS_ACTIVE.inc()
+        metrics.child(metrics.SESSIONS_ACTIVE, frontend).inc()
         self._check_stress()
         return None
 
-    def release(self, address: IPAddress) -> None:
+    def release(self, address: IPAddress, frontend: str = "proxy") -> None:
         self.active -= 1
-        metrics.SESSIONS_ACTIVE.dec()
+        metrics.child(metrics.SESSIONS_ACTIVE, frontend).dec()
         self.per_client[address] -= 1
         if self.per_client[address] <= 0:
             del self.per_client[address]

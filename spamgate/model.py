@@ -120,10 +120,12 @@ class Transaction:
 
 @dataclass
 class Session:
-    """One client connection."""
+    """One client session: a connection to the proxy, or the SMTP session a milter
+    is told about (`frontend`: "proxy" or "milter", a metrics label)."""
 
     id: str
     client: Client
+    frontend: str = "proxy"
     started: float = field(default_factory=time.monotonic)
     transaction: Transaction | None = None
     results: Results = field(default_factory=Results)

@@ -88,7 +88,7 @@ class TransactionLog:
             return
         if outcome is None:
             outcome = self._outcome(txn, reply)
-        metrics.child(metrics.TRANSACTIONS, outcome).inc()
+        metrics.child(metrics.TRANSACTIONS, session.frontend, outcome).inc()
         score = self.ledger.scorer.total
         self._notify(txn, outcome, score)
         c = session.client
