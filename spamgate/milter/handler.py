@@ -79,8 +79,10 @@ class MilterHandler(abc.ABC):
         client). Postfix also sends one after a finished message: be idempotent."""
 
     @abc.abstractmethod
-    async def close(self) -> None:
-        """The SMTP session is over (quit, connection lost, or a protocol error)."""
+    async def close(self, reason: str) -> None:
+        """The SMTP session is over: `reason` says how ("quit"; "disconnected": the
+        MTA closed without SMFIC_QUIT, as Postfix does after a connect-stage verdict;
+        "protocol error", "timeout", "connection lost", "shutdown")."""
 
     async def unknown(self, event: Unknown, macros: Macros) -> Decision:
         """An SMTP command the MTA did not know (only if `Needs.events` asks for it)."""

@@ -27,6 +27,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .. import metrics
 from . import codec
 from .codec import Continue, Decision, TempFail
 from .connection import BadDecision, End, MilterConnection, Send, Step
@@ -57,6 +58,16 @@ class Limits:
     content_deadline: float = 270.0  # header to end of message (Postfix: 300 s)
     write_timeout: float = 30.0
     fallback: Decision = field(default_factory=TempFail)  # deadline passed, handler failed
+
+    @classmethod
+    def for_postfix(cls, command_timeout: float, content_timeout: float) -> Limits:
+        """Deadlines inside Postfix's milter_command_timeout and milter_content_timeout:
+        each answer leaves a margin (5 s, or a sixth of the timeout if less), so that
+        Postfix hears spamgate's fallback rather than timing out itself."""
+        return cls(
+            command_deadline=command_timeout - min(5.0, command_timeout / 6),
+            content_deadline=content_timeout - min(5.0, content_timeout / 6),
+        )
 
 
 @dataclass(frozen=True)
@@ -99,21 +110,44 @@ class MilterServer:
         self.addresses.append(address)
         return address
 
-    async def listen_unix(self, path: str, mode: int = 0o660) -> str:
+    async def listen_unix(self, path: str, mode: int = 0o660, group: int = -1) -> str:
+        """Listen on a unix socket at `path` (a stale one is replaced), with the
+        file mode and group (-1: the process's) Postfix needs to connect."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         server = await asyncio.start_unix_server(self._accept, path, limit=READ_SIZE)
         os.chmod(path, mode)
+        if group >= 0:
+            os.chown(path, -1, group)
         self._servers.append(server)
         self.addresses.append(path)
         return path
 
-    async def close(self, grace: float = 1.0) -> None:
-        """Stop accepting; give open connections `grace` seconds, then cancel them."""
+    async def listen_socket(self, sock: socket.socket) -> tuple[str, int] | str:
+        """Serve a socket bound and listening already (a worker's, from the supervisor)."""
+        if sock.family == socket.AF_UNIX:
+            server = await asyncio.start_unix_server(self._accept, sock=sock, limit=READ_SIZE)
+            address: tuple[str, int] | str = sock.getsockname()
+        else:
+            server = await asyncio.start_server(self._accept, sock=sock, limit=READ_SIZE)
+            address = tuple(sock.getsockname()[:2])  # type: ignore[assignment]
+        self._servers.append(server)
+        self.addresses.append(address)
+        return address
+
+    def stop_listening(self) -> None:
+        """Accept no new connections; the open ones go on (see `close`)."""
         for server in self._servers:
             server.close()
-        for server in self._servers:
-            await server.wait_closed()
+
+    @property
+    def connections(self) -> int:
+        """MTA connections open now."""
+        return len(self._tasks)
+
+    async def close(self, grace: float = 1.0) -> None:
+        """Stop accepting; give open connections `grace` seconds, then cancel them."""
+        self.stop_listening()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=grace)
             for task in pending:
@@ -126,6 +160,10 @@ class MilterServer:
         self._tasks.add(task)
         try:
             await self.serve(reader, writer)
+        except asyncio.CancelledError:
+            # Closed at shutdown. Not raised on: asyncio's stream callback (3.11)
+            # would log a cancelled connection task as an error.
+            pass
         finally:
             self._tasks.discard(task)
 
@@ -139,9 +177,18 @@ class MilterServer:
         session = _Session(self, peer, writer)
         try:
             await session.run(reader)
-        except (ConnectionError, TimeoutError) as exc:
+        except TimeoutError:
+            session.reason = "timeout"
+            metrics.child(metrics.MILTER_ERRORS, "timeout").inc()
+            log.info("milter connection %s: the MTA sent nothing in time; closing", peer)
+        except ConnectionError as exc:
+            session.reason = "connection lost"
             log.info("milter connection %s ended: %s", peer, exc or type(exc).__name__)
+        except asyncio.CancelledError:
+            session.reason = "shutdown"
+            raise
         except Exception:
+            session.reason = "internal error"
             log.exception("milter connection %s: internal error, closing", peer)
         finally:
             await session.finish()
@@ -161,6 +208,7 @@ class _Session:
         self.conn = MilterConnection(server.needs, self.limits.max_packet)
         self.handler: MilterHandler | None = None
         self.warned_refusals = False
+        self.reason = "disconnected"  # how the connection ended, for the handler
 
     async def run(self, reader: asyncio.StreamReader) -> None:
         while True:
@@ -175,11 +223,15 @@ class _Session:
             for output in outputs:
                 if isinstance(output, End):
                     if output.violation is not None:
+                        self.reason = "protocol error"
+                        metrics.child(metrics.MILTER_ERRORS, "violation").inc()
                         log.warning(
                             "milter connection %s: protocol violation, closing: %s",
                             self.peer,
                             output.violation,
                         )
+                    elif data:
+                        self.reason = "quit"
                     return
                 if isinstance(output, Send):
                     self.writer.write(output.data)
@@ -212,7 +264,9 @@ class _Session:
                 await self._quietly(self.handler.abort())
             return b""
         if isinstance(event, codec.QuitNewConnection):
+            self.reason = "quit"
             await self.finish()
+            self.reason = "disconnected"
             return b""
         if self.handler is None:
             self.handler = self.server.factory(self.peer)
@@ -226,8 +280,9 @@ class _Session:
             async with asyncio.timeout(deadline):
                 answer = await self._call(self.handler, step)
         except TimeoutError:
+            metrics.child(metrics.MILTER_ERRORS, "deadline").inc()
             log.warning(
-                "milter connection %s: no decision on %s within %s s; answering %s",
+                "milter connection %s: no decision on %s within %g s; answering %s",
                 self.peer,
                 type(event).__name__,
                 deadline,
@@ -235,6 +290,7 @@ class _Session:
             )
             answer = fallback
         except Exception:
+            metrics.child(metrics.MILTER_ERRORS, "failure").inc()
             log.exception("milter connection %s: handler failed on %r", self.peer, event)
             answer = fallback
         decision, edits = (
@@ -306,4 +362,4 @@ class _Session:
         """Close the current SMTP session's handler, if any (idempotent)."""
         handler, self.handler = self.handler, None
         if handler is not None:
-            await self._quietly(handler.close())
+            await self._quietly(handler.close(self.reason))
