@@ -288,8 +288,7 @@ class MilterFrontEnd(MilterHandler):
         """Refuse the message now: Postfix stops sending it and gives the client
         this reply at the end of DATA (its message_size_limit is its own)."""
         assert self.driver is not None
-        self._discard()
-        metrics.PROTOCOL_ERRORS.labels(kind).inc()
+        self._discard()  # counted by the pipeline, as for the proxy
         return answer(await self.driver.refuse_content(kind))
 
     async def end_of_message(self, macros: Macros) -> MessageDecision:
