@@ -232,6 +232,7 @@ class _Session:
                         )
                     elif data:
                         self.reason = "quit"
+                        self._after_quit(reader)
                     return
                 if isinstance(output, Send):
                     self.writer.write(output.data)
@@ -243,6 +244,18 @@ class _Session:
             if self.writer.transport.get_write_buffer_size() > READ_SIZE:
                 async with asyncio.timeout(self.limits.write_timeout):
                     await self.writer.drain()
+
+    def _after_quit(self, reader: asyncio.StreamReader) -> None:
+        """Bytes the MTA sent after SMFIC_QUIT that are here already: a violation
+        (any later ones are lost with the connection, which closes now)."""
+        held = len(reader._buffer)  # type: ignore[attr-defined]
+        if held:
+            metrics.child(metrics.MILTER_ERRORS, "violation").inc()
+            log.warning(
+                "milter connection %s: protocol violation, closing: %s",
+                self.peer,
+                codec.ProtocolViolation(codec.Violation.AFTER_QUIT, f"{held} bytes"),
+            )
 
     def _negotiated(self) -> None:
         negotiated = self.conn.negotiated
