@@ -18,6 +18,7 @@ import grp
 import os
 import pathlib
 import re
+import shutil
 import signal
 import stat
 import tempfile
@@ -274,3 +275,44 @@ async def test_reload_changes_milter_decisions(
     assert await gate.server.reload(config)
     replies = await send(mp.postfix.port, message(marker()), rcpts=("second@example.test",))
     assert replies[2].code == 554 and "second rule" in replies[2].text, replies
+
+
+# -- what ships in deploy/ ---------------------------------------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+
+
+async def test_shipped_lines_and_config_work_together(
+    postfix_factory: PostfixFactory, dns_server: DnsServer, running, tmp_path
+) -> None:
+    """deploy/postfix/milter.cf in main.cf, deploy/spamgate-milter.toml as spamgate's
+    configuration (only its addresses changed for the test): mail is judged and
+    delivered; with spamgate stopped, Postfix tells clients to try later."""
+    port = free_port()
+    lines = (DEPLOY / "postfix" / "milter.cf").read_text().replace("11332", str(port))
+    postfix = postfix_factory(main_extra=lines)
+    text = (DEPLOY / "spamgate-milter.toml").read_text()
+    text = text.replace("127.0.0.1:11332", f"127.0.0.1:{port}")
+    text = text.replace('nameservers = ["127.0.0.1:53"]', f'nameservers = ["{dns_server.address}"]')
+    text = text.replace('listen = "127.0.0.1:9587"', 'listen = "127.0.0.1:0"')
+    text = text.replace(
+        'relay_domains = ["example.com", ".example.com"]', 'relay_domains = ["example.test"]'
+    )
+    text = text.replace('mode = "monitor"', 'mode = "enforce"')
+    shutil.copytree(ROOT / "rules", tmp_path / "rules", ignore=shutil.ignore_patterns("*.toml"))
+    gate = running(text)
+    await gate.start()
+    await gate.wait_log(r"milter listening on inet:127\.0\.0\.1")
+    mark = marker()
+    replies = await send(postfix.port, message(mark))
+    assert replies[-1].code == 250
+    raw = await asyncio.to_thread(postfix.wait_delivered, mark.encode())
+    assert b"Authentication-Results: mx.example.com;" in raw
+    replies = await send(postfix.port, message(marker()), rcpts=("x@elsewhere.test",))
+    assert replies[2].code == 554 and "Relay access denied" in replies[2].text  # ours or Postfix's
+    assert await gate.stop() == 0
+    c, _ = await RawClient.connect(postfix.port, source=OUTSIDER)
+    assert (await c.cmd("EHLO client.example.test")).code == 250
+    assert str(await c.cmd("MAIL FROM:<a@example.org>")) == TEMPFAIL
+    await c.close()
