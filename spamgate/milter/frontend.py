@@ -32,6 +32,7 @@ import ipaddress
 import logging
 import re
 import secrets
+from collections.abc import Callable
 
 from .. import metrics
 from ..app import App
@@ -60,6 +61,8 @@ from .codec import (
     TempFail,
 )
 from .handler import Macros, MessageDecision, MilterHandler
+from .negotiate import Negotiated
+from .protocol import Command
 from .server import Peer
 
 log = logging.getLogger("spamgate.milter")
@@ -175,7 +178,31 @@ class MilterFrontEnd(MilterHandler):
         self.admitted: IPAddress | None = None
         self.spool: Spool | None = None
         self.size = 0
-        self.queue_id = ""
+        # Which events the MTA waits on (`negotiated`); a refusal found at one it
+        # does not wait on is given at the next one it does: connect, HELO and MAIL
+        # at RCPT (as delayed rejection does), a header field or body chunk at the
+        # end of the header or of the message.
+        self.replies_to: Callable[[Command], bool] = _always
+        self.refused_session: Decision | None = None  # at connect: every RCPT hears it
+        self.early: dict[Command, Decision] = {}  # at HELO or MAIL, for the RCPTs
+        self.held: Decision | None = None  # in the content
+
+    def negotiated(self, negotiated: Negotiated) -> None:
+        self.replies_to = negotiated.replies_to
+
+    def _envelope(self, command: Command, decision: Decision) -> Decision:
+        """Answer, or keep for the RCPTs if the MTA does not wait on `command`."""
+        self.early.pop(command, None)
+        if isinstance(decision, Continue) or self.replies_to(command):
+            return decision
+        self.early[command] = decision
+        return Continue()
+
+    def _content(self, command: Command, decision: Decision) -> Decision:
+        if isinstance(decision, Continue) or self.replies_to(command):
+            return decision
+        self.held = self.held or decision
+        return Continue()
 
     # -- the session -------------------------------------------------------------------
 
@@ -191,7 +218,7 @@ class MilterFrontEnd(MilterHandler):
         if refused is not None:
             metrics.SESSIONS_REFUSED.labels(refused).inc()
             log.info("milter: refused session of [%s]: %s", address, refused)
-            return TempFail()
+            return self._refuse_session(TempFail())
         self.admitted = address
         metrics.child(metrics.SESSIONS, "milter").inc()
         port = event.port or _int(macros.get("{client_port}"))
@@ -205,10 +232,18 @@ class MilterFrontEnd(MilterHandler):
         self.driver = self.app.driver(
             self.session, lookup_name=False, upstream=self.upstream, disposal=self.disposal
         )
-        return answer(await self.driver.connect())
+        decision = answer(await self.driver.connect())
+        return decision if isinstance(decision, Continue) else self._refuse_session(decision)
+
+    def _refuse_session(self, decision: Decision) -> Decision:
+        """No service for this client: as the proxy after a refused connect, no
+        check runs again; the client hears `decision` (at RCPT, if the MTA did not
+        wait on connect)."""
+        self.refused_session = decision
+        return decision if self.replies_to(Command.CONNECT) else Continue()
 
     async def helo(self, event: Helo, macros: Macros) -> Decision:
-        if self.driver is None or self.session is None:
+        if self.driver is None or self.session is None or self.refused_session is not None:
             return Continue()
         client = self.session.client
         version = macros.get("{tls_version}")
@@ -219,20 +254,24 @@ class MilterFrontEnd(MilterHandler):
             client.tls = TLSInfo(version, macros.get("{cipher}", ""), bits)
             self.driver.tls_started()
         # Postfix does not say HELO or EHLO; nothing decides on the difference.
-        return answer(await self.driver.helo(event.name, esmtp=True))
+        reply = await self.driver.helo(event.name, esmtp=True)
+        return self._envelope(Command.HELO, answer(reply))
 
     async def mail(self, event: Mail, macros: Macros) -> Decision:
-        if self.driver is None or self.session is None:
+        if self.driver is None or self.session is None or self.refused_session is not None:
             return Continue()
         login = macros.get("{auth_authen}")
         if login and self.session.client.login is None:
             # Postfix checked the password (SMTP AUTH): as after AUTH through the proxy.
             self.session.client.login = login
             self.session.relay_permitted = True
-        self.queue_id = ""
-        return answer(await self.driver.mail(event.address, event.params, keywords(event.params)))
+        reply = await self.driver.mail(event.address, event.params, keywords(event.params))
+        return self._envelope(Command.MAIL, answer(reply))
 
     async def rcpt(self, event: Rcpt, macros: Macros) -> Decision:
+        held = self.refused_session or self.early.get(Command.HELO) or self.early.get(Command.MAIL)
+        if held is not None:
+            return held
         if self.driver is None or self.session is None:
             return Continue()
         if self.session.transaction is None:
@@ -243,9 +282,8 @@ class MilterFrontEnd(MilterHandler):
     async def data(self, macros: Macros) -> Decision:
         if self.driver is None or self.session is None or self.session.transaction is None:
             return Continue() if self.driver is None else TempFail()
-        self.queue_id = macros.get("i", "")
-        if self.queue_id:
-            self.driver.log.info("queue id %s", self.queue_id)
+        # Postfix's queue id: on the transaction's log line, to find it in Postfix's log
+        self.session.transaction.queue_id = macros.get("i", "")
         reply = await self.driver.data()
         if reply is None:
             self._new_spool()
@@ -263,13 +301,17 @@ class MilterFrontEnd(MilterHandler):
 
     async def header(self, event: Header, macros: Macros) -> Decision:
         line = f"{event.name}:{event.value}".replace("\n", "\r\n") + "\r\n"
-        return await self._write(line.encode("utf-8", "surrogateescape"))
+        decision = await self._write(line.encode("utf-8", "surrogateescape"))
+        return self._content(Command.HEADER, decision)
 
     async def end_of_headers(self, macros: Macros) -> Decision:
-        return await self._write(b"\r\n")
+        if self.held is not None and self.replies_to(Command.END_OF_HEADERS):
+            held, self.held = self.held, None
+            return held
+        return self._content(Command.END_OF_HEADERS, await self._write(b"\r\n"))
 
     async def body(self, chunk: bytes, macros: Macros) -> Decision:
-        return await self._write(chunk)
+        return self._content(Command.BODY, await self._write(chunk))
 
     async def _write(self, data: bytes) -> Decision:
         spool = self.spool
@@ -293,6 +335,9 @@ class MilterFrontEnd(MilterHandler):
 
     async def end_of_message(self, macros: Macros) -> MessageDecision:
         driver = self.driver
+        if self.held is not None:
+            held, self.held = self.held, None
+            return MessageDecision(held)
         if driver is None or self.session is None:
             return MessageDecision(Continue())
         if self.session.transaction is None:
@@ -307,11 +352,13 @@ class MilterFrontEnd(MilterHandler):
     # -- endings -----------------------------------------------------------------------
 
     def _discard(self) -> None:
+        self.held = None
         if self.spool is not None:
             self.spool.discard()
             self.spool = None
 
     async def abort(self) -> None:
+        self.early.pop(Command.MAIL, None)
         self._discard()
         if self.driver is not None:
             await self.driver.rset(reason="abort")
@@ -326,6 +373,10 @@ class MilterFrontEnd(MilterHandler):
             if self.admitted is not None:
                 self.app.runtime.release(self.admitted, frontend="milter")
                 self.admitted = None
+
+
+def _always(command: Command) -> bool:
+    return True
 
 
 def _int(text: str | None) -> int:

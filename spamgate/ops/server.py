@@ -32,6 +32,8 @@ from ..app import App
 from ..config import Config, Listener, MilterSettings, parse_milter_address
 from ..config.settings import ConfigError, parse_hostport
 from ..milter.frontend import MilterGate
+from ..milter.negotiate import Needs
+from ..milter.protocol import Command
 from ..milter.server import Limits, MilterServer
 from ..reply import Reply
 from ..services import Services
@@ -48,6 +50,18 @@ log = logging.getLogger("spamgate")
 
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+# Over a unix socket (no Nagle, no delayed ACKs: bench/milter_noreply.py) Postfix
+# need not wait on the events where spamgate's refusal can wait (SMFIP_NR_*):
+# connect, HELO and MAIL (their refusals are given at RCPT, as delayed rejection
+# gives them), each header field and body chunk (given at the end of the header or
+# of the message; milter/frontend.py). Two round trips in three go, and Postfix
+# talks to the client while spamgate's connect-time lookups run. Over TCP every
+# event is answered.
+UNIX_NEEDS = Needs(
+    no_reply=frozenset({Command.CONNECT, Command.HELO, Command.MAIL, Command.HEADER, Command.BODY})
+)
 
 
 def milter_limits(settings: MilterSettings) -> Limits:
@@ -206,7 +220,9 @@ class Server:
 
     async def _start_milter(self, settings: MilterSettings) -> None:
         """Listen on every `[milter] listen` address (or serve the sockets given)."""
-        milter = MilterServer(MilterGate(self.app), limits=milter_limits(settings))
+        milter = MilterServer(
+            MilterGate(self.app), limits=milter_limits(settings), unix_needs=UNIX_NEEDS
+        )
         self.milter = milter
         if self._milter_sockets is not None:
             for sock in self._milter_sockets:

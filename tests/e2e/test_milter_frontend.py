@@ -16,9 +16,13 @@ import asyncio
 import email
 import email.policy
 import json
+import os
 import re
+import shutil
 import subprocess
+import tempfile
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -46,20 +50,43 @@ def milter_lines(milter: str, *extra: str) -> list[str]:
 
 
 class MilterPostfix:
-    def __init__(self, postfix: PostfixInstance, port: int) -> None:
+    """A Postfix whose milter is at `address` (spamgate's `[milter] listen`)."""
+
+    def __init__(self, postfix: PostfixInstance, address: str) -> None:
         self.postfix = postfix
-        self.port = port
+        self.address = address
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
 
     def toml(self, **milter: str) -> str:
-        lines = [f'listen = ["inet:127.0.0.1:{self.port}"]']
+        lines = [f'listen = ["{self.address}"]']
+        if self.address.startswith("unix:"):
+            lines.append('socket_group = "postfix"')  # Postfix's smtpd connects
         lines += [f"{k} = {v}" for k, v in milter.items()]
         return "\n[milter]\n" + "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="module")
-def mp(postfix_factory: PostfixFactory) -> MilterPostfix:
-    port = free_port()
-    return MilterPostfix(postfix_factory(main_extra=milter_lines(f"inet:127.0.0.1:{port}")), port)
+def milter_address(kind: str) -> str:
+    """A TCP port, or a unix socket in a directory Postfix's smtpd may enter (not
+    under pytest's tmp_path: only root may enter its parent)."""
+    if kind == "inet":
+        return f"inet:127.0.0.1:{free_port()}"
+    directory = tempfile.mkdtemp(prefix="sg-milter-", dir="/tmp")
+    os.chmod(directory, 0o755)
+    return f"unix:{directory}/milter.sock"
+
+
+@pytest.fixture(scope="module", params=["inet", "unix"])
+def mp(request: pytest.FixtureRequest, postfix_factory: PostfixFactory) -> Iterator[MilterPostfix]:
+    """Over TCP spamgate answers every event; over a unix socket Postfix does not
+    wait on connect, HELO, MAIL, header fields and body chunks (ops/server.py):
+    the decisions must come out the same."""
+    address = milter_address(request.param)
+    yield MilterPostfix(postfix_factory(main_extra=milter_lines(address)), address)
+    if address.startswith("unix:"):
+        shutil.rmtree(os.path.dirname(address[5:]), ignore_errors=True)
 
 
 RULES = {

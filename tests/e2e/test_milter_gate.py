@@ -5,6 +5,7 @@ over spamgate's own size limit) and the exact answers spamgate gives."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import AsyncIterator
 
@@ -14,6 +15,7 @@ from spamgate import metrics
 from spamgate.app import build, loads
 from spamgate.milter.frontend import MilterGate, field_value, reply_code
 from spamgate.milter.server import MilterServer
+from spamgate.ops.server import UNIX_NEEDS
 from spamgate.reply import Reply
 from tests.kit.dnsserver import DnsServer
 from tests.kit.milterkit import MtaClient, connect, cstrings, macros, mta_packet, optneg
@@ -121,8 +123,6 @@ async def milter(dns_server: DnsServer, tmp_path) -> AsyncIterator:
 
 
 async def _open(address: tuple[str, int]):
-    import asyncio
-
     return await asyncio.open_connection(*address)
 
 
@@ -237,3 +237,51 @@ def test_field_values_stay_one_field() -> None:
     assert field_value("X-A", "a\r\n\tb") == "a\n\tb"
     assert field_value("X-A", "a\r\nInjected: yes") == "a\n Injected: yes"
     assert field_value("X-A", "a\r\n\r\nbody") == "a\n body"  # no empty line
+
+
+async def test_over_a_unix_socket_refusals_wait_for_an_event_postfix_waits_on(
+    dns_server: DnsServer, tmp_path
+) -> None:
+    """Over a unix socket Postfix does not wait on connect, HELO, MAIL, header
+    fields or body chunks (ops/server.UNIX_NEEDS): a client refused at connect
+    hears it at RCPT, a message too big hears it at the end, and nothing is sent
+    for the events Postfix does not wait on."""
+    text = config_text(None, "[limits]\nmessage_size = 3000\n", server={"listen": "[]"})
+    text += '[milter]\nlisten = ["inet:127.0.0.1:0"]\n'
+    app = build(loads(text, str(tmp_path / "spamgate.toml")))
+    server = MilterServer(MilterGate(app), unix_needs=UNIX_NEEDS)
+    path = await server.listen_unix(str(tmp_path / "milter.sock"))
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+        mta = MtaClient(reader, writer)
+        await mta.send(optneg())
+        code, data = await mta.response()
+        protocol = struct.unpack("!III", data[:12])[2]
+        assert code == b"O" and protocol & 0x1000 and protocol & 0x80  # NR_CONN, NR_HDR
+        # a stranger relaying: MAIL and HELO go unanswered, RCPT is refused
+        await mta.send(
+            connect("[127.0.0.40]", "127.0.0.40", 40000),
+            mta_packet(b"H", cstrings("c.example.test")),
+            mail("a@example.org"),
+            rcpt("x@elsewhere.test"),
+        )
+        code, data = await mta.response()
+        assert code == b"y" and packet_text(data).startswith("554 5.7.1 "), data
+        await mta.send(rcpt("u@example.test"))
+        assert await mta.response() == (b"c", b"")
+        await mta.send(mta_packet(b"T"))
+        assert await mta.response() == (b"c", b"")
+        await mta.send(
+            mta_packet(b"L", cstrings("Subject", " big")),
+            mta_packet(b"N"),
+        )
+        assert await mta.response() == (b"c", b"")  # the end of the header
+        await mta.send(mta_packet(b"B", b"x" * 2000), mta_packet(b"B", b"y" * 2000))
+        await mta.send(mta_packet(b"E"))
+        code, data = await mta.response()
+        assert code == b"y" and packet_text(data).startswith("552 5.3.4 "), data
+        await mta.send(mta_packet(b"A"), mta_packet(b"Q"))
+        assert await mta.closed()
+    finally:
+        await server.close(grace=0.2)
+        await app.aclose()
