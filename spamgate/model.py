@@ -106,6 +106,7 @@ class Transaction:
     message: Message | None = None
     results: Results = field(default_factory=Results)
     started: float = field(default_factory=time.monotonic)
+    queue_id: str = ""  # the MTA's, when it tells (a milter's Postfix: the macro i)
 
     @property
     def sender_domain(self) -> str:

@@ -93,7 +93,8 @@ class TransactionLog:
         self._notify(txn, outcome, score)
         c = session.client
         to = ",".join(f"<{r.address}>" for r in txn.recipients) or "-"
-        parts = [
+        parts = [f"queue_id={txn.queue_id}"] if txn.queue_id else []
+        parts += [
             f"client={c.display}:{c.port}",
             f"helo={c.helo or '-'}",
             f"from=<{txn.mail_from}>",

@@ -12,6 +12,7 @@ pass at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -52,6 +53,7 @@ class SlowCheck(Check):
             return DUNNO
         msg = ctx.message
         if msg is not None and any("slow" in h.value for h in msg.get_all("Subject")):
+            logging.getLogger("spamgate.test").info("slow check: %g s at end of data", self.seconds)
             await asyncio.sleep(self.seconds)
         return DUNNO
 
