@@ -70,6 +70,11 @@ log = logging.getLogger("spamgate.milter")
 # A reply line's room for text: 510 octets less "550 5.7.1 " (and '%' doubled).
 _LINE_ROOM = 496
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+# What Postfix's macros may bring, kept to what they should be: a verified name
+# is a DNS name; a TLS version one of TLS's names (it becomes a metrics label).
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})")
+_TLS_VERSION = re.compile(r"TLSv1(?:\.[0-3])?|SSLv3")
+_CIPHER = re.compile(r"[^A-Za-z0-9_.-]")
 # Postfix's own Received field is the first of the message (index 0): ours go
 # below it, as they do when the proxy relays to Postfix.
 FIRST_INSERT = 1
@@ -223,7 +228,7 @@ class MilterFrontEnd(MilterHandler):
         metrics.child(metrics.SESSIONS, "milter").inc()
         port = event.port or _int(macros.get("{client_port}"))
         # Postfix's verified name, or "[address]" when it has none.
-        name = event.hostname if not event.hostname.startswith("[") else "[UNAVAILABLE]"
+        name = event.hostname if _HOSTNAME.fullmatch(event.hostname) else "[UNAVAILABLE]"
         self.session = Session(
             id=new_session_id(),
             client=Client(address=address, port=port, name=name),
@@ -248,10 +253,13 @@ class MilterFrontEnd(MilterHandler):
         client = self.session.client
         version = macros.get("{tls_version}")
         if version and client.tls is None:
-            # The client used STARTTLS: what it said before no longer holds.
+            # The client used STARTTLS: what it said before no longer holds. The
+            # version is a metrics label: only the names TLS has, or "unknown".
             await self.driver.starttls()
             bits = _int(macros.get("{cipher_bits}")) or None
-            client.tls = TLSInfo(version, macros.get("{cipher}", ""), bits)
+            version = version if _TLS_VERSION.fullmatch(version) else "unknown"
+            cipher = _CIPHER.sub("", macros.get("{cipher}", ""))[:64]
+            client.tls = TLSInfo(version, cipher, bits)
             self.driver.tls_started()
         # Postfix does not say HELO or EHLO; nothing decides on the difference.
         reply = await self.driver.helo(event.name, esmtp=True)
@@ -260,7 +268,7 @@ class MilterFrontEnd(MilterHandler):
     async def mail(self, event: Mail, macros: Macros) -> Decision:
         if self.driver is None or self.session is None or self.refused_session is not None:
             return Continue()
-        login = macros.get("{auth_authen}")
+        login = _printable(macros.get("{auth_authen}", ""))[:255]
         if login and self.session.client.login is None:
             # Postfix checked the password (SMTP AUTH): as after AUTH through the proxy.
             self.session.client.login = login
@@ -373,6 +381,10 @@ class MilterFrontEnd(MilterHandler):
             if self.admitted is not None:
                 self.app.runtime.release(self.admitted, frontend="milter")
                 self.admitted = None
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _always(command: Command) -> bool:

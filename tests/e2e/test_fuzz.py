@@ -23,14 +23,18 @@ import ipaddress
 import itertools
 import os
 import pathlib
+import re
 import socket
 import struct
 import time
 
+import prometheus_client
 import pytest
 from aiosmtpd.proxy_protocol import V2_SIGNATURE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from spamgate import metrics
 
 from .fuzzkit import (
     ACCOUNT,
@@ -879,3 +883,7 @@ def test_bad_milter_input_gets_a_clean_close_and_a_log_line(harness: Harness, ca
     if how not in MAY_BE_CLEAN:
         assert len(lines) == 1, (how, harness.milter_log.records[warned:])
     assert harness.sessions_open() == 0
+    # nothing Postfix sends becomes a metrics label (the exposition stays valid)
+    text = prometheus_client.generate_latest(metrics.REGISTRY).decode()
+    versions = set(re.findall(r'spamgate_starttls_total\{result="([^"]*)"', text))
+    assert versions <= {"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3", "SSLv3", "unknown", "failure"}
