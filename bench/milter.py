@@ -464,7 +464,7 @@ def start_profiler(pid: int, out: Path, seconds: float) -> subprocess.Popen:
         raise SystemExit("bench: --profile needs py-spy (pip install py-spy)")
     return subprocess.Popen(
         [
-            *(spy, "record", "-p", str(pid), "-r", "250"),
+            *(spy, "record", "-p", str(pid), "-r", "250", "--gil"),
             *("-d", str(int(seconds)), "-f", "raw", "-o", str(out)),
         ],
         stdout=subprocess.DEVNULL,
