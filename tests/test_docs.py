@@ -155,3 +155,24 @@ def test_every_file_a_document_names_exists() -> None:
                         missing.append(f"{where}: {name}")
     assert named > 100  # the patterns still find what the documents write
     assert not missing, "\n".join(missing)
+
+
+def test_no_document_sends_the_reader_to_an_issue() -> None:
+    """Readers have the repository, not its issue tracker: a heading or docstring
+    says what a benchmark measures or what a test proves, never "issue 15"."""
+    texts = [
+        ROOT / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "bench").iterdir(),
+        *(p for p in (ROOT / "deploy").rglob("*") if p.is_file()),
+        *(ROOT / "spamgate").rglob("*.py"),
+    ]
+    cited = re.compile(r"\bissues? ?#?\d+", re.IGNORECASE)
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in texts
+        if path.is_file() and path.suffix in (".md", ".py", ".toml", ".cf", ".service")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if cited.search(line)
+    ]
+    assert not found, "\n".join(found)

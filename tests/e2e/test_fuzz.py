@@ -96,7 +96,7 @@ ADDRS = st.sampled_from(
         b"<a@[IPv6:::1]>",
         b"<a\x00b@example.test>",
         b"<a\tb@example.test>",
-        # sender-specified routing and look-alike domains (issue 18)
+        # sender-specified routing and look-alike domains
         b"<x!elsewhere.test@example.test>",
         b'<"x@elsewhere.test"@example.test>',
         b'<"x%elsewhere.test"@bank.test>',
@@ -140,7 +140,7 @@ PARAMS = st.lists(
             b"SIZE=1\tBODY=7BIT",
             b"SIZE=" + b"9" * 300,
             b"\xc3\xbc=1",
-            # Unicode that case mapping or str.isdigit() take for ASCII (issue 18)
+            # Unicode that case mapping or str.isdigit() take for ASCII
             "SIZE=\u0661\u0662".encode(),
             "SIZE=\uff11\uff12".encode(),
             "SIZE=\u00b2".encode(),
