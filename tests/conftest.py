@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 import trustme
 
+from spamgate import metrics
 from spamgate.app import DEFAULT_CHECKS, build, loads
 from spamgate.ops.server import Server
 from spamgate.pipeline.check import Check
@@ -56,6 +57,12 @@ def need_binary(path: str, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} ({path}) is missing in CI: .ci/run must install it")
     pytest.skip(f"{what} not installed ({path})")
+
+
+def sample(name: str, **labels: str) -> float:
+    """A metric's value in this process's registry (the in-process spamgates the
+    tests start count there); 0 for a series not created yet."""
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture(scope="session")

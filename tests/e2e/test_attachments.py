@@ -8,19 +8,14 @@ import struct
 import time
 import zipfile
 
-from spamgate import metrics
 from spamgate.checks.engines.archives import extensions, zip_listing
 from tests.kit.mimemaker import b64, header, plain, with_attachment, zip_of
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
+from ..conftest import GateFactory, sample
 
 ON = "[attachments]\nenabled = true\n"
 EXE = b"MZ\x90\x00" + b"\x00" * 2000
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def send(gate, body: bytes) -> list:

@@ -7,17 +7,12 @@ import time
 
 import pytest
 
-from spamgate import metrics
 from tests.kit.daemons import SIGNATURE, SIGNATURE_NAME, Clamd
 from tests.kit.mimemaker import header, plain, with_attachment
 from tests.kit.redisserver import free_port
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+from ..conftest import GateFactory, sample
 
 
 async def send(gate, body: bytes) -> list:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from spamgate import metrics
 from tests.kit.daemons import Spamd
 from tests.kit.mimemaker import GTUBE, plain
 from tests.kit.redisserver import free_port
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+from ..conftest import GateFactory, sample
 
 
 async def send(gate, body: bytes) -> list:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import resource
 import time
 
-from spamgate import metrics
 from spamgate.checks.engines.links import Extractor, normal_host
 from tests.kit.dnsserver import DnsServer
 from tests.kit.mimemaker import b64, header, html_base64, plain
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
+from ..conftest import GateFactory, sample
 
 LISTS = """
 [uribl]
@@ -41,10 +40,6 @@ def asked(dns_server: DnsServer, zone: str) -> int:
         for (name, rdtype), n in dns_server.queries.items()
         if rdtype == "A" and str(name).rstrip(".").endswith("." + zone)
     )
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def send(gate, body: bytes) -> list:
