@@ -50,10 +50,7 @@ def ar_fields(content: bytes) -> list[bytes]:
 
 
 async def send(gate, mail_from: str, content: bytes, helo: str = "mx.client.test"):
-    c, _ = await gate.client(source="127.0.0.2")
-    replies = await c.mail(mail_from, ["u@example.test"], content, helo=helo)
-    await c.close()
-    return replies[-1]
+    return (await gate.send(content, sender=mail_from, helo=helo))[-1]
 
 
 @pytest.fixture

@@ -95,10 +95,7 @@ def publish(server: DnsServer) -> None:
 
 
 async def send(gate, mail_from: str, content: bytes):
-    c, _ = await gate.client(source="127.0.0.2")
-    replies = await c.mail(mail_from, ["u@example.test"], content, helo="mx.client.test")
-    await c.close()
-    return replies[-1]
+    return (await gate.send(content, sender=mail_from, helo="mx.client.test"))[-1]
 
 
 @pytest.fixture
