@@ -9,7 +9,7 @@ import pytest
 
 from tests.kit.daemons import SIGNATURE, SIGNATURE_NAME, Clamd
 from tests.kit.mimemaker import header, plain, with_attachment
-from tests.kit.redisserver import free_port
+from tests.kit.ports import free_port
 from tests.kit.sink import Sink
 
 from ..conftest import GateFactory, sample

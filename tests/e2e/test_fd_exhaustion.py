@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit.ports import free_port
 from tests.kit.sink import Sink
 from tests.kit.smtpclient import RawClient
 
-from .test_reload import ROOT_DIR, free_port
+from .test_reload import ROOT_DIR
 
 LIMIT = 64
 OUT = "421 4.3.2 gate.test Error: out of resources, try again later"

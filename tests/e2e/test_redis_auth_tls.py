@@ -16,7 +16,8 @@ import pytest
 import trustme
 
 from spamgate.cli import main
-from tests.kit.redisserver import ClusterSet, RedisServer, Sentinel, free_port
+from tests.kit.ports import free_port
+from tests.kit.redisserver import ClusterSet, RedisServer, Sentinel
 from tests.kit.sink import Sink
 
 from ..conftest import REDIS_CLI, REDIS_SENTINEL, REDIS_SERVER, GateFactory, issue, need_binary

@@ -7,10 +7,10 @@ import logging
 import os
 import pathlib
 import signal
-import socket
 import sys
 import time
 
+from tests.kit.ports import free_port
 from tests.kit.smtpclient import RawClient
 
 from ..conftest import GateFactory, sample
@@ -137,12 +137,6 @@ async def test_a_table_named_before_it_exists_is_picked_up(
 
 async def _is(gate, code: int) -> bool:
     return await rcpt_code(gate) == code
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_sighup_reloads(tmp_path, sink) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tests.kit.daemons import Spamd
 from tests.kit.mimemaker import HAM, gtube
-from tests.kit.redisserver import free_port
+from tests.kit.ports import free_port
 from tests.kit.sink import Sink
 
 from ..conftest import GateFactory, sample
