@@ -140,14 +140,6 @@ errors = 12
 max_sessions = 200
 sessions_per_client = 50
 
-[rules]
-header = ["regexp:header.regexp"]
-body = ["regexp:body.regexp"]
-regexp_timeout = 0.05
-
-[scoring]
-tag = 5.0
-
 [attachments]
 enabled = true
 action = "score"
@@ -166,6 +158,14 @@ enabled = true
 [dmarc]
 enabled = true
 bad_from = "score"
+
+[rules]
+header = ["regexp:header.regexp"]
+body = ["regexp:body.regexp"]
+regexp_timeout = 0.05
+
+[scoring]
+tag = 5.0
 """
 
 # Reverse names for PROXY sources in 203.0.113.0/24: one good, the rest hostile.

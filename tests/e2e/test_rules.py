@@ -9,7 +9,8 @@ import pytest
 
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory, sample
+from ..conftest import GateFactory
+from ..conftest import sample as metric
 
 BODY = b"Subject: test\r\nFrom: a@example.org\r\n\r\nHello\r\n"
 
@@ -108,11 +109,11 @@ async def test_dunno_warn_prepend_go_on_to_the_next_table(
 async def test_discard_and_hold(gate_factory: GateFactory, sink: Sink, write, tmp_path) -> None:
     write("recipient", "trap@example.test DISCARD spam trap\nhold@example.test HOLD\n")
     gate = await gate_factory('[rules]\nrecipient = ["hash:recipient"]\n')
-    before = sample("spamgate_transactions_total", outcome="discarded")
+    before = metric("spamgate_transactions_total", outcome="discarded")
     _, replies = await transaction(gate, rcpts=["trap@example.test"])
     assert replies[-1].code == 250  # the client is told it went well
     assert sink.messages == []
-    assert sample("spamgate_transactions_total", outcome="discarded") == before + 1
+    assert metric("spamgate_transactions_total", outcome="discarded") == before + 1
     _, replies = await transaction(gate, rcpts=["hold@example.test"])
     assert replies[-1].code == 250
     assert sink.messages == []
@@ -123,9 +124,9 @@ async def test_discard_and_hold(gate_factory: GateFactory, sink: Sink, write, tm
 async def test_rule_hits_are_counted_by_table_and_line(gate_factory: GateFactory, write) -> None:
     write("sender", "# x\nother@example.org OK\na@example.org SCORE 1 X\n")
     gate = await gate_factory('[rules]\nsender = ["hash:sender"]\n')
-    before = sample("spamgate_rule_hits_total", table="sender", rule="3")
+    before = metric("spamgate_rule_hits_total", table="sender", rule="3")
     await transaction(gate)
-    assert sample("spamgate_rule_hits_total", table="sender", rule="3") == before + 1
+    assert metric("spamgate_rule_hits_total", table="sender", rule="3") == before + 1
 
 
 # ---- stages and delayed reject ---------------------------------------------------------
@@ -252,10 +253,10 @@ async def test_monitor_mode_refuses_nothing_but_counts(
         '[rules]\nrecipient = ["hash:recipient"]\nsender = ["hash:sender"]\n',
         server={"mode": '"monitor"'},
     )
-    would = sample(
+    would = metric(
         "spamgate_monitor_verdicts_total", stage="rcpt", check="recipient", action="reject"
     )
-    would_score = sample(
+    would_score = metric(
         "spamgate_monitor_verdicts_total", stage="rcpt", check="score", action="reject"
     )
     _, replies = await transaction(gate)
@@ -263,11 +264,11 @@ async def test_monitor_mode_refuses_nothing_but_counts(
     assert len(sink.messages) == 1
     assert b"X-Spam-Flag" not in sink.messages[0].content  # tagging is an action too
     assert (
-        sample("spamgate_monitor_verdicts_total", stage="rcpt", check="recipient", action="reject")
+        metric("spamgate_monitor_verdicts_total", stage="rcpt", check="recipient", action="reject")
         == would + 1
     )
     assert (
-        sample("spamgate_monitor_verdicts_total", stage="rcpt", check="score", action="reject")
+        metric("spamgate_monitor_verdicts_total", stage="rcpt", check="score", action="reject")
         == would_score + 1
     )
     assert "monitor: recipient would reject at rcpt" in caplog.text
@@ -283,13 +284,13 @@ async def test_warn_prefix_monitors_one_rule_and_the_lookup_goes_on(
         "/^new\\./ WARN REJECT trying this out\n/^new\\.bad\\./ REJECT proven rule\n",
     )
     gate = await gate_factory('[rules]\nhelo = ["regexp:helo.regexp"]\n')
-    before = sample(
+    before = metric(
         "spamgate_monitor_verdicts_total", stage="helo", check="helo.regexp", action="reject"
     )
     _, replies = await transaction(gate, helo="new.example.test")
     assert replies[-1].code == 250  # only monitored
     assert (
-        sample(
+        metric(
             "spamgate_monitor_verdicts_total", stage="helo", check="helo.regexp", action="reject"
         )
         == before + 1
@@ -393,10 +394,10 @@ async def test_runaway_regexp_applies_on_error(
     gate = await gate_factory(
         f'[rules]\nbody = ["regexp:body.regexp"]\non_error = "{on_error}"\nregexp_timeout = 0.05\n'
     )
-    before = sample("spamgate_check_errors_total", check="body.regexp", kind="timeout")
+    before = metric("spamgate_check_errors_total", check="body.regexp", kind="timeout")
     _, replies = await transaction(gate, body=b"Subject: x\r\n\r\n" + b"a" * 900 + b"!\r\n")
     assert replies[-1].code == code
-    assert sample("spamgate_check_errors_total", check="body.regexp", kind="timeout") == before + 1
+    assert metric("spamgate_check_errors_total", check="body.regexp", kind="timeout") == before + 1
     assert "body.regexp:1: regexp ran longer than" in caplog.text
     assert "Traceback" not in caplog.text
 
@@ -413,7 +414,7 @@ async def test_content_rules_have_every_action(
         "/^hold me$/ HOLD\n",
     )
     gate = await gate_factory('[rules]\nbody = ["regexp:body.regexp"]\n')
-    before = sample(
+    before = metric(
         "spamgate_monitor_verdicts_total", stage="eod", check="body.regexp", action="reject"
     )
     _, replies = await transaction(
@@ -423,7 +424,7 @@ async def test_content_rules_have_every_action(
     head = sink.messages[0].content.split(b"\r\n\r\n")[0]
     assert head.count(b"X-List-Hint: here\r\n") == 1  # one header, however many lines
     assert (
-        sample("spamgate_monitor_verdicts_total", stage="eod", check="body.regexp", action="reject")
+        metric("spamgate_monitor_verdicts_total", stage="eod", check="body.regexp", action="reject")
         == before + 1
     )
     assert "monitor: body.regexp would reject at eod" in caplog.text
