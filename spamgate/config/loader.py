@@ -29,7 +29,7 @@ from .sections import (
     TlsSettings,
     UpstreamSettings,
 )
-from .settings import ConfigError, Located, build_section, parse_hostport
+from .settings import ConfigError, Located, build_section, parse_hostport, unreadable
 
 
 @dataclass(frozen=True)
@@ -311,10 +311,8 @@ def load(path: str | None, sections: Mapping[str, type] | None = None) -> Config
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: no such file"]) from None
     except OSError as exc:
-        raise ConfigError([f"{path}: {exc.strerror}"]) from None
+        raise ConfigError([f"{path}: {unreadable(exc)}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}:1: not UTF-8 text"]) from None
     return loads(text, path, sections)

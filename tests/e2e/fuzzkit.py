@@ -4,8 +4,10 @@ A spamgate, a recording sink and a DNS server run on one event loop in a
 background thread; the fuzzer drives them with blocking sockets, one session per
 example, on one of three listeners: plain SMTP, one that expects a PROXY header,
 and one with STARTTLS and AUTH passthrough. Header and body rules are on (with
-PREPEND rules that copy client text into a header), so the MIME decoder and the
-regexp engine see hostile content too. After each session it checks the
+PREPEND rules that copy client text into a header), and SPF, DKIM, DMARC, links
+(dbl.test lists listed.test) and attachments, so the MIME decoder, the regexp
+engine, the HTML parser and the archive reader see hostile content too (the
+checks that need a daemon have their own tests). After each session it checks the
 promises spamgate makes to the internet:
 
 * every reply is a well-formed SMTP reply;
@@ -138,6 +140,25 @@ errors = 12
 max_sessions = 200
 sessions_per_client = 50
 
+[attachments]
+enabled = true
+action = "score"
+
+[uribl]
+sites = ["dbl.test"]
+symbols = {{ URIBL_T = "multi.test*1" }}
+ip_sites = ["ipbl.test"]
+
+[spf]
+enabled = true
+
+[dkim]
+enabled = true
+
+[dmarc]
+enabled = true
+bad_from = "score"
+
 [rules]
 header = ["regexp:header.regexp"]
 body = ["regexp:body.regexp"]
@@ -235,6 +256,7 @@ class Harness:
         await self.sink.start()
         await self.dns.start()
         self.dns.zone("113.0.203.in-addr.arpa", {k: {"PTR": v} for k, v in HOSTILE_PTR.items()})
+        self.dns.zone("dbl.test", {"listed.test": {"A": "127.0.0.2"}})
         self.dns.zone(
             "good.test",
             {

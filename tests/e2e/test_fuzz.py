@@ -4,7 +4,9 @@ Three kinds of session, each on its own listener of one spamgate (fuzzkit.py):
 plain SMTP from inside or outside mynetworks, sessions behind a PROXY header
 (valid v1/v2, LOCAL, and broken headers), and STARTTLS + AUTH passthrough from
 outside mynetworks. Messages are plain text or generated MIME (multipart, base64
-and quoted-printable, broken and not), read by header and body rules.
+and quoted-printable, broken and not, with links and attachment names), read by
+header and body rules, SPF, DKIM and DMARC, and the content checks that need no
+daemon (links against a list on the test DNS server, attachments).
 
 A short run is part of the normal suite. The long run, with a JSON line of
 figures per kind (sessions, messages accepted, crashes):
@@ -102,7 +104,7 @@ ADDRS = st.sampled_from(
         b"<a@[IPv6:::1]>",
         b"<a\x00b@example.test>",
         b"<a\tb@example.test>",
-        # sender-specified routing and look-alike domains (issue 18)
+        # sender-specified routing and look-alike domains
         b"<x!elsewhere.test@example.test>",
         b'<"x@elsewhere.test"@example.test>',
         b'<"x%elsewhere.test"@bank.test>',
@@ -146,7 +148,7 @@ PARAMS = st.lists(
             b"SIZE=1\tBODY=7BIT",
             b"SIZE=" + b"9" * 300,
             b"\xc3\xbc=1",
-            # Unicode that case mapping or str.isdigit() take for ASCII (issue 18)
+            # Unicode that case mapping or str.isdigit() take for ASCII
             "SIZE=\u0661\u0662".encode(),
             "SIZE=\uff11\uff12".encode(),
             "SIZE=\u00b2".encode(),
@@ -317,6 +319,13 @@ WORDS = st.sampled_from(
         b"=?utf-8?b?eA0KWC1JbmplY3RlZDogeWVz?=",
         b"--b1",
         b".",
+        # links, for [uribl]: listed (dbl.test lists listed.test) and malformed
+        b'<a href="HTTP://Listed&#46;Test/x">',
+        b"www.listed.test/offer",
+        b"https://go.test/r?u=http%3A%2F%2Flisted.test%2F",
+        b'<img src="//[::1]:x/">',
+        b"http://%zz%.test/ mailto:@ https://1.2.3.4.5/ http://0x7f.1/",
+        b"<a href=" + b"<div>" * 50,
     ]
 )
 SUBJECTS = st.sampled_from(
@@ -364,6 +373,10 @@ def text_part(draw) -> bytes:
     if draw(st.booleans()):
         head += b'; name="' + draw(st.sampled_from([b"a.exe", b"x\r\n y.pdf", b""])) + b'"'
     head += b"\r\n"
+    if draw(st.booleans()):  # for [attachments]: names as senders disguise them
+        names = [b'"invoice.pdf.exe"', b"=?utf-8?b?cmVwb3J0LnNjcg==?=", b'"a.zip"', b"x\x00.js"]
+        head += b"Content-Disposition: attachment; filename=" + draw(st.sampled_from(names))
+        head += b"\r\n"
     if encoding in ("base64", "bad-base64"):
         head += b"Content-Transfer-Encoding: base64\r\n"
         body = base64.encodebytes(raw).replace(b"\n", b"\r\n")

@@ -832,7 +832,7 @@ def check_counts(prom: Prometheus, at: float, t: Tally, rounds: int) -> None:
     eod = t.get("eod")[()]
     assert prom.values(f"sum(spamgate_message_size_bytes_count{{{sel}}})", at)[()] == eod
     assert prom.values(f"sum(spamgate_score_count{{{sel}}})", at)[()] == eod
-    # the example, spelled out: seven relay refusals at RCPT show as seven
+    # the example, spelled out: seven relay refusals at RCPT show as seven
     relay = by("spamgate_verdicts_total", "stage, check, action")[("rcpt", "relay", "reject")]
     assert relay == 7 * rounds
 

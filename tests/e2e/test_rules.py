@@ -7,16 +7,12 @@ import logging
 
 import pytest
 
-from spamgate import metrics
 from tests.kit.sink import Sink
 
 from ..conftest import GateFactory
+from ..conftest import sample as metric
 
 BODY = b"Subject: test\r\nFrom: a@example.org\r\n\r\nHello\r\n"
-
-
-def metric(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture
