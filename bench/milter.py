@@ -83,7 +83,7 @@ SOURCES = [f"127.0.0.{n}" for n in range(5, 25)]
 MAX_RUN_MESSAGES, MAX_RUN_SECONDS, MAX_ROUNDS = 20_000, 120.0, 10
 MODES = ("postfix", "spamgate", "rspamd")
 
-# The targets: spamgate's throughput at least rspamd's, and at least 80%
+# The targets: spamgate's throughput at least rspamd's, and at least 80%
 # of Postfix's with no milter.
 RATE_VS_RSPAMD, RATE_VS_POSTFIX = 1.0, 0.80
 
@@ -369,7 +369,7 @@ def table(bench: Bench, loads: tuple[tuple[float, ...], tuple[float, ...]]) -> s
                 values.append(f(by))
         return values
 
-    out.append("ratios, pair by pair within each round (median, range), and the issue's targets:")
+    out.append("ratios, pair by pair within each round (median, range), and the targets:")
     out.append(
         "  spamgate/rspamd msg/s       "
         + fmt_ratio(pairs(lambda b: b["spamgate"].result.rate / b["rspamd"].result.rate), 1.0)
