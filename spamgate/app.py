@@ -41,6 +41,7 @@ from .services import Services
 from .state import StateStore, build_store
 from .tls import server_context, upstream_context
 from .upstream.base import Upstream
+from .upstream.dry import DryUpstream
 from .upstream.maildir import MaildirUpstream
 from .upstream.smtp import SmtpUpstream
 
@@ -190,21 +191,29 @@ class App:
         return sources(config, self.checks)
 
     def driver(
-        self, session: Session, *, observer: Observer | None = None, lookup_name: bool = True
+        self,
+        session: Session,
+        *,
+        observer: Observer | None = None,
+        lookup_name: bool = True,
+        upstream: Upstream | None = None,
+        disposal: Disposal | None = None,
     ) -> SessionDriver:
         """The session driver for a new client session, on the current policy.
 
         The client's verified name is looked up at connect when [dns]
         reverse_lookup says so; a front end that knows it already (a milter: the
         MTA's own lookup) sets it on the client and passes `lookup_name=False`.
+        `upstream` and `disposal` replace the application's for this session (a
+        milter's: Postfix already has the mail, and holds it itself).
         """
         policy = self.runtime.policy
         lookup = lookup_name and policy.config.dns.reverse_lookup
         return SessionDriver(
             policy,
             session,
-            upstream=self.upstream,
-            disposal=self.disposal,
+            upstream=upstream or self.upstream,
+            disposal=disposal or self.disposal,
             background=self.background,
             names=self.services.resolver.verified_name if lookup else None,
             observer=observer or self.observer,
@@ -246,6 +255,9 @@ def build(
             # Go on with the in-process store, whose files were the problem.
             state = build_store(dataclasses.replace(config, state=StateSettings()))
     services = Services(resolver=resolver or DnsResolver(config.dns), state=state)
+    if upstream is None and not config.listeners:
+        # Only the milter: Postfix has the mail, spamgate relays none.
+        upstream = DryUpstream(keep=False)
     if upstream is None:
         try:
             upstream = build_upstream(config)
@@ -313,7 +325,7 @@ class Runtime:
         """This process's share of [limits] max_sessions."""
         return -(-self.policy.config.limits.max_sessions // self.share)
 
-    def admit(self, address: IPAddress, fd: int = -1) -> str | None:
+    def admit(self, address: IPAddress, fd: int = -1, frontend: str = "proxy") -> str | None:
         """Count a new session; the refusal reason if a limit is reached.
 
         `fd` is the client socket's descriptor: accept() returns the lowest free
@@ -331,13 +343,13 @@ class Runtime:
             return "per_client"
         self.active += 1
         self.per_client[address] += 1
-        metrics.SESSIONS_ACTIVE.inc()
+        metrics.child(metrics.SESSIONS_ACTIVE, frontend).inc()
         self._check_stress()
         return None
 
-    def release(self, address: IPAddress) -> None:
+    def release(self, address: IPAddress, frontend: str = "proxy") -> None:
         self.active -= 1
-        metrics.SESSIONS_ACTIVE.dec()
+        metrics.child(metrics.SESSIONS_ACTIVE, frontend).dec()
         self.per_client[address] -= 1
         if self.per_client[address] <= 0:
             del self.per_client[address]

@@ -168,7 +168,7 @@ class Gate:
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.host, self.port = server.addresses[0]
+        self.host, self.port = server.addresses[0] if server.addresses else ("", 0)
 
     async def client(
         self, source: str | None = None, listener: int = 0, greet: bool = True

@@ -88,12 +88,13 @@ class TransactionLog:
             return
         if outcome is None:
             outcome = self._outcome(txn, reply)
-        metrics.child(metrics.TRANSACTIONS, outcome).inc()
+        metrics.child(metrics.TRANSACTIONS, session.frontend, outcome).inc()
         score = self.ledger.scorer.total
         self._notify(txn, outcome, score)
         c = session.client
         to = ",".join(f"<{r.address}>" for r in txn.recipients) or "-"
-        parts = [
+        parts = [f"queue_id={txn.queue_id}"] if txn.queue_id else []
+        parts += [
             f"client={c.display}:{c.port}",
             f"helo={c.helo or '-'}",
             f"from=<{txn.mail_from}>",

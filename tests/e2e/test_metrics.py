@@ -39,6 +39,7 @@ BODY = b"Subject: hello\r\nFrom: a@example.org\r\n\r\nHi\r\n"
 # Label names a metric may carry: closed sets only. Client addresses, mail
 # addresses, domains and HELO names must never become labels.
 CLOSED_LABELS = {
+    "frontend",  # proxy, milter
     "symbol",  # rspamd / SpamAssassin names listed in the config (count_symbols)
     "stage",
     "check",
@@ -198,7 +199,7 @@ def test_metrics_are_defined_in_one_module() -> None:
 def test_known_series_exist_before_any_traffic() -> None:
     text = metrics.REGISTRY and _render(metrics.REGISTRY)
     for outcome in metrics.TRANSACTION_OUTCOMES:
-        assert f'spamgate_transactions_total{{outcome="{outcome}"}}' in text
+        assert f'spamgate_transactions_total{{frontend="proxy",outcome="{outcome}"}}' in text
     for method, results in metrics.AUTH_RESULT_SETS.items():
         for result in results:
             assert f'spamgate_auth_results_total{{method="{method}",result="{result}"}}' in text
@@ -348,8 +349,8 @@ async def test_relay_denial_is_a_rejection_at_rcpt(gate_factory: GateFactory) ->
     assert replies[2].code == 554
     assert counts.verdicts("rcpt", "relay") == 1
     assert counts.delta("spamgate_recipients_total", outcome="relay_denied") == 1
-    assert counts.delta("spamgate_transactions_total", outcome="rejected") == 1
-    assert counts.delta("spamgate_sessions_total") == 1
+    assert counts.delta("spamgate_transactions_total", frontend="proxy", outcome="rejected") == 1
+    assert counts.delta("spamgate_sessions_total", frontend="proxy") == 1
 
 
 async def test_size_limits_are_rejections(gate_factory: GateFactory) -> None:
@@ -366,7 +367,7 @@ async def test_size_limits_are_rejections(gate_factory: GateFactory) -> None:
     await c.close()
     assert counts.verdicts("mail", "limits") == 1
     assert counts.verdicts("eod", "limits") == 1
-    assert counts.delta("spamgate_transactions_total", outcome="rejected") == 1
+    assert counts.delta("spamgate_transactions_total", frontend="proxy", outcome="rejected") == 1
     assert counts.delta("spamgate_protocol_errors_total", kind="message_too_big") == 2
 
 
@@ -392,7 +393,8 @@ async def test_transaction_outcomes(gate_factory: GateFactory, sink: Sink, check
         ("aborted", 1),
         ("rejected", 0),
     ):
-        assert counts.delta("spamgate_transactions_total", outcome=outcome) == n, outcome
+        got = counts.delta("spamgate_transactions_total", frontend="proxy", outcome=outcome)
+        assert got == n, outcome
     assert counts.verdicts("rcpt", "recipient", "discard") == 1
     assert counts.verdicts("rcpt", "recipient", "defer") == 1
     assert counts.delta("spamgate_message_size_bytes_count") == 2
@@ -473,7 +475,7 @@ async def test_monitor_mode_counts_what_would_have_happened(
     assert counts.would("connect", "dnsbl") == 1
     assert counts.would("mail", "spf") == 1
     assert counts.verdicts("rcpt", "recipient") == 0
-    assert counts.delta("spamgate_transactions_total", outcome="accepted") == 1
+    assert counts.delta("spamgate_transactions_total", frontend="proxy", outcome="accepted") == 1
     # WARN in enforce mode is counted the same way, and relay control is never "would"
     gate2 = await gate_factory(checks, checks=scripted.CHECKS)
     counts = Counts()
