@@ -24,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spamgate import metrics
+from spamgate.app import build, loads
 from spamgate.ops import health
 from spamgate.ops.server import StartupError
 from tests.kit.sink import Sink
@@ -196,8 +197,14 @@ def test_metrics_are_defined_in_one_module() -> None:
     assert offenders == []
 
 
-def test_known_series_exist_before_any_traffic() -> None:
-    text = metrics.REGISTRY and _render(metrics.REGISTRY)
+async def test_known_series_exist_before_any_traffic() -> None:
+    """Series known in advance exist at zero: the fixed ones from the start, the
+    core's decisions (relay control, limits, scores) once a configuration loads."""
+    app = build(loads('[server]\nhostname = "gate.test"\n'))
+    try:
+        text = _render(metrics.REGISTRY)
+    finally:
+        await app.aclose()
     for outcome in metrics.TRANSACTION_OUTCOMES:
         assert f'spamgate_transactions_total{{frontend="proxy",outcome="{outcome}"}}' in text
     for method, results in metrics.AUTH_RESULT_SETS.items():
