@@ -70,7 +70,7 @@ SINK_PORT, HARAKA_PORT, DNS = 10026, 2526, "127.0.0.1:5353"
 MAX_RUN_MESSAGES, MAX_RUN_SECONDS, MAX_ROUNDS = 20_000, 120.0, 10
 PIDFILES = {"sink": "sink/smtp-sink.pid", "haraka": "haraka/haraka.pid", "dns": "dns/nsd.pid"}
 
-# The targets.
+# The targets this benchmark was built to check (bench/README.md).
 RATE_VS_HARAKA, RATE_VS_DIRECT, CPU_VS_HARAKA = 2.0, 0.30, 0.5
 IDLE_RSS_MB, IDLE_SHARE, ADDED_P99_MS = 400.0, 0.80, 5.0
 
@@ -422,7 +422,7 @@ def table(bench: Bench, haraka_setting: str, half_rate: float, loads: tuple) -> 
                 values.append(f(by))
         return values
 
-    out.append("ratios, pair by pair within each round (median, range), and the issue's targets:")
+    out.append("ratios, pair by pair within each round (median, range), and the targets:")
     if "haraka" in names:
         out.append(
             "  spamgate/Haraka msg/s       "

@@ -18,7 +18,7 @@ and 95th percentiles. The daemons' own CPU is theirs and not counted here.
 
 Also: link extraction alone on the 50 KB message, and extraction plus lookup
 with the answers in the resolver's cache (the steady state of a busy MX: the
-issue's target is under 5 ms of CPU), and with 0, 10 and 100 links.
+target is under 5 ms of CPU), and with 0, 10 and 100 links.
 """
 
 from __future__ import annotations

@@ -64,9 +64,15 @@ class Script:
     sender: str = "sender@good.test"
     recipient: str = "user@example.test"
     size: int = 2048
+    content: bytes | None = None  # the message as sent (DKIM-signed, say); default: made
+    # Close right after sending QUIT, without waiting for 221: the client's side then
+    # holds the TIME_WAIT. Against a server that closes first after 221 (Postfix),
+    # the generator's connect() may otherwise pick a port whose connection is still
+    # in the server's TIME_WAIT, and that SYN waits out a one-second retransmission.
+    close_first: bool = False
 
     def steps(self) -> list[tuple[int, bytes | None]]:
-        body = message_body(self.size, self.sender, self.recipient)
+        body = self.content or message_body(self.size, self.sender, self.recipient)
         return [
             (220, f"EHLO {self.helo}\r\n".encode()),
             (250, f"MAIL FROM:<{self.sender}>\r\n".encode()),
@@ -111,8 +117,11 @@ class LoadResult:
 class _Session(asyncio.Protocol):
     """One session as a state machine over received reply lines."""
 
-    def __init__(self, steps: list[tuple[int, bytes | None]], done: asyncio.Future) -> None:
+    def __init__(
+        self, steps: list[tuple[int, bytes | None]], done: asyncio.Future, close_first: bool
+    ) -> None:
         self.steps = steps
+        self.close_first = close_first
         self.done = done
         self.step = 0
         self.buffer = b""
@@ -153,6 +162,8 @@ class _Session(asyncio.Protocol):
             return
         assert self.transport is not None
         self.transport.write(send)
+        if self.close_first and self.step == DOT_STEP + 1:
+            self._finish(None)
 
     def _finish(self, error: str | None) -> None:
         if self.transport is not None:
@@ -183,7 +194,9 @@ class Load:
             if not ipaddress.ip_address(address).is_loopback:
                 raise SystemExit(f"loadgen: {address} is not a loopback address; refusing")
         self.host, self.port = host, port
-        self.steps = (script or Script()).steps()
+        script = script or Script()
+        self.steps = script.steps()
+        self.close_first = script.close_first
         self.sources = sources or []
         self.timeout = timeout
         self._next_source = 0
@@ -199,7 +212,11 @@ class Load:
         try:
             async with asyncio.timeout(self.timeout):
                 transport, _ = await connect(
-                    loop, lambda: _Session(self.steps, done), self.host, self.port, local
+                    loop,
+                    lambda: _Session(self.steps, done, self.close_first),
+                    self.host,
+                    self.port,
+                    local,
                 )
                 latency, error = await done
         except (OSError, TimeoutError) as exc:

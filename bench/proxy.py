@@ -1,4 +1,4 @@
-"""Issue 2 benchmark: the core proxy's throughput, latency and idle memory.
+"""The core proxy's throughput, latency and idle memory.
 
 Starts Postfix's smtp-sink (accepts and discards; offers XCLIENT) and `spamgate run`
 as a separate process in front of it, both on free loopback ports; then drives the
@@ -6,11 +6,11 @@ same load (bench/smtpload.py) straight at the sink and through spamgate, at each
 concurrency, and prints one table. Idle memory is the RSS of the spamgate process
 once it listens, before its first connection.
 
-    python -m bench.proxy                      # the issue's figures, about a minute
+    python -m bench.proxy                      # bench/README.md's figures, about a minute
     python -m bench.proxy --quick              # a smoke run, a few seconds
     python -m bench.proxy --profile prof.txt   # also sample spamgate with py-spy
 
-Targets (issue 2): through spamgate at least 40% of the direct rate; idle RSS
+Targets: through spamgate at least 40% of the direct rate; idle RSS
 under 60 MB. The load generator shares the machine with spamgate (2 cores), so the
 direct rate is partly the generator's own ceiling; see bench/README.md.
 """

@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.smtpload import message_body, run_load  # noqa: E402
+from tests.kit.ports import free_port  # noqa: E402
 from tests.kit.redisserver import (  # noqa: E402
     REDIS_CLI,
     REDIS_SENTINEL,
@@ -80,12 +81,6 @@ LIMITS = [
 MODES = ["off", "memory", "redis", "sentinel", "cluster"]
 # What our Lua scripts call inside themselves: commandstats counts those too.
 SCRIPT_INSIDE = {"time", "hgetall", "hdel", "hincrby", "pexpire", "hexists", "get", "set"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:

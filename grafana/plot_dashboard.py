@@ -124,6 +124,7 @@ def plot(
     variables = {
         "job": job,
         "instance": ".+",
+        "frontend": ".+",
         "__rate_interval": rate_interval,
         "__range": f"{max(1, math.ceil(end - start))}s",
     }

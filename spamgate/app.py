@@ -44,6 +44,7 @@ from .services import Services
 from .state import StateStore, build_store
 from .tls import server_context, upstream_context
 from .upstream.base import Upstream
+from .upstream.dry import DryUpstream
 from .upstream.maildir import MaildirUpstream
 from .upstream.smtp import SmtpUpstream
 
@@ -199,13 +200,21 @@ class App:
         return sources(config, self.checks)
 
     def driver(
-        self, session: Session, *, observer: Observer | None = None, lookup_name: bool = True
+        self,
+        session: Session,
+        *,
+        observer: Observer | None = None,
+        lookup_name: bool = True,
+        upstream: Upstream | None = None,
+        disposal: Disposal | None = None,
     ) -> SessionDriver:
         """The session driver for a new client session, on the current policy.
 
         The client's verified name is looked up at connect when [dns]
         reverse_lookup says so; a front end that knows it already (a milter: the
         MTA's own lookup) sets it on the client and passes `lookup_name=False`.
+        `upstream` and `disposal` replace the application's for this session (a
+        milter's: Postfix already has the mail, and holds it itself).
         """
         policy = self.runtime.policy
         lookup = lookup_name and policy.config.dns.reverse_lookup
@@ -216,8 +225,8 @@ class App:
         return SessionDriver(
             policy,
             session,
-            upstream=self.upstream,
-            disposal=self.disposal,
+            upstream=upstream or self.upstream,
+            disposal=disposal or self.disposal,
             background=self.background,
             names=self.services.resolver.verified_name if lookup else None,
             observer=(watching[0] if len(watching) == 1 else Observers(*watching))
@@ -272,6 +281,9 @@ def build(
         problems += recording.problems(config)
         resolver, state = RecordingResolver(resolver), RecordingStore(state)
     services = Services(resolver=resolver, state=state)
+    if upstream is None and not config.listeners:
+        # Only the milter: Postfix has the mail, spamgate relays none.
+        upstream = DryUpstream(keep=False)
     if upstream is None:
         try:
             upstream = build_upstream(config)
@@ -349,7 +361,7 @@ class Runtime:
         """This process's share of [limits] max_sessions."""
         return -(-self.policy.config.limits.max_sessions // self.share)
 
-    def admit(self, address: IPAddress, fd: int = -1) -> str | None:
+    def admit(self, address: IPAddress, fd: int = -1, frontend: str = "proxy") -> str | None:
         """Count a new session; the refusal reason if a limit is reached.
 
         `fd` is the client socket's descriptor: accept() returns the lowest free
@@ -367,13 +379,13 @@ class Runtime:
             return "per_client"
         self.active += 1
         self.per_client[address] += 1
-        metrics.SESSIONS_ACTIVE.inc()
+        metrics.child(metrics.SESSIONS_ACTIVE, frontend).inc()
         self._check_stress()
         return None
 
-    def release(self, address: IPAddress) -> None:
+    def release(self, address: IPAddress, frontend: str = "proxy") -> None:
         self.active -= 1
-        metrics.SESSIONS_ACTIVE.dec()
+        metrics.child(metrics.SESSIONS_ACTIVE, frontend).dec()
         self.per_client[address] -= 1
         if self.per_client[address] <= 0:
             del self.per_client[address]

@@ -1,7 +1,7 @@
 """Every metric spamgate exports, defined in one place.
 
 Names carry the `spamgate_` prefix and their unit; labels come from closed sets only
-(stage, check, action, outcome, result, zone, table, rule, command, kind, reason,
+(frontend, stage, check, action, outcome, result, zone, table, rule, command, kind, reason,
 method, type, cause; nameserver from the configuration) and never from client
 addresses, mail addresses or domains, so the number of series stays bounded
 whatever the traffic. Other modules only call
@@ -148,11 +148,26 @@ STARTTLS_RESULTS = ("TLSv1.2", "TLSv1.3", "failure")
 AUTH_PASSTHROUGH_RESULTS = ("success", "failure", "aborted", "error")
 RELOAD_RESULTS = ("success", "failure")
 
+# The front ends a session comes through: spamgate's own SMTP listener (proxy)
+# or Postfix asking it (milter).
+FRONTENDS = ("proxy", "milter")
+# What went wrong on a milter connection: spamgate answered its fallback (tempfail)
+# because a decision ran past its deadline or failed; the MTA broke the protocol
+# or went silent (the connection is closed).
+MILTER_ERROR_KINDS = ("deadline", "failure", "violation", "timeout")
+
 # -- sessions and transactions ------------------------------------------------------
-SESSIONS = Counter("spamgate_sessions_total", "Client connections accepted.", registry=REGISTRY)
+SESSIONS = Counter(
+    "spamgate_sessions_total",
+    "Client sessions accepted, by front end (proxy: connections to spamgate; milter: "
+    "SMTP sessions Postfix asked about).",
+    ["frontend"],
+    registry=REGISTRY,
+)
 SESSIONS_ACTIVE = Gauge(
     "spamgate_sessions_active",
-    "Client sessions open now.",
+    "Client sessions open now, by front end.",
+    ["frontend"],
     registry=REGISTRY,
     multiprocess_mode="livesum",
 )
@@ -178,8 +193,17 @@ PROTOCOL_ERRORS = Counter(
 )
 TRANSACTIONS = Counter(
     "spamgate_transactions_total",
-    "Mail transactions (MAIL FROM to the end of the message, RSET or QUIT) by outcome.",
-    ["outcome"],
+    "Mail transactions (MAIL FROM to the end of the message, RSET or QUIT) by front end "
+    "and outcome.",
+    ["frontend", "outcome"],
+    registry=REGISTRY,
+)
+MILTER_ERRORS = Counter(
+    "spamgate_milter_errors_total",
+    "Milter connections that went wrong, by kind: deadline and failure (spamgate "
+    "answered tempfail instead of a decision), violation and timeout (the MTA broke "
+    "the protocol or went silent; the connection was closed).",
+    ["kind"],
     registry=REGISTRY,
 )
 RECIPIENTS = Counter(
@@ -579,8 +603,13 @@ def _versions() -> dict[str, str]:
 
 def _precreate() -> None:
     """Create every series whose labels are known before any traffic."""
-    for outcome in TRANSACTION_OUTCOMES:
-        TRANSACTIONS.labels(outcome)
+    for frontend in FRONTENDS:
+        SESSIONS.labels(frontend)
+        SESSIONS_ACTIVE.labels(frontend)
+        for outcome in TRANSACTION_OUTCOMES:
+            TRANSACTIONS.labels(frontend, outcome)
+    for kind in MILTER_ERROR_KINDS:
+        MILTER_ERRORS.labels(kind)
     for outcome in RECIPIENT_OUTCOMES:
         RECIPIENTS.labels(outcome)
     for reason in REFUSED_REASONS:

@@ -106,6 +106,7 @@ class Transaction:
     message: Message | None = None
     results: Results = field(default_factory=Results)
     started: float = field(default_factory=time.monotonic)
+    queue_id: str = ""  # the MTA's, when it tells (a milter's Postfix: the macro i)
 
     @property
     def sender_domain(self) -> str:
@@ -120,10 +121,12 @@ class Transaction:
 
 @dataclass
 class Session:
-    """One client connection."""
+    """One client session: a connection to the proxy, or the SMTP session a milter
+    is told about (`frontend`: "proxy" or "milter", a metrics label)."""
 
     id: str
     client: Client
+    frontend: str = "proxy"
     started: float = field(default_factory=time.monotonic)
     transaction: Transaction | None = None
     results: Results = field(default_factory=Results)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 import trustme
 
+from spamgate import metrics
 from spamgate.app import DEFAULT_CHECKS, build, loads
 from spamgate.ops.server import Server
 from spamgate.pipeline.check import Check
@@ -32,7 +33,7 @@ from tests.kit.redisserver import (
     SentinelSet,
 )
 from tests.kit.sink import Sink
-from tests.kit.smtpclient import RawClient
+from tests.kit.smtpclient import RawClient, Reply
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -56,6 +57,12 @@ def need_binary(path: str, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} ({path}) is missing in CI: .ci/run must install it")
     pytest.skip(f"{what} not installed ({path})")
+
+
+def sample(name: str, **labels: str) -> float:
+    """A metric's value in this process's registry (the in-process spamgates the
+    tests start count there); 0 for a series not created yet."""
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture(scope="session")
@@ -161,13 +168,30 @@ class Gate:
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.host, self.port = server.addresses[0]
+        self.host, self.port = server.addresses[0] if server.addresses else ("", 0)
 
     async def client(
         self, source: str | None = None, listener: int = 0, greet: bool = True
     ) -> tuple[RawClient, object]:
         host, port = self.server.addresses[listener]
         return await RawClient.connect(port, host, source=source, greet=greet)
+
+    async def send(
+        self,
+        body: bytes,
+        *,
+        sender: str = "a@example.org",
+        rcpts: Sequence[str] = ("u@example.test",),
+        source: str | None = "127.0.0.2",
+        helo: str = "client.example.test",
+    ) -> list[Reply]:
+        """One session, one transaction, from `source` (by default a client outside
+        the test mynetworks); every reply after the greeting, the final dot's last."""
+        c, _ = await self.client(source=source)
+        try:
+            return await c.mail(sender, list(rcpts), body, helo=helo)
+        finally:
+            await c.close()
 
     async def stop(self) -> None:
         await self.server.stop(grace=0.5)

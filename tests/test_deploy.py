@@ -139,3 +139,51 @@ def test_postfix_lines_parse_as_shipped(tmp_path) -> None:
     )
     set_here = [line for line in r.stdout.splitlines() if not line.startswith("config_directory")]
     assert set_here == []
+
+
+def test_milter_example_config_is_valid(tmp_path) -> None:
+    etc = tmp_path / "spamgate"
+    etc.mkdir()
+    shutil.copy(DEPLOY / "spamgate-milter.toml", etc / "spamgate.toml")
+    shutil.copytree(ROOT / "rules", etc / "rules", ignore=shutil.ignore_patterns("*.toml"))
+    r = subprocess.run(
+        [sys.executable, "-m", "spamgate", "check", "-c", str(etc / "spamgate.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    cfg = loads((etc / "spamgate.toml").read_text(), str(etc / "spamgate.toml"))
+    assert cfg.listeners == ()  # Postfix keeps port 25
+    assert cfg.milter.listen == ["inet:127.0.0.1:11332"]
+    assert cfg.server.mode == "monitor" and cfg.smtp.delay_reject
+    # spamgate's deadlines are Postfix's timeouts as shipped in milter.cf
+    main = dict(
+        line.split(" = ", 1)
+        for line in (DEPLOY / "postfix" / "milter.cf").read_text().splitlines()
+        if " = " in line and not line.startswith("#")
+    )
+    assert main["smtpd_milters"] == cfg.milter.listen[0]
+    assert f"{cfg.milter.command_timeout:g}s" == main["milter_command_timeout"]
+    assert f"{cfg.milter.content_timeout:g}s" == main["milter_content_timeout"]
+    assert main["milter_default_action"] == "tempfail"
+
+
+def test_milter_lines_parse_as_shipped(tmp_path) -> None:
+    need_binary(POSTCONF, "Postfix (postconf)")
+    (tmp_path / "main.cf").write_text((DEPLOY / "postfix" / "milter.cf").read_text())
+    (tmp_path / "master.cf").write_text("")
+    r = subprocess.run(
+        [POSTCONF, "-c", str(tmp_path), "-n"], capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    set_here = [line for line in r.stdout.splitlines() if not line.startswith("config_directory")]
+    assert set_here == [
+        "milter_command_timeout = 30s",
+        "milter_connect_timeout = 30s",
+        "milter_content_timeout = 300s",
+        "milter_default_action = tempfail",
+        "milter_protocol = 6",
+        "smtpd_milters = inet:127.0.0.1:11332",
+    ]

@@ -108,3 +108,71 @@ def test_readme_names_every_package_ci_installs() -> None:
     # python3-venv is in the set-up text above the commands, not in this list.
     assert packages - {"python3-venv"} == named, paragraph
     assert "install python3-venv" in readme
+
+
+# A path to a module or script: "spamgate/ops/server.py", "tests/kit/postfix.py",
+# or as the documents also write them, from the package ("flow/driver.py") or the
+# module's own folder ("engines/clamd.py"); "::test_name" may follow.
+PY_PATH = re.compile(r"(?<![\w./-])((?:[\w-]+/)+[\w-]+\.py)(?:::(\w+))?")
+# Any file or folder of ours a Markdown document names, in backticks.
+TOP = "spamgate|tests|bench|docs|deploy|grafana|rules"
+BACKTICKED = re.compile(rf"`((?:{TOP})/[^`\s:*]*)`")
+
+
+def test_every_file_a_document_names_exists() -> None:
+    """The renovation moved most files: every path the documents, .ci/run, the
+    shipped files and the modules' docstrings and comments name is there, and
+    every test they cite (`tests/e2e/test_tls.py::test_name`) is in it."""
+    markdown = [ROOT / "README.md", ROOT / "bench" / "README.md", *(ROOT / "docs").glob("*.md")]
+    texts = [
+        *markdown,
+        ROOT / ".ci" / "run",
+        *(p for p in (ROOT / "deploy").rglob("*") if p.is_file()),
+        *(p for d in ("spamgate", "bench", "tests") for p in (ROOT / d).rglob("*.py")),
+    ]
+    texts.remove(pathlib.Path(__file__))  # its own examples
+    missing, named = [], 0
+    for path in texts:
+        bases = [ROOT, ROOT / "spamgate", path.parent, path.parent.parent]
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{n}"
+            for m in PY_PATH.finditer(line):
+                named += 1
+                name, test = m.groups()
+                found = [b / name for b in bases if (b / name).is_file()]
+                if not found:
+                    missing.append(f"{where}: {name}")
+                elif test and not re.search(rf"def {test}\b", found[0].read_text()):
+                    missing.append(f"{where}: {name}::{test}")
+            if path in markdown:
+                for m in BACKTICKED.finditer(line):
+                    name = m.group(1)
+                    named += 1
+                    # modules are PY_PATH's; a Maildir is made where spamgate runs
+                    if name.endswith(".py") or "maildir" in name:
+                        continue
+                    if not (ROOT / name).exists():
+                        missing.append(f"{where}: {name}")
+    assert named > 100  # the patterns still find what the documents write
+    assert not missing, "\n".join(missing)
+
+
+def test_no_document_sends_the_reader_to_an_issue() -> None:
+    """Readers have the repository, not its issue tracker: a heading or docstring
+    says what a benchmark measures or what a test proves, never "issue 15"."""
+    texts = [
+        ROOT / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "bench").iterdir(),
+        *(p for p in (ROOT / "deploy").rglob("*") if p.is_file()),
+        *(ROOT / "spamgate").rglob("*.py"),
+    ]
+    cited = re.compile(r"\bissues? ?#?\d+", re.IGNORECASE)
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in texts
+        if path.is_file() and path.suffix in (".md", ".py", ".toml", ".cf", ".service")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if cited.search(line)
+    ]
+    assert not found, "\n".join(found)

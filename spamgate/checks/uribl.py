@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from ..config.settings import ConfigError, positive, setting
+from ..config.settings import ConfigError, display_path, positive, setting, unreadable
 from ..message import Message
 from ..model import Stage
 from ..pipeline.check import Check, CheckContext
@@ -208,12 +208,17 @@ class UriblResult:
         return out
 
 
-def _read_allow_file(path: str) -> list[str]:
+def _read_allow_file(config: Config, configured: str) -> list[str]:
+    """The domains of `[uribl] allow_file`; a file that cannot be read is reported
+    at that line of the configuration, a bad line at its own line of the file."""
+    shown = display_path(config.resolve_path(configured))
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(config.resolve_path(configured), encoding="utf-8") as fh:
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: {getattr(exc, 'strerror', None) or exc}"]) from None
+        why = unreadable(exc) if isinstance(exc, OSError) else "not UTF-8 text"
+        text = f"[uribl] allow_file: {shown}: {why}"
+        raise ConfigError([config.where().at("uribl", "allow_file", text)]) from None
     out, problems = [], []
     for n, line in enumerate(lines, 1):
         item = line.split("#", 1)[0].strip()
@@ -221,7 +226,7 @@ def _read_allow_file(path: str) -> list[str]:
             continue
         name = ascii_domain(item.lstrip("."), lenient=True)
         if name is None:
-            problems.append(f'{path}:{n}: "{item}" is not a domain')
+            problems.append(f'{shown}:{n}: "{item}" is not a domain')
         else:
             out.append(name)
     if problems:
@@ -264,7 +269,7 @@ class UriblCheck(Check):
             return []
         allow = [a.lstrip(".") for a in (*s.allow, *config.server.relay_domains)]
         if s.allow_file:
-            allow += _read_allow_file(config.resolve_path(s.allow_file))
+            allow += _read_allow_file(config, s.allow_file)
         names = frozenset(n for a in allow if (n := ascii_domain(a, lenient=True)) is not None)
         return [cls(s, domains, addresses, names, services.resolver)]
 

@@ -26,12 +26,15 @@ from .sections import (
     Listener,
     ListenerSettings,
     MetricsSettings,
+    MilterAddress,
+    MilterSettings,
     ScoringSettings,
     ServerSettings,
     SmtpSettings,
     StateSettings,
     TlsSettings,
     UpstreamSettings,
+    parse_milter_address,
 )
 from .settings import ConfigError
 
@@ -48,6 +51,8 @@ __all__ = [
     "Listener",
     "ListenerSettings",
     "MetricsSettings",
+    "MilterAddress",
+    "MilterSettings",
     "ScoringSettings",
     "ServerSettings",
     "SmtpSettings",
@@ -58,4 +63,5 @@ __all__ = [
     "hostname_problem",
     "load",
     "loads",
+    "parse_milter_address",
 ]

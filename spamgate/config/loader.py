@@ -21,6 +21,7 @@ from .sections import (
     Listener,
     ListenerSettings,
     MetricsSettings,
+    MilterSettings,
     ScoringSettings,
     ServerSettings,
     SmtpSettings,
@@ -28,7 +29,7 @@ from .sections import (
     TlsSettings,
     UpstreamSettings,
 )
-from .settings import ConfigError, Located, build_section, parse_hostport
+from .settings import ConfigError, Located, build_section, parse_hostport, unreadable
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Config:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    milter: MilterSettings = field(default_factory=MilterSettings)
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
     state: StateSettings = field(default_factory=StateSettings)
     sections: dict[str, Any] = field(default_factory=dict)
@@ -113,13 +115,18 @@ def loads(text: str, path: str = "<config>", sections: Mapping[str, type] | None
     server: ServerSettings = built["server"]
     if server.workers == 0:
         server = dataclasses.replace(server, workers=cores_for_workers())
-    # With [[listener]] tables, the default `listen` would add a surprise listener.
+    milter: MilterSettings = built["milter"]
+    # With [[listener]] tables or a milter, the default `listen` would add a
+    # surprise listener: the proxy listens where it is told to, or not at all.
     explicit_listen = "listen" in raw.get("server", {})
+    default_listen = not listener_tables and not milter.enabled
     listeners = _resolve_listeners(
-        server, server.listen if explicit_listen or not listener_tables else [], listener_tables
+        server, server.listen if explicit_listen or default_listen else [], listener_tables
     )
     positions = [-1] * (len(listeners) - len(listener_tables)) + [n for n, _ in listener_tables]
-    problems += _listener_problems(listeners, positions, built["tls"], built["upstream"], where)
+    problems += _listener_problems(
+        listeners, positions, built["tls"], built["upstream"], where, milter.enabled
+    )
     base_dir = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
     config = Config(
         path=path if path != "<config>" else None,
@@ -132,6 +139,7 @@ def loads(text: str, path: str = "<config>", sections: Mapping[str, type] | None
         smtp=built["smtp"],
         dns=built["dns"],
         metrics=built["metrics"],
+        milter=milter,
         scoring=built["scoring"],
         state=built["state"],
         sections={k: v for k, v in built.items() if k not in CORE_SECTIONS},
@@ -227,11 +235,14 @@ def _listener_problems(
     tls: TlsSettings,
     upstream: UpstreamSettings,
     where: Located,
+    milter: bool = False,
 ) -> list[str]:
     """Combinations that would refuse every client, or cannot work at all."""
     problems: list[str] = []
-    if not listeners:
-        problems.append(where.at("server", "listen", "no listener: set [server] listen"))
+    if not listeners and not milter:
+        problems.append(
+            where.at("server", "listen", "no listener: set [server] listen or [milter] listen")
+        )
     seen: set[tuple[str, int]] = set()
     for index, lst in enumerate(listeners):
         key = parse_hostport(lst.address)
@@ -300,10 +311,8 @@ def load(path: str | None, sections: Mapping[str, type] | None = None) -> Config
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: no such file"]) from None
     except OSError as exc:
-        raise ConfigError([f"{path}: {exc.strerror}"]) from None
+        raise ConfigError([f"{path}: {unreadable(exc)}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}:1: not UTF-8 text"]) from None
     return loads(text, path, sections)

@@ -7,7 +7,9 @@ in step with them. The checks' own sections live with each check (`Check.section
 
 from __future__ import annotations
 
+import grp
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -479,6 +481,105 @@ class StateSettings:
 
 
 @dataclass(frozen=True)
+class MilterAddress:
+    """One milter listener: TCP (`host`, `port`) or a unix socket (`path`)."""
+
+    text: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def unix(self) -> bool:
+        return bool(self.path)
+
+
+def parse_milter_address(text: str) -> MilterAddress:
+    """A milter listener as Postfix names one in smtpd_milters: "inet:host:port"
+    (an IP address, "[v6]" for IPv6) or "unix:/absolute/path". ValueError with a
+    readable text."""
+    kind, sep, rest = text.partition(":")
+    if sep and kind == "unix":
+        if not rest.startswith("/"):
+            raise ValueError(f'"{text}": the socket path must be absolute ("unix:/run/...")')
+        return MilterAddress(text, path=rest)
+    if sep and kind == "inet":
+        host, port = parse_hostport(rest)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f'"{text}": the host must be an IP address') from None
+        return MilterAddress(text, host=host, port=port)
+    raise ValueError(f'"{text}" is not "inet:host:port" or "unix:/path"')
+
+
+def _milter_addresses(value: list[str]) -> str | None:
+    seen: set[str] = set()
+    for item in value:
+        try:
+            parse_milter_address(item)
+        except ValueError as exc:
+            return str(exc)
+        if item in seen and not item.endswith(":0"):
+            return f'"{item}" is listed twice'
+        seen.add(item)
+    return None
+
+
+def _group(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        return f'no group "{value}" on this machine'
+    return None
+
+
+def _mode(value: str) -> str | None:
+    if re.fullmatch(r"0?[0-7]{3}", value):
+        return None
+    return f'"{value}" is not an octal file mode such as "0660"'
+
+
+@dataclass(frozen=True)
+class MilterSettings:
+    """The milter front end: Postfix keeps port 25 and asks spamgate (docs/milter.md)."""
+
+    listen: list[str] = setting(
+        [],
+        'Milter sockets: "inet:127.0.0.1:11332" or "unix:/run/spamgate/milter.sock" '
+        "(Postfix: smtpd_milters); empty: no milter.",
+        check=_milter_addresses,
+    )
+    socket_mode: str = setting(
+        "0660", "File mode of unix sockets (Postfix's smtpd must be able to connect).", check=_mode
+    )
+    socket_group: str = setting(
+        "",
+        'Group of unix sockets, e.g. "postfix" (spamgate must be a member, or started as '
+        "root); empty: spamgate's own group.",
+        check=_group,
+    )
+    command_timeout: float = setting(
+        30.0,
+        "Postfix's milter_command_timeout (connect to DATA): spamgate answers within it, "
+        "tempfail if its checks are still running.",
+        check=positive,
+    )
+    content_timeout: float = setting(
+        300.0,
+        "Postfix's milter_content_timeout (header to end of message): spamgate answers "
+        "within it, tempfail if its checks are still running.",
+        check=positive,
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen)
+
+
+@dataclass(frozen=True)
 class ScoringSettings:
     reject: float = setting(15.0, "Total score at or above which mail is refused (550 5.7.1).")
     tempfail: float = setting(0.0, "Score at or above which mail is deferred (451); 0: off.")
@@ -501,6 +602,7 @@ CORE_SECTIONS: dict[str, type] = {
     "smtp": SmtpSettings,
     "dns": DnsSettings,
     "metrics": MetricsSettings,
+    "milter": MilterSettings,
     "scoring": ScoringSettings,
     "state": StateSettings,
 }

@@ -103,6 +103,18 @@ def display_path(path: str) -> str:
     return relative if len(relative) < len(absolute) else absolute
 
 
+def unreadable(exc: OSError) -> str:
+    """Why a file named in the configuration could not be opened, in the words
+    every such error uses ("rules/client.cidr: no such file")."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory, not a file"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return exc.strerror or str(exc)
+
+
 _HEADER = re.compile(r"^\[\[?(?P<name>[^\]]*)\]\]?\s*(?:#.*)?$")
 _KEY_PART = re.compile(
     r"""\s*(?:"(?P<basic>(?:[^"\\]|\\.)*)"|'(?P<literal>[^']*)'|(?P<bare>[A-Za-z0-9_-]+))\s*"""

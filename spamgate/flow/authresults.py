@@ -122,7 +122,7 @@ def claims(value: str, authserv_id: str) -> bool:
     one that `authserv_id` wrote.
 
     Not only the RFC 8601 reading counts: the field is removed if any of the ways
-    other software reads a value names us (issue 18). A domain comparison ignores
+    other software reads a value names us (found by probing). A domain comparison ignores
     a root dot ("gate.test."); Postfix cuts a field at a NUL and C parsers stop a
     token at any character a token cannot hold, so the id is also read up to the
     first one ("gate.test\\0...", "gate.test/x"); a pipeline may strip control

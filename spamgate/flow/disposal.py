@@ -3,8 +3,8 @@
 The client is told 250 either way, so what happens to the message must be as sure
 as a relay: DISCARD drops it (logged), HOLD hands it to the quarantine, and only
 its 250 makes the client's 250. The service is the front end's to choose: the
-proxy's keeps held mail in a Maildir (`[server] quarantine`); a milter's would
-have the MTA put it in its own hold queue instead.
+proxy's keeps held mail in a Maildir (`[server] quarantine`); the milter's
+(`MtaHold`) has the MTA put it in its own hold queue instead.
 """
 
 from __future__ import annotations
@@ -29,6 +29,17 @@ class Disposal(abc.ABC):
     @abc.abstractmethod
     async def hold(self, session: Session, txn: Transaction, content: Outgoing) -> Reply:
         """Keep the message (as it would have been relayed) out of the mail flow."""
+
+
+HELD = Reply(250, "2.0.0", ("Ok: held",))
+
+
+class MtaHold(Disposal):
+    """HOLD left to the MTA: a milter's Postfix puts the message in its own hold
+    queue (SMFIR_QUARANTINE) when the front end says so; nothing is written here."""
+
+    async def hold(self, session: Session, txn: Transaction, content: Outgoing) -> Reply:
+        return HELD
 
 
 class Quarantine(Disposal):

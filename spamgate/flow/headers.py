@@ -3,9 +3,10 @@
 Gains, in this order, on top of the message: Authentication-Results first, as RFC
 8601 §5 asks (above what it reports on), then what rules prepended (PREPEND) at
 connect and HELO, then the transaction's (including the X-Spam fields of the
-score tag), then, for a client that used TLS, a Received field of ours saying so
-(XCLIENT cannot tell Postfix). Loses: any Authentication-Results field that
-arrived claiming our authserv-id (RFC 8601 §5), named by its name and its place
+score tag), then, for a client that used TLS through the proxy, a Received field
+of ours saying so (XCLIENT cannot tell Postfix; a milter's Postfix knows). Loses:
+any Authentication-Results field that arrived claiming our authserv-id (RFC 8601
+§5), named by its name and its place
 among the fields of that name, so a front end that cannot rewrite bytes (a milter)
 can remove it too.
 """
@@ -30,7 +31,8 @@ class HeaderBuilder:
         """The fields to add, top first, for the session's current transaction."""
         ar = authresults.build(self.hostname, session, session.transaction)
         headers = [(authresults.NAME, ar), *ledger.headers, *ledger.txn_headers]
-        trace = self.received(session)
+        # Only the proxy: a milter's Postfix saw the TLS itself, and says so.
+        trace = self.received(session) if session.frontend == "proxy" else None
         if trace is not None:
             headers.append(trace)
         return headers

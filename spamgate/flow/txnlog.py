@@ -88,7 +88,7 @@ class TransactionLog:
             return
         if outcome is None:
             outcome = self._outcome(txn, reply)
-        metrics.child(metrics.TRANSACTIONS, outcome).inc()
+        metrics.child(metrics.TRANSACTIONS, session.frontend, outcome).inc()
         score = self.ledger.scorer.total
         self._notify(txn, outcome, score)
         if self.log.isEnabledFor(logging.INFO):
@@ -110,7 +110,8 @@ class TransactionLog:
     ) -> None:
         c = self.session.client
         to = ",".join(f"<{r.address}>" for r in txn.recipients) or "-"
-        parts = [
+        parts = [f"queue_id={txn.queue_id}"] if txn.queue_id else []
+        parts += [
             f"client={c.display}:{c.port}",
             f"helo={c.helo or '-'}",
             f"from=<{txn.mail_from}>",

@@ -124,6 +124,9 @@ class MilterConnection:
         out: list[Output] = []
         for event in events:
             if self.ended:
+                # Only bytes after SMFIC_QUIT come after the end: say so.
+                if isinstance(event, ProtocolViolation) and out and out[-1] == End():
+                    out[-1] = End(event)
                 break
             result = self._one(event)
             if result is not None:

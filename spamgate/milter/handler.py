@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .codec import Connect, Continue, Decision, Edit, Header, Helo, Mail, Rcpt, Unknown
+from .negotiate import Negotiated
 
 Macros = Mapping[str, str]
 
@@ -79,8 +80,16 @@ class MilterHandler(abc.ABC):
         client). Postfix also sends one after a finished message: be idempotent."""
 
     @abc.abstractmethod
-    async def close(self) -> None:
-        """The SMTP session is over (quit, connection lost, or a protocol error)."""
+    async def close(self, reason: str) -> None:
+        """The SMTP session is over: `reason` says how ("quit"; "disconnected": the
+        MTA closed without SMFIC_QUIT, as Postfix does after a connect-stage verdict;
+        "protocol error", "timeout", "connection lost", "shutdown")."""
+
+    def negotiated(self, negotiated: Negotiated) -> None:  # noqa: B027 - optional hook
+        """Called once, before the first event: what the MTA agreed to. An event it
+        sends without waiting for an answer (`negotiated.replies_to(command)` is
+        False) must be answered with Continue; a refusal found there is the
+        handler's to give at a later event that takes an answer."""
 
     async def unknown(self, event: Unknown, macros: Macros) -> Decision:
         """An SMTP command the MTA did not know (only if `Needs.events` asks for it)."""

@@ -14,7 +14,8 @@ What spamgate asks for (`Needs`, all of it configurable):
   (SMFIP_NR_*), but then it sends several events without reading, and over TCP its
   small writes wait for delayed ACKs (Nagle): 48 ms per session against 4.6 ms
   (bench/milter_noreply.py). A reply costs 5 bytes and carries the ACK.
-  `Needs.no_reply` turns it off per event;
+  `Needs.no_reply` turns it off per event: spamgate does over unix sockets, where
+  there is no Nagle (`MilterServer(unix_needs=...)`, ops/server.UNIX_NEEDS);
 * SMFIP_HDR_LEADSPC, so header values arrive byte for byte (with the space after the
   colon) as DKIM must see them, and fields we add keep the spacing we give them;
 * the actions spamgate takes: add and insert header fields, change (delete) them,

@@ -31,6 +31,11 @@ def cannot_listen(item: str, exc: OSError) -> StartupError:
     """What to tell the admin when binding `item` failed, in one line."""
     if exc.errno == errno.EADDRINUSE:
         return StartupError(f"cannot listen on {item}: address already in use")
+    if exc.errno == errno.EACCES and item.startswith("unix:"):
+        return StartupError(
+            f"cannot listen on {item}: permission denied (the socket's directory must "
+            "be writable by the service user)"
+        )
     if exc.errno == errno.EACCES:
         return StartupError(
             f"cannot listen on {item}: permission denied (ports below 1024 need "

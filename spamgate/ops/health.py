@@ -52,14 +52,14 @@ class UpstreamProbe:
 class Health:
     """The status callables of one process, safe to call from any thread.
 
-    `listening` gives the addresses served now (none: not listening); `probe`
+    `listening` gives the addresses served now, proxy and milter (none: not listening); `probe`
     asks the upstream (`Upstream.probe`), `upstream` names it for the answer.
     """
 
     def __init__(
         self,
         runtime: Runtime,
-        listening: Callable[[], list[tuple[str, int]]],
+        listening: Callable[[], list[str]],
         probe: Callable[[], Awaitable[bool]],
         upstream: str,
         loop: asyncio.AbstractEventLoop,
@@ -93,7 +93,7 @@ class Health:
         addresses = self.listening()
         listening = bool(addresses) and not rt.closing
         if listening:
-            lines.append("listening: " + ", ".join(f"{h}:{p}" for h, p in addresses))
+            lines.append("listening: " + ", ".join(addresses))
         else:
             lines.append("listening: no" + (" (shutting down)" if rt.closing else ""))
         policy = rt.policy

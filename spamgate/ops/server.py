@@ -1,5 +1,8 @@
 """Listeners, reload and graceful shutdown for one process.
 
+The front ends: the SMTP proxy's listeners (`[server] listen`, `[[listener]]`)
+and the milter's sockets (`[milter] listen`), either or both, on one application.
+
 SIGHUP reloads, and so does a change to the config file or any rule file (polled
 every `reload_interval` seconds; a change is acted on once the file has stopped
 changing for one interval, so a half-written file is not loaded). The new
@@ -7,13 +10,16 @@ configuration and every rule table are built and validated before anything
 changes; a broken file keeps the running policy, logs each problem as
 `file:line: message` and clears the reload-success gauge. SIGTERM stops
 accepting, lets sessions finish their transaction within `shutdown_grace`, then
-says 421 to the rest.
+says 421 to the rest (a milter connection still open then is closed: Postfix
+applies its milter_default_action to the rest of that session).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import grp
 import logging
 import os
 import signal
@@ -23,8 +29,12 @@ from collections.abc import Callable, Iterable
 
 from .. import metrics
 from ..app import App
-from ..config import Config, Listener
+from ..config import Config, Listener, MilterSettings, parse_milter_address
 from ..config.settings import ConfigError, parse_hostport
+from ..milter.frontend import MilterGate
+from ..milter.negotiate import Needs
+from ..milter.protocol import Command
+from ..milter.server import Limits, MilterServer
 from ..reply import Reply
 from ..services import Services
 from ..smtp.protocol import SMTPSession
@@ -40,6 +50,54 @@ log = logging.getLogger("spamgate")
 
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+# Over a unix socket (no Nagle, no delayed ACKs: bench/milter_noreply.py) Postfix
+# need not wait on the events where spamgate's refusal can wait (SMFIP_NR_*):
+# connect, HELO and MAIL (their refusals are given at RCPT, as delayed rejection
+# gives them), each header field and body chunk (given at the end of the header or
+# of the message; milter/frontend.py). Two round trips in three go, and Postfix
+# talks to the client while spamgate's connect-time lookups run. Over TCP every
+# event is answered.
+UNIX_NEEDS = Needs(
+    no_reply=frozenset({Command.CONNECT, Command.HELO, Command.MAIL, Command.HEADER, Command.BODY})
+)
+
+
+def milter_limits(settings: MilterSettings) -> Limits:
+    return Limits.for_postfix(settings.command_timeout, settings.content_timeout)
+
+
+def socket_gid(settings: MilterSettings) -> int:
+    """The group id for unix sockets (-1: leave the process's own)."""
+    if not settings.socket_group:
+        return -1
+    try:
+        return grp.getgrnam(settings.socket_group).gr_gid
+    except KeyError:
+        raise StartupError(f'[milter] socket_group: no group "{settings.socket_group}"') from None
+
+
+def check_unix_free(path: str) -> None:
+    """Refuse a socket path another process serves (a second spamgate, a running
+    rspamd): replacing it would silently steal its connections. A stale file
+    nobody answers on is replaced."""
+    if not os.path.exists(path):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return
+    raise OSError(errno.EADDRINUSE, "Address already in use")
+
+
+def remove_unix_sockets(milter: MilterServer) -> None:
+    for address in milter.addresses:
+        if isinstance(address, str):
+            with contextlib.suppress(OSError):
+                os.unlink(address)
 
 
 # What a file looked like when last loaded: (mtime_ns, size, inode), None if missing.
@@ -64,17 +122,21 @@ class Server:
         app: App,
         *,
         sockets: list[socket.socket] | None = None,
+        milter_sockets: list[socket.socket] | None = None,
         exporter: bool = True,
     ) -> None:
         """Serve `app` (built by `app.build`, which says how many workers share the
-        limits). `sockets`: one bound, listening socket per listener (a worker's,
-        from the supervisor); None binds them here. `exporter`: serve [metrics]
-        listen here (False in workers: the supervisor serves the sum)."""
+        limits). `sockets`: one bound, listening socket per listener, and
+        `milter_sockets` per `[milter] listen` address (a worker's, from the
+        supervisor); None binds them here. `exporter`: serve [metrics] listen here
+        (False in workers: the supervisor serves the sum)."""
         self.app = app
         self.config = config = app.config
         watched = file_state(app.sources(config))
         self.runtime = app.runtime
         self._sockets = sockets
+        self._milter_sockets = milter_sockets
+        self.milter: MilterServer | None = None
         self._serve_metrics = exporter
         self.servers: list[asyncio.base_events.Server] = []
         self.listeners: list[Listener] = []
@@ -122,6 +184,12 @@ class Server:
             for sock in server.sockets:
                 name = sock.getsockname()
                 self.addresses.append((name[0], name[1]))
+        if self.config.milter.enabled:
+            try:
+                await self._start_milter(self.config.milter)
+            except StartupError:
+                await self.close_listeners()
+                raise
         self._fd_reserve = FdReserve(self._out_of_fds_reply)
         self._fd_reserve.install(loop, [s for srv in self.servers for s in srv.sockets])
         metrics.RELOAD_OK.set(1)
@@ -129,24 +197,71 @@ class Server:
             self._start_exporter(self.config.metrics.listen)
         if self.config.path and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(self.config.path))
-        log.info(
-            "spamgate listening on %s, upstream %s, mode %s, loop %s",
-            ", ".join(f"{h}:{p}" for h, p in self.addresses),
-            self.config.upstream.address,
-            self.config.server.mode,
-            loop_name(loop),
-        )
+        if self.addresses:
+            log.info(
+                "spamgate listening on %s, upstream %s, mode %s, loop %s",
+                ", ".join(f"{h}:{p}" for h, p in self.addresses),
+                self.config.upstream.address,
+                self.config.server.mode,
+                loop_name(loop),
+            )
+        if self.milter is not None:
+            log.info(
+                "spamgate milter listening on %s, mode %s, loop %s",
+                ", ".join(self.milter_addresses),
+                self.config.server.mode,
+                loop_name(loop),
+            )
         log.info("state store: %s", self.app.services.state.describe())
         for warning in state_warnings(self.config):
             log.warning("%s", warning)
         with contextlib.suppress(StoreUnavailable):  # logged; serving goes on regardless
             await self.app.services.state.ping()
 
+    async def _start_milter(self, settings: MilterSettings) -> None:
+        """Listen on every `[milter] listen` address (or serve the sockets given)."""
+        milter = MilterServer(
+            MilterGate(self.app), limits=milter_limits(settings), unix_needs=UNIX_NEEDS
+        )
+        self.milter = milter
+        if self._milter_sockets is not None:
+            for sock in self._milter_sockets:
+                await milter.listen_socket(sock)
+            return
+        for text in settings.listen:
+            try:
+                address = parse_milter_address(text)
+                if address.unix:
+                    check_unix_free(address.path)
+                    await milter.listen_unix(
+                        address.path, int(settings.socket_mode, 8), socket_gid(settings)
+                    )
+                else:
+                    await milter.listen_tcp(address.host, address.port)
+            except OSError as exc:
+                await milter.close(grace=0)
+                self.milter = None
+                raise cannot_listen(text, exc) from None
+
+    @property
+    def milter_addresses(self) -> list[str]:
+        """The milter's addresses as Postfix's smtpd_milters names them."""
+        if self.milter is None:
+            return []
+        return [
+            f"unix:{a}" if isinstance(a, str) else f"inet:{a[0]}:{a[1]}"
+            for a in self.milter.addresses
+        ]
+
+    def _listening(self) -> list[str]:
+        proxy = [f"{h}:{p}" for h, p in self.addresses] if self.servers else []
+        return proxy + self.milter_addresses
+
     def _start_exporter(self, listen: str) -> None:
         host, port = parse_hostport(listen)
         self.health = Health(
             self.runtime,
-            lambda: self.addresses if self.servers else [],
+            self._listening,
             self.app.upstream.probe,
             self.config.upstream.address,
             asyncio.get_running_loop(),
@@ -196,6 +311,7 @@ class Server:
             if config.state != self.config.state:
                 log.warning("reload: [state] changes take effect only after a restart")
             self._update_listeners(config)
+            self._update_milter(config.milter)
             self._watched = seen
             self.runtime.reload_problems = []
             self.runtime.swap(policy)
@@ -222,6 +338,13 @@ class Server:
         for lst in unmatched:
             log.warning("reload: not listening on %s: listeners change on restart", lst.address)
 
+    def _update_milter(self, settings: MilterSettings) -> None:
+        """New deadlines apply to new milter connections; sockets change on restart."""
+        if settings.listen != self.config.milter.listen:
+            log.warning("reload: [milter] listen changes take effect at the next restart")
+        if self.milter is not None:
+            self.milter.limits = milter_limits(settings)
+
     async def _watch(self, path: str) -> None:
         """Reload when a watched file changed and then stayed the same for one interval."""
         settling: FileState | None = None
@@ -247,6 +370,8 @@ class Server:
         for server in self.servers:
             server.close()
         self.servers.clear()
+        if self.milter is not None:
+            self.milter.stop_listening()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting; let sessions finish within `grace`; 421 to the rest."""
@@ -262,10 +387,15 @@ class Server:
         await self.close_listeners()
         log.info("shutting down: %d sessions open, grace %.0fs", len(rt.sessions), grace)
         deadline = time.monotonic() + grace
-        while rt.sessions and time.monotonic() < deadline:
+        milter = self.milter
+        while (rt.sessions or (milter and milter.connections)) and time.monotonic() < deadline:
             for session in list(rt.sessions):
                 session.shutdown(force=False)
             await asyncio.sleep(0.05)
+        if milter is not None:
+            await milter.close(grace=0)
+            if self._milter_sockets is None:  # else the supervisor's to remove
+                remove_unix_sockets(milter)
         for session in list(rt.sessions):
             session.shutdown(force=True)
         for _ in range(100):

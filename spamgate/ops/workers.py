@@ -2,7 +2,8 @@
 
 One Python process runs on one core; a bigger machine is used by running several.
 The supervisor binds every listener once per worker, with SO_REUSEPORT, so the
-kernel spreads new connections evenly over the workers' sockets; then it drops
+kernel spreads new connections evenly over the workers' sockets (a milter's unix
+socket is bound once, and the workers take turns accepting on it); then it drops
 root (ports below 1024 are bound by then) and forks the workers, each a complete
 `Server` on its own event loop with its own sockets. It never serves mail itself:
 
@@ -43,12 +44,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import app, metrics
-from ..config import Config
+from ..config import Config, parse_milter_address
 from ..config.settings import ConfigError, parse_hostport
 from . import daemon
 from .daemon import PrivilegeError, StartupError, cannot_listen, drop_privileges
 from .exporter import Exporter
-from .server import Server
+from .server import Server, check_unix_free, socket_gid
 
 log = logging.getLogger("spamgate")
 
@@ -65,30 +66,81 @@ def bind_listeners(config: Config, copies: int) -> list[list[socket.socket]]:
     bound: list[list[socket.socket]] = []
     try:
         for listener in config.listeners:
-            host, port = parse_hostport(listener.address)
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            family, _, _, _, address = infos[0]
-            address = _probe(family, address)
-            group: list[socket.socket] = []
-            bound.append(group)
-            for _ in range(copies):
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                group.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
-                # port 0: the others take the port the first one got
-                address = sock.getsockname()[:2] if family == socket.AF_INET else sock.getsockname()
-                sock.listen(BACKLOG)
-                sock.setblocking(False)
+            bound.append(_bind_copies(*parse_hostport(listener.address), copies))
     except OSError as exc:
-        for group in bound:
-            for sock in group:
-                sock.close()
+        close_all(bound)
         raise cannot_listen(listener.address, exc) from None
     return bound
+
+
+def bind_milter(config: Config, copies: int) -> list[list[socket.socket]]:
+    """For each `[milter] listen` address, `copies` sockets: TCP ones bound with
+    SO_REUSEPORT like the proxy's; a unix socket bound once (with its mode and
+    group) and shared, `copies` times the same socket."""
+    bound: list[list[socket.socket]] = []
+    settings = config.milter
+    try:
+        for text in settings.listen:
+            address = parse_milter_address(text)
+            if not address.unix:
+                bound.append(_bind_copies(address.host, address.port, copies))
+                continue
+            check_unix_free(address.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            bound.append([sock] * copies)
+            sock.bind(address.path)
+            os.chmod(address.path, int(settings.socket_mode, 8))
+            gid = socket_gid(settings)
+            if gid >= 0:
+                os.chown(address.path, -1, gid)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError as exc:
+        close_all(bound)
+        raise cannot_listen(text, exc) from None
+    return bound
+
+
+def _bind_copies(host: str, port: int, copies: int) -> list[socket.socket]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    address = _probe(family, address)
+    group: list[socket.socket] = []
+    try:
+        for _ in range(copies):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            group.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            # port 0: the others take the port the first one got
+            address = sock.getsockname()[:2] if family == socket.AF_INET else sock.getsockname()
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in group:
+            sock.close()
+        raise
+    return group
+
+
+def close_all(groups: list[list[socket.socket]]) -> None:
+    for group in groups:
+        for sock in group:
+            sock.close()
+
+
+def _names(groups: list[list[socket.socket]]) -> list[str]:
+    out = set()
+    for group in groups:
+        for sock in group:
+            name = sock.getsockname()
+            out.add(f"unix:{name}" if isinstance(name, str) else f"{name[0]}:{name[1]}")
+    return sorted(out)
 
 
 def _probe(family: int, address: tuple) -> tuple:
@@ -121,6 +173,7 @@ class Supervisor:
     checks: app.Checks = app.DEFAULT_CHECKS
     workers: list[Worker] = field(default_factory=list)
     sockets: list[list[socket.socket]] = field(default_factory=list)
+    milter_sockets: list[list[socket.socket]] = field(default_factory=list)
     _signals: list[int] = field(default_factory=list)
     _stopping: bool = False
     _metrics_dir: str | None = None
@@ -132,6 +185,11 @@ class Supervisor:
         count = self.config.server.workers
         daemon.raise_fd_limit(self.config.limits.max_sessions)
         self.sockets = bind_listeners(self.config, count)
+        try:
+            self.milter_sockets = bind_milter(self.config, count)
+        except StartupError:
+            close_all(self.sockets)
+            raise
         if self.config.metrics.listen:
             self._metrics_dir = _metrics_directory(self.config.server.user)
             metrics.enable_multiprocess(self._metrics_dir)
@@ -148,9 +206,7 @@ class Supervisor:
         if not self._wait_ready():
             self._stop_all()
             return 1
-        addresses = sorted(
-            {f"{s.getsockname()[0]}:{s.getsockname()[1]}" for g in self.sockets for s in g}
-        )
+        addresses = _names(self.sockets) + _names(self.milter_sockets)
         log.info(
             "spamgate supervisor: %d workers (pids %s) on %s",
             count,
@@ -238,15 +294,17 @@ class Supervisor:
             signal.signal(sig, signal.SIG_DFL)
         _die_with_parent()
         mine = [group[index] for group in self.sockets]
-        for group in self.sockets:
-            for n, sock in enumerate(group):
-                if n != index:
+        milter = [group[index] for group in self.milter_sockets]
+        keep = {id(sock) for sock in mine + milter}
+        for group in self.sockets + self.milter_sockets:
+            for sock in group:
+                if id(sock) not in keep:
                     sock.close()
 
         async def main() -> int:
             try:
                 built = app.build(self.config, checks=self.checks, share=len(self.workers))
-                server = Server(built, sockets=mine, exporter=False)
+                server = Server(built, sockets=mine, milter_sockets=milter, exporter=False)
             except ConfigError as exc:
                 for problem in exc.problems:
                     log.error("worker %d: %s", index, problem)
@@ -377,9 +435,11 @@ class Supervisor:
                 os.kill(worker.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(worker.pid, 0)
-        for group in self.sockets:
-            for sock in group:
-                sock.close()
+        paths = [n[5:] for n in _names(self.milter_sockets) if n.startswith("unix:")]
+        close_all(self.sockets + self.milter_sockets)
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         log.info("spamgate supervisor: stopped")
 
 

@@ -270,7 +270,7 @@ class SMTPSession(_AiosmtpdSMTP):
             self._writer.write(Reply(421, enhanced, (f"{self.hostname} {text}",)).render())
             self._close()
             return
-        metrics.SESSIONS.inc()
+        metrics.child(metrics.SESSIONS, "proxy").inc()
         self.model = Session(id=new_session_id(), client=client)
         self.flow = self.app.driver(self.model)
         self.runtime.sessions.add(self)

@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ClusterDownError
 
 from .. import metrics
-from ..config.settings import ConfigError, parse_hostport
+from ..config.settings import ConfigError, display_path, parse_hostport, unreadable
 
 if TYPE_CHECKING:
     from ..config import Config, StateSettings
@@ -59,12 +59,12 @@ def read_credentials(config: Config) -> Credentials:
         name = getattr(s, key)
         if not name:
             return None
-        path = config.resolve_path(name)
+        path = display_path(config.resolve_path(name))
         try:
-            with open(path, encoding="utf-8") as fh:
+            with open(config.resolve_path(name), encoding="utf-8") as fh:
                 text = fh.read()
         except OSError as exc:
-            problems.append(where.at("state", key, f"[state] {key}: {path}: {exc.strerror}"))
+            problems.append(where.at("state", key, f"[state] {key}: {path}: {unreadable(exc)}"))
             return None
         except UnicodeDecodeError:
             problems.append(where.at("state", key, f"[state] {key}: {path}: not UTF-8 text"))
@@ -92,10 +92,14 @@ def read_credentials(config: Config) -> Credentials:
             problems.append(where.at("state", "redis", f"[state] {text}"))
     for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
         name = getattr(s, key)
-        if name and not os.access(config.resolve_path(name), os.R_OK):
-            problems.append(
-                where.at("state", key, f"[state] {key}: {config.resolve_path(name)}: not readable")
-            )
+        if not name:
+            continue
+        try:
+            with open(config.resolve_path(name), "rb"):
+                pass
+        except OSError as exc:
+            why = f"{display_path(config.resolve_path(name))}: {unreadable(exc)}"
+            problems.append(where.at("state", key, f"[state] {key}: {why}"))
     if problems:
         raise ConfigError(problems)
     return creds

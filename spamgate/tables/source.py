@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config.settings import ConfigError
+from ..config.settings import ConfigError, unreadable
 
 
 class UnreadableTable(ConfigError):
@@ -33,12 +33,8 @@ def read_lines(path: str, display: str | None = None) -> list[LogicalLine]:
     try:
         with open(path, "rb") as fh:
             data = fh.read()
-    except FileNotFoundError:
-        raise UnreadableTable([f"{where}: no such file"]) from None
-    except IsADirectoryError:
-        raise UnreadableTable([f"{where}: is a directory, not a table file"]) from None
     except OSError as exc:
-        raise UnreadableTable([f"{where}: {exc.strerror}"]) from None
+        raise UnreadableTable([f"{where}: {unreadable(exc)}"]) from None
     return split_lines(data, where)
 
 

@@ -19,8 +19,9 @@ class DryUpstream(Upstream, UpstreamSession):
 
     name = "dry"
 
-    def __init__(self, text: str = "Ok") -> None:
+    def __init__(self, text: str = "Ok", *, keep: bool = True) -> None:
         self.text = text  # the reply text for the message
+        self.keep = keep  # False: remember nothing (a milter's, shared by every session)
         self.delivered: Outgoing | None = None
 
     async def open(self, client: Client) -> UpstreamSession:
@@ -33,7 +34,8 @@ class DryUpstream(Upstream, UpstreamSession):
         return Reply(250, "2.1.5", ("Ok",))
 
     async def data(self, content: Outgoing) -> Reply:
-        self.delivered = content
+        if self.keep:
+            self.delivered = content
         return Reply(250, "2.0.0", (self.text,))
 
     async def rset(self) -> None:

@@ -4,8 +4,10 @@ A spamgate, a recording sink and a DNS server run on one event loop in a
 background thread; the fuzzer drives them with blocking sockets, one session per
 example, on one of three listeners: plain SMTP, one that expects a PROXY header,
 and one with STARTTLS and AUTH passthrough. Header and body rules are on (with
-PREPEND rules that copy client text into a header), so the MIME decoder and the
-regexp engine see hostile content too. After each session it checks the
+PREPEND rules that copy client text into a header), and SPF, DKIM, DMARC, links
+(dbl.test lists listed.test) and attachments, so the MIME decoder, the regexp
+engine, the HTML parser and the archive reader see hostile content too (the
+checks that need a daemon have their own tests). After each session it checks the
 promises spamgate makes to the internet:
 
 * every reply is a well-formed SMTP reply;
@@ -138,6 +140,25 @@ errors = 12
 max_sessions = 200
 sessions_per_client = 50
 
+[attachments]
+enabled = true
+action = "score"
+
+[uribl]
+sites = ["dbl.test"]
+symbols = {{ URIBL_T = "multi.test*1" }}
+ip_sites = ["ipbl.test"]
+
+[spf]
+enabled = true
+
+[dkim]
+enabled = true
+
+[dmarc]
+enabled = true
+bad_from = "score"
+
 [rules]
 header = ["regexp:header.regexp"]
 body = ["regexp:body.regexp"]
@@ -145,6 +166,11 @@ regexp_timeout = 0.05
 
 [scoring]
 tag = 5.0
+
+[milter]
+listen = ["inet:127.0.0.1:0"]
+command_timeout = 6
+content_timeout = 6
 """
 
 # Reverse names for PROXY sources in 203.0.113.0/24: one good, the rest hostile.
@@ -172,6 +198,17 @@ class ErrorLog(logging.Handler):
             self.records.append(self.format(record))
 
 
+class MilterLog(logging.Handler):
+    """The milter server's warnings (protocol violations, each with its peer)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.getMessage())
+
+
 class Harness:
     """spamgate + sink + DNS on a private loop in a thread, for blocking-socket clients."""
 
@@ -187,6 +224,8 @@ class Harness:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._ready = threading.Event()
         self.errors = ErrorLog()
+        self.milter_log = MilterLog()
+        self.milter_port = 0
         self.stats = {
             "sessions": 0,
             "accepted": 0,  # messages told 2xx (each found upstream once)
@@ -217,6 +256,7 @@ class Harness:
         await self.sink.start()
         await self.dns.start()
         self.dns.zone("113.0.203.in-addr.arpa", {k: {"PTR": v} for k, v in HOSTILE_PTR.items()})
+        self.dns.zone("dbl.test", {"listed.test": {"A": "127.0.0.2"}})
         self.dns.zone(
             "good.test",
             {
@@ -234,8 +274,11 @@ class Harness:
         await self.server.start()
         ports = [port for _host, port in self.server.addresses]
         self.port, self.proxy_port, self.tls_port = ports[0], ports[1], ports[2]
+        assert self.server.milter is not None
+        self.milter_port = self.server.milter.addresses[0][1]  # type: ignore[index]
         for name in ErrorLog.LOGGERS:
             logging.getLogger(name).addHandler(self.errors)
+        logging.getLogger("spamgate.milter").addHandler(self.milter_log)
 
     def start(self) -> Harness:
         self._thread.start()
@@ -248,6 +291,7 @@ class Harness:
     def stop(self) -> None:
         for name in ErrorLog.LOGGERS:
             logging.getLogger(name).removeHandler(self.errors)
+        logging.getLogger("spamgate.milter").removeHandler(self.milter_log)
         if self.server is not None:
             self.call(self.server.stop(grace=0.2))
         self.call(self.sink.stop())
@@ -261,8 +305,10 @@ class Harness:
                 fh.write(json.dumps(self.stats) + "\n")
 
     def sessions_open(self) -> int:
+        """Sessions still open: the proxy's, and the milter's connections."""
         assert self.server is not None
-        return len(self.server.runtime.sessions)
+        milter = self.server.milter.connections if self.server.milter is not None else 0
+        return len(self.server.runtime.sessions) + milter
 
 
 @dataclass
@@ -582,3 +628,64 @@ def no_error_logged(h: Harness):
     if new:
         h.stats["crashes"] += 1
         raise Violation("error logged during the session:\n" + "\n".join(new))
+
+
+# -- the milter socket ------------------------------------------------------------------
+
+MILTER_RESPONSES = frozenset(b"acdrtyhimqOsp")
+
+
+@dataclass
+class MilterTranscript:
+    responses: list[tuple[bytes, bytes]] = field(default_factory=list)
+    closed: bool = False  # the server closed the connection
+    rest: bytes = b""  # bytes that are no whole response
+
+
+def run_milter(port: int, stream: bytes, *, wait: float = 8.0) -> MilterTranscript:
+    """Send `stream` to the milter, close our side, read every response until the
+    server closes (within `wait` seconds: it must, whatever it was sent)."""
+    t = MilterTranscript()
+    buf = bytearray()
+    deadline = time.monotonic() + wait
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        try:
+            for i in range(0, len(stream), 4096):
+                sock.sendall(stream[i : i + 4096])
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # closed on us mid-stream: a violation it saw early
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                break
+            except OSError:
+                t.closed = True
+                break
+            if not data:
+                t.closed = True
+                break
+            buf += data
+    while len(buf) >= 5:
+        length = int.from_bytes(buf[:4], "big")
+        if len(buf) < 4 + length:
+            break
+        t.responses.append((bytes(buf[4:5]), bytes(buf[5 : 4 + length])))
+        del buf[: 4 + length]
+    t.rest = bytes(buf)
+    return t
+
+
+def check_milter_responses(t: MilterTranscript) -> None:
+    """Every response is a whole packet of a known kind, and the server closed."""
+    if not t.closed:
+        raise Violation("the milter connection was not closed after the MTA's side was")
+    if t.rest:
+        raise Violation(f"a response cut short: {t.rest!r}")
+    for code, data in t.responses:
+        if code[0] not in MILTER_RESPONSES:
+            raise Violation(f"unknown response {code!r} {data!r}")
+        if code == b"y" and not re.match(rb"^[45]\d\d[ -]", data):
+            raise Violation(f"reply code response {data!r}")

@@ -10,6 +10,7 @@ counting are the real ones), run after the real checks (`CHECKS`):
 
 * `scripted`:
   - RCPT to `boom*@` makes the check raise (its on_error applies);
+  - RCPT to `slow@` takes 4 s: longer than a milter with command_timeout = 2 waits;
   - DATA: a sender `reject-data@...` is refused at the DATA command, a stage no
     rule table covers.
 
@@ -18,6 +19,7 @@ counting are the real ones), run after the real checks (`CHECKS`):
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 import sys
 
@@ -151,6 +153,8 @@ class ScriptedCheck(Check):
         if ctx.stage is Stage.RCPT and ctx.recipient is not None:
             if ctx.recipient.address.startswith("boom"):
                 raise RuntimeError("scripted failure")
+            if ctx.recipient.address.startswith("slow@"):
+                await asyncio.sleep(4)
             return DUNNO
         if ctx.stage is Stage.DATA and txn is not None and txn.mail_from.startswith("reject-data@"):
             return reject("Not from you", 554, rule="scripted:data-reject")

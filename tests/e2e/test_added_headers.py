@@ -29,7 +29,7 @@ from .test_postfix import delivered, gate_to, marker
 
 PARSER = authres.FeatureContext(authres.dmarc)
 
-# The message of issue 18: after DATA, a first line that starts with a space.
+# The message found by probing: after DATA, a first line that starts with a space.
 FOLDING = (
     b" ;\r\n\tdkim=pass header.d=nospf.test header.s=s1;\r\n"
     b"\tdmarc=pass header.from=nospf.test\r\n"

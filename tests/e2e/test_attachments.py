@@ -8,33 +8,21 @@ import struct
 import time
 import zipfile
 
-from spamgate import metrics
 from spamgate.checks.engines.archives import extensions, zip_listing
 from tests.kit.mimemaker import b64, header, plain, with_attachment, zip_of
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
+from ..conftest import GateFactory, sample
 
 ON = "[attachments]\nenabled = true\n"
 EXE = b"MZ\x90\x00" + b"\x00" * 2000
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-async def send(gate, body: bytes) -> list:
-    c, _ = await gate.client(source="127.0.0.2")
-    replies = await c.mail("a@example.org", ["u@example.test"], body)
-    await c.close()
-    return replies
 
 
 async def test_exe_inside_zip_refused(gate_factory: GateFactory, sink: Sink) -> None:
     gate = await gate_factory(ON)
     member = sample("spamgate_attachment_findings_total", kind="archive_member")
     archive = zip_of({"readme.txt": b"hello", "docs/Invoice.PDF.exe": EXE})
-    replies = await send(gate, with_attachment("invoice.zip", archive, "application/zip"))
+    replies = await gate.send(with_attachment("invoice.zip", archive, "application/zip"))
     assert replies[-1].code == 554
     assert replies[-1].text == (
         "5.7.1 Message refused: attachment invoice.zip contains docs/Invoice.PDF.exe "
@@ -54,7 +42,7 @@ async def test_names_and_disguises(gate_factory: GateFactory, sink: Sink) -> Non
         ("scan.pdf", EXE, "scan.pdf is really exe"),  # an executable under a PDF's name
         ("photo.ISO", b"\x00" * 100, "(.iso)"),
     ):
-        replies = await send(gate, with_attachment(name, payload, subject=name))
+        replies = await gate.send(with_attachment(name, payload, subject=name))
         assert replies[-1].code == 554, name
         assert why in replies[-1].text, replies[-1].text
     # RFC 2231 continuation of the file name
@@ -65,7 +53,7 @@ async def test_names_and_disguises(gate_factory: GateFactory, sink: Sink) -> Non
         + b'Content-Disposition: attachment; filename*0="in"; filename*1="voice.vbs"\r\n'
         + b"\r\nx\r\n--b--\r\n"
     )
-    assert (await send(gate, body))[-1].code == 554
+    assert (await gate.send(body))[-1].code == 554
     assert sink.messages == []
 
 
@@ -78,7 +66,7 @@ async def test_harmless_attachments_accepted(gate_factory: GateFactory, sink: Si
         with_attachment("reports.zip", archive, "application/zip"),
         plain("no attachment at all"),
     ):
-        assert (await send(gate, body))[-1].code == 250
+        assert (await gate.send(body))[-1].code == 250
     assert len(sink.messages) == 3
 
 
@@ -97,17 +85,17 @@ async def test_exe_after_a_large_attachment(gate_factory: GateFactory, sink: Sin
         + b64(EXE)
         + b"--m--\r\n"
     )
-    replies = await send(gate, body)
+    replies = await gate.send(body)
     assert replies[-1].code == 554 and "tool.exe" in replies[-1].text
 
 
 async def test_score_and_hold_actions(gate_factory: GateFactory, sink: Sink) -> None:
     gate = await gate_factory(ON + 'action = "score"\nscore = 4.0\n\n[scoring]\ntag = 1\n')
-    replies = await send(gate, with_attachment("run.bat", b"@echo off"))
+    replies = await gate.send(with_attachment("run.bat", b"@echo off"))
     assert replies[-1].code == 250
     assert b"X-Spam-Symbols: ATTACHMENT_BLOCKED" in sink.messages[0].content
     gate = await gate_factory(ON + 'action = "hold"\n')
-    replies = await send(gate, with_attachment("run.bat", b"@echo off", subject="hold"))
+    replies = await gate.send(with_attachment("run.bat", b"@echo off", subject="hold"))
     assert replies[-1].code == 250
     assert len(sink.messages) == 1  # the second went to quarantine, not upstream
 
@@ -131,15 +119,13 @@ def zip_bomb_listing(entries: int) -> bytes:
 async def test_zip_bomb_listing_bounded(gate_factory: GateFactory, sink: Sink) -> None:
     gate = await gate_factory(ON + "\n[scoring]\ntag = 1\n")
     started = time.monotonic()
-    replies = await send(gate, with_attachment("bomb.zip", zip_bomb_listing(65534)))
+    replies = await gate.send(with_attachment("bomb.zip", zip_bomb_listing(65534)))
     assert replies[-1].code == 250  # nothing blocked in it, nothing extracted
     assert time.monotonic() - started < 5
     content = sink.messages[0].content
     assert b"ATTACHMENT_UNREADABLE" in content  # not all of it could be listed
     # a directory damaged on purpose: unreadable, not a crash
-    replies = await send(
-        gate, with_attachment("bad.zip", b"PK\x05\x06" + b"\xff" * 18, subject="b")
-    )
+    replies = await gate.send(with_attachment("bad.zip", b"PK\x05\x06" + b"\xff" * 18, subject="b"))
     assert replies[-1].code == 250
 
 
@@ -176,7 +162,7 @@ async def test_twenty_megabytes_bounded(gate_factory: GateFactory, sink: Sink) -
     )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.monotonic()
-    replies = await send(gate, body)
+    replies = await gate.send(body)
     assert replies[-1].code == 554 and "x.scr" in replies[-1].text
     assert time.monotonic() - started < 20
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024 < 100

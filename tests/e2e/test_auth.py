@@ -146,7 +146,7 @@ async def test_an_endless_answer_is_under_the_idle_timeout(
     auth_gate, sink: Sink, tls_files, stressed: bool
 ) -> None:
     """An answer longer than the read buffer, then silence: cut at the idle timeout,
-    or at the stress timeout once the server comes under stress (issue 18)."""
+    or at the stress timeout once the server comes under stress."""
     if stressed:
         gate = await auth_gate(
             "[limits]\nidle_timeout = 30\nstress_idle_timeout = 0.3\n"

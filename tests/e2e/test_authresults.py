@@ -50,10 +50,7 @@ def ar_fields(content: bytes) -> list[bytes]:
 
 
 async def send(gate, mail_from: str, content: bytes, helo: str = "mx.client.test"):
-    c, _ = await gate.client(source="127.0.0.2")
-    replies = await c.mail(mail_from, ["u@example.test"], content, helo=helo)
-    await c.close()
-    return replies[-1]
+    return (await gate.send(content, sender=mail_from, helo=helo))[-1]
 
 
 @pytest.fixture
@@ -201,7 +198,7 @@ async def test_sender_chosen_values_cannot_pose_as_results(gate, sink: Sink) -> 
         ("other.test; spf=pass (gate.test)", False),
         ("; spf=pass", False),
         ("(unclosed gate.test; spf=pass", False),
-        # What other readers make of it (issue 18): a domain with its root dot, a
+        # What other readers make of it (found by probing): a domain with its root dot, a
         # value cut at a NUL (Postfix cuts the field there) or at a character no
         # token holds, a pipeline that strips control characters, RFC 2047
         # decoding (Python's email package, for any unknown field), Unicode
@@ -231,7 +228,7 @@ def test_whose_header_it_is(value: str, ours: bool) -> None:
     assert claims(value, "Gate.Test") is ours
 
 
-# A field claiming our authserv-id, in the spellings found by probing (issue 18).
+# A field claiming our authserv-id, in the spellings found by probing.
 SPELLINGS = [
     b"Authentication-Results : gate.test; dkim=pass header.d=paypal.test\r\n",
     b"Authentication-Results\t: gate.test; dkim=pass header.d=paypal.test\r\n",

@@ -7,24 +7,12 @@ import time
 
 import pytest
 
-from spamgate import metrics
 from tests.kit.daemons import SIGNATURE, SIGNATURE_NAME, Clamd
 from tests.kit.mimemaker import header, plain, with_attachment
-from tests.kit.redisserver import free_port
+from tests.kit.ports import free_port
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-async def send(gate, body: bytes) -> list:
-    c, _ = await gate.client(source="127.0.0.2")
-    replies = await c.mail("a@example.org", ["u@example.test"], body)
-    await c.close()
-    return replies
+from ..conftest import GateFactory, sample
 
 
 def infected(subject: str = "virus") -> bytes:
@@ -39,23 +27,23 @@ async def test_signature_refused_clean_accepted(
     address = clamd.address if how == "tcp" else clamd.unix
     gate = await gate_factory(f'[clamav]\naddress = "{address}"\n')
     found = sample("spamgate_content_scans_total", check="clamav", result="infected")
-    replies = await send(gate, infected())
+    replies = await gate.send(infected())
     assert replies[-1].code == 554
     assert replies[-1].text == f"5.7.0 Virus found: {SIGNATURE_NAME}"
     assert sample("spamgate_content_scans_total", check="clamav", result="infected") == found + 1
-    replies = await send(gate, plain("nothing to see here"))
+    replies = await gate.send(plain("nothing to see here"))
     assert replies[-1].code == 250
     assert len(sink.messages) == 1
 
 
 async def test_hold_and_score(gate_factory: GateFactory, clamd: Clamd, sink: Sink) -> None:
     gate = await gate_factory(f'[clamav]\naddress = "{clamd.address}"\naction = "hold"\n')
-    assert (await send(gate, infected()))[-1].code == 250
+    assert (await gate.send(infected()))[-1].code == 250
     assert sink.messages == []  # quarantined
     gate = await gate_factory(
         f'[clamav]\naddress = "{clamd.address}"\naction = "score"\nscore = 3\n[scoring]\ntag = 1\n'
     )
-    assert (await send(gate, infected("scored")))[-1].code == 250
+    assert (await gate.send(infected("scored")))[-1].code == 250
     assert b"X-Spam-Symbols: CLAMAV_VIRUS" in sink.messages[0].content
 
 
@@ -66,13 +54,13 @@ async def test_clamd_stopped_fail_open_then_back(
     own = Clamd().start()
     try:
         gate = await gate_factory(f'[clamav]\naddress = "{own.address}"\ntimeout = 5\n')
-        assert (await send(gate, infected("before")))[-1].code == 554
+        assert (await gate.send(infected("before")))[-1].code == 554
         own.stop()
         outages = sample("spamgate_backend_outages_total", check="clamav")
         errors = sample("spamgate_check_errors_total", check="clamav", kind="exception")
         caplog.set_level(logging.DEBUG)
         for n in range(3):
-            replies = await send(gate, infected(f"down {n}"))
+            replies = await gate.send(infected(f"down {n}"))
             assert replies[-1].code == 250  # fail-open: delivered unscanned
         assert len(sink.messages) == 3
         # counted once per outage, each message as a check error; logged loudly once
@@ -81,7 +69,7 @@ async def test_clamd_stopped_fail_open_then_back(
         loud = [r for r in caplog.records if r.levelno >= logging.WARNING and "clamd" in r.message]
         assert len(loud) == 1, [r.message for r in loud]
         own.start()
-        assert (await send(gate, infected("after")))[-1].code == 554
+        assert (await gate.send(infected("after")))[-1].code == 554
         assert any("answers again" in r.message for r in caplog.records)
     finally:
         own.cleanup()
@@ -91,7 +79,7 @@ async def test_clamd_down_tempfail(gate_factory: GateFactory, sink: Sink) -> Non
     gate = await gate_factory(
         f'[clamav]\naddress = "127.0.0.1:{free_port()}"\non_error = "tempfail"\n'
     )
-    replies = await send(gate, infected())
+    replies = await gate.send(infected())
     assert replies[-1].code == 451
     assert replies[-1].text.startswith("4.3.0")
     assert sink.messages == []
@@ -110,7 +98,7 @@ async def test_slow_clamd_bounded_by_timeout(gate_factory: GateFactory, sink: Si
         gate = await gate_factory(f'[clamav]\naddress = "127.0.0.1:{port}"\ntimeout = 0.5\n')
         before = sample("spamgate_check_errors_total", check="clamav", kind="timeout")
         started = time.monotonic()
-        replies = await send(gate, infected())
+        replies = await gate.send(infected())
         assert replies[-1].code == 250
         assert time.monotonic() - started < 3
         assert sample("spamgate_check_errors_total", check="clamav", kind="timeout") == before + 1
@@ -128,9 +116,9 @@ async def test_larger_than_max_size_scanned_in_part(
     )
     partial = sample("spamgate_content_scans_total", check="clamav", result="partial")
     early = header("early") + b"Content-Type: text/plain\r\n\r\n" + SIGNATURE.encode() + b"\r\n"
-    replies = await send(gate, early + (b"y" * 78 + b"\r\n") * 250_000)
+    replies = await gate.send(early + (b"y" * 78 + b"\r\n") * 250_000)
     assert replies[-1].code == 554  # found in the first 100 KB of a 20 MB message
     late = plain("clean start") + (b"y" * 78 + b"\r\n") * 2000 + SIGNATURE.encode() + b"\r\n"
-    replies = await send(gate, late)
+    replies = await gate.send(late)
     assert replies[-1].code == 250  # past max_size: not seen, and counted as partial
     assert sample("spamgate_content_scans_total", check="clamav", result="partial") == partial + 1

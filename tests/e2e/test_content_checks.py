@@ -38,16 +38,21 @@ def test_check_reports_bad_settings(tmp_path, capsys, toml: str, problem: str) -
     assert f"{path}:" in out  # file:line: as for every setting
 
 
-def test_check_reads_the_allow_file(tmp_path, capsys) -> None:
+def test_check_reads_the_allow_file(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path.parent)
     path = tmp_path / "c.toml"
     path.write_text('[uribl]\nsites = ["dbl.test"]\nallow_file = "allow.txt"\n')
-    assert main(["check", "-c", str(path)]) == 1
-    assert "allow.txt" in capsys.readouterr().out  # missing
+    config = f"{tmp_path.name}/c.toml"
+    # missing: at the configuration's line, the file where it is from here
+    assert main(["check", "-c", config]) == 1
+    out = capsys.readouterr().out
+    assert f"{config}:3: [uribl] allow_file: {tmp_path.name}/allow.txt: no such file" in out
     (tmp_path / "allow.txt").write_text("# ours\nexample.org\nbad domain\n")
-    assert main(["check", "-c", str(path)]) == 1
-    assert 'allow.txt:3: "bad domain" is not a domain' in capsys.readouterr().out
+    assert main(["check", "-c", config]) == 1
+    out = capsys.readouterr().out
+    assert f'{tmp_path.name}/allow.txt:3: "bad domain" is not a domain' in out
     (tmp_path / "allow.txt").write_text("# ours\nexample.org\n")
-    assert main(["check", "-c", str(path)]) == 0
+    assert main(["check", "-c", config]) == 0
 
 
 async def test_explain_shows_links_and_lists(dns_server: DnsServer, tmp_path) -> None:

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Sequence
 
 import pytest
 
@@ -69,10 +70,16 @@ class Notifications:
 
 
 async def start(
-    config: pathlib.Path, env: dict[str, str], stderr_path: pathlib.Path
+    config: pathlib.Path,
+    env: dict[str, str],
+    stderr_path: pathlib.Path,
+    under: Sequence[str] = (),
 ) -> asyncio.subprocess.Process:
+    """`spamgate run -c config` as its own process (`under`: a command that runs
+    it, such as the systemd unit's system-call filter)."""
     with open(stderr_path, "wb") as err:
         return await asyncio.create_subprocess_exec(
+            *under,
             sys.executable,
             "-m",
             "spamgate",

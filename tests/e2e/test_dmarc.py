@@ -9,7 +9,6 @@ import logging
 
 import pytest
 
-from spamgate import metrics
 from spamgate.app import build_policy, loads
 from spamgate.checks.dmarc import DmarcCheck, org_domain
 from spamgate.config.settings import ConfigError
@@ -23,7 +22,7 @@ from tests.kit.dkimkeys import Signer, message
 from tests.kit.dnsserver import DnsServer
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory, config_text
+from ..conftest import GateFactory, config_text, sample
 
 SPF_OK = "v=spf1 ip4:127.0.0.0/8 -all"
 SPF_SOFT = "v=spf1 ~all"
@@ -96,14 +95,7 @@ def publish(server: DnsServer) -> None:
 
 
 async def send(gate, mail_from: str, content: bytes):
-    c, _ = await gate.client(source="127.0.0.2")
-    replies = await c.mail(mail_from, ["u@example.test"], content, helo="mx.client.test")
-    await c.close()
-    return replies[-1]
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+    return (await gate.send(content, sender=mail_from, helo="mx.client.test"))[-1]
 
 
 @pytest.fixture

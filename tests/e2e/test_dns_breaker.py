@@ -20,20 +20,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from spamgate import metrics
 from spamgate.config import DnsSettings
 from spamgate.resolver import DnsError, DnsResolver, Resolver
 from tests.kit.dkimkeys import Signer, message
 from tests.kit.dnsserver import DnsServer
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
+from ..conftest import GateFactory, sample
 
 TIMEOUT, LIFETIME = 0.3, 0.7
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 @contextlib.contextmanager

@@ -8,18 +8,13 @@ import asyncio
 import logging
 import time
 
-from spamgate import metrics
 from tests.kit.dnsserver import DnsServer
 from tests.kit.sink import Sink
 from tests.kit.smtpclient import RawClient
 
-from ..conftest import GateFactory
+from ..conftest import GateFactory, sample
 
 BODY = b"Subject: dnsbl\r\n\r\nhello\r\n"
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def publish_bl(dns_server: DnsServer) -> None:

@@ -2,14 +2,14 @@
 
 A real `spamgate run` process with `ulimit -n 64` (soft and hard, so it cannot
 raise it). Clients connect until spamgate refuses them: from the watermark on
-(fdlimit.watermark: 24 here) each newcomer is told `421 4.3.2` at once, and the
-sessions already in have room for their upstream connection. In the second test
-the limit is lowered under the running process to exactly what it holds, as DNS
-queries, spool files or a burst of sessions would use it up, so accept() itself
-fails (EMFILE): the reserve descriptor still gets each waiting client a 421
-within about a second (asyncio's accept retry), not silence. In both, the
-sessions already open carry on, and once they end, new clients are greeted and
-mail flows again, with no restart.
+(`watermark` in spamgate/ops/descriptors.py: 24 here) each newcomer is told
+`421 4.3.2` at once, and the sessions already in have room for their upstream
+connection. In the second test the limit is lowered under the running process
+to exactly what it holds, as DNS queries, spool files or a burst of sessions
+would use it up, so accept() itself fails (EMFILE): the reserve descriptor still
+gets each waiting client a 421 within about a second (asyncio's accept retry),
+not silence. In both, the sessions already open carry on, and once they end, new
+clients are greeted and mail flows again, with no restart.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit.ports import free_port
 from tests.kit.sink import Sink
 from tests.kit.smtpclient import RawClient
 
-from .test_reload import ROOT_DIR, free_port
+from .test_reload import ROOT_DIR
 
 LIMIT = 64
 OUT = "421 4.3.2 gate.test Error: out of resources, try again later"

@@ -4,7 +4,9 @@ Three kinds of session, each on its own listener of one spamgate (fuzzkit.py):
 plain SMTP from inside or outside mynetworks, sessions behind a PROXY header
 (valid v1/v2, LOCAL, and broken headers), and STARTTLS + AUTH passthrough from
 outside mynetworks. Messages are plain text or generated MIME (multipart, base64
-and quoted-printable, broken and not), read by header and body rules.
+and quoted-printable, broken and not, with links and attachment names), read by
+header and body rules, SPF, DKIM and DMARC, and the content checks that need no
+daemon (links against a list on the test DNS server, attachments).
 
 A short run is part of the normal suite. The long run, with a JSON line of
 figures per kind (sessions, messages accepted, crashes):
@@ -23,23 +25,29 @@ import ipaddress
 import itertools
 import os
 import pathlib
+import re
 import socket
 import struct
 import time
 
+import prometheus_client
 import pytest
 from aiosmtpd.proxy_protocol import V2_SIGNATURE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from spamgate import metrics
 
 from .fuzzkit import (
     ACCOUNT,
     Harness,
     auth_plain,
     check_commands,
+    check_milter_responses,
     check_upstream,
     may_relay,
     no_error_logged,
+    run_milter,
     run_session,
     xclient_addr,
 )
@@ -96,7 +104,7 @@ ADDRS = st.sampled_from(
         b"<a@[IPv6:::1]>",
         b"<a\x00b@example.test>",
         b"<a\tb@example.test>",
-        # sender-specified routing and look-alike domains (issue 18)
+        # sender-specified routing and look-alike domains
         b"<x!elsewhere.test@example.test>",
         b'<"x@elsewhere.test"@example.test>',
         b'<"x%elsewhere.test"@bank.test>',
@@ -140,7 +148,7 @@ PARAMS = st.lists(
             b"SIZE=1\tBODY=7BIT",
             b"SIZE=" + b"9" * 300,
             b"\xc3\xbc=1",
-            # Unicode that case mapping or str.isdigit() take for ASCII (issue 18)
+            # Unicode that case mapping or str.isdigit() take for ASCII
             "SIZE=\u0661\u0662".encode(),
             "SIZE=\uff11\uff12".encode(),
             "SIZE=\u00b2".encode(),
@@ -311,6 +319,13 @@ WORDS = st.sampled_from(
         b"=?utf-8?b?eA0KWC1JbmplY3RlZDogeWVz?=",
         b"--b1",
         b".",
+        # links, for [uribl]: listed (dbl.test lists listed.test) and malformed
+        b'<a href="HTTP://Listed&#46;Test/x">',
+        b"www.listed.test/offer",
+        b"https://go.test/r?u=http%3A%2F%2Flisted.test%2F",
+        b'<img src="//[::1]:x/">',
+        b"http://%zz%.test/ mailto:@ https://1.2.3.4.5/ http://0x7f.1/",
+        b"<a href=" + b"<div>" * 50,
     ]
 )
 SUBJECTS = st.sampled_from(
@@ -358,6 +373,10 @@ def text_part(draw) -> bytes:
     if draw(st.booleans()):
         head += b'; name="' + draw(st.sampled_from([b"a.exe", b"x\r\n y.pdf", b""])) + b'"'
     head += b"\r\n"
+    if draw(st.booleans()):  # for [attachments]: names as senders disguise them
+        names = [b'"invoice.pdf.exe"', b"=?utf-8?b?cmVwb3J0LnNjcg==?=", b'"a.zip"', b"x\x00.js"]
+        head += b"Content-Disposition: attachment; filename=" + draw(st.sampled_from(names))
+        head += b"\r\n"
     if encoding in ("base64", "bad-base64"):
         head += b"Content-Transfer-Encoding: base64\r\n"
         body = base64.encodebytes(raw).replace(b"\n", b"\r\n")
@@ -699,3 +718,185 @@ def test_regression_corpus(harness: Harness, case: pathlib.Path) -> None:
         addr=options.get("addr", source or "127.0.0.1"),
         greet=greet,
     )
+
+
+# -- the milter socket: what Postfix sends, and what no MTA should ---------------------
+
+
+def mpacket(command: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("!I", len(data) + 1) + command + data
+
+
+def cstr(*parts: bytes) -> bytes:
+    return b"".join(p + b"\0" for p in parts)
+
+
+MACRO_VALUES = st.one_of(
+    st.sampled_from([b"127.0.0.40", b"unknown", b"TLSv1.3", b"alice", b"", b"99999999999"]),
+    st.binary(max_size=30).map(lambda b: b.replace(b"\0", b"")),
+)
+HEADER_NAMES = st.sampled_from(
+    [
+        b"From",
+        b"To",
+        b"Subject",
+        b"Authentication-Results",
+        b"authentication-results",
+        b"DKIM-Signature",
+        b"X-Odd",
+        b"Content-Type",
+        b"Received",
+    ]
+)
+
+
+@st.composite
+def milter_session(draw) -> list[bytes]:
+    """The packets of one SMTP session as Postfix 3.7 sends them, hostile values
+    inside: addresses, macros, header fields, body bytes."""
+    packets = [mpacket(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))]
+    addr = draw(st.sampled_from([b"127.0.0.40", b"127.0.0.1", b"::1", b"IPv6:::1", b"bogus"]))
+    family = draw(st.sampled_from([b"4", b"6", b"L", b"U"]))
+    macros = {
+        b"{client_addr}": addr,
+        b"{client_port}": draw(MACRO_VALUES),
+        b"{client_name}": draw(MACRO_VALUES),
+    }
+    packets.append(mpacket(b"D", b"C" + cstr(*(x for kv in macros.items() for x in kv))))
+    tail = cstr(addr) if family != b"U" else b""
+    port = struct.pack("!H", draw(st.integers(0, 65535))) if family != b"U" else b""
+    packets.append(mpacket(b"C", cstr(b"[" + addr + b"]") + family + port + tail))
+    helo_macros = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from([b"{tls_version}", b"{cipher}", b"{cipher_bits}"]), MACRO_VALUES
+            ),
+            max_size=3,
+        )
+    )
+    packets.append(mpacket(b"D", b"H" + cstr(*(x for kv in helo_macros for x in kv))))
+    packets.append(
+        mpacket(b"H", cstr(draw(st.sampled_from([b"c.example.test", b"", b"[1.2.3.4]"]))))
+    )
+    for _ in range(draw(st.integers(1, 2))):
+        auth = draw(st.sampled_from([b"", b"alice"]))
+        if auth:
+            packets.append(mpacket(b"D", b"M" + cstr(b"{auth_authen}", auth)))
+        params = draw(
+            st.lists(
+                st.sampled_from(
+                    [b"SIZE=12", b"SIZE=x", b"BODY=8BITMIME", b"SMTPUTF8", b"RET=HDRS"]
+                ),
+                max_size=3,
+            )
+        )
+        sender = draw(st.sampled_from([b"<a@example.org>", b"<>", b"a@x", b"<\xff@x.test>"]))
+        packets.append(mpacket(b"M", cstr(sender, *params)))
+        for _ in range(draw(st.integers(0, 3))):
+            rcpt = draw(
+                st.sampled_from(
+                    [b"<u@example.test>", b"<x@elsewhere.test>", b"<U@EXAMPLE.TEST>", b"<>"]
+                )
+            )
+            packets.append(mpacket(b"R", cstr(rcpt)))
+        if draw(st.booleans()):
+            packets.append(mpacket(b"A"))
+            continue
+        packets.append(mpacket(b"D", b"T" + cstr(b"i", b"4ABCDEF")))
+        packets.append(mpacket(b"T"))
+        for _ in range(draw(st.integers(0, 6))):
+            value = draw(
+                st.one_of(
+                    st.sampled_from([b" gate.test; spf=pass", b" a\n\tb", b"", b"x", b" \xff\xfe"]),
+                    st.binary(max_size=60).map(lambda b: b.replace(b"\0", b"")),
+                )
+            )
+            packets.append(mpacket(b"L", cstr(draw(HEADER_NAMES), value)))
+        packets.append(mpacket(b"N"))
+        for _ in range(draw(st.integers(0, 3))):
+            packets.append(mpacket(b"B", draw(st.binary(max_size=300))))
+        packets.append(mpacket(b"D", b"E" + cstr(b"i", b"4ABCDEF")))
+        packets.append(mpacket(b"E"))
+        packets.append(mpacket(b"A"))
+    packets.append(mpacket(b"Q"))
+    return packets
+
+
+@st.composite
+def milter_stream(draw) -> tuple[str, bytes]:
+    """A session, then one way of breaking it; (how, the bytes). Only "valid" and
+    "shuffled" may go without a violation in the log."""
+    packets = draw(milter_session())
+    how = draw(
+        st.sampled_from(
+            [
+                "valid",
+                "shuffled",
+                "truncated",
+                "huge_length",
+                "zero_length",
+                "unknown_command",
+                "after_quit",
+                "bad_packet",
+                "junk",
+            ]
+        )
+    )
+    if how == "shuffled":  # events out of order: never a crash, maybe a refusal
+        body = packets[1:-1]
+        packets = [packets[0], *draw(st.permutations(body)), packets[-1]]
+    elif how == "truncated":  # the connection ends inside a packet
+        whole = b"".join(packets)
+        cut = draw(st.integers(1, len(whole) - 1))
+        ends = set(itertools.accumulate(len(p) for p in packets))
+        if cut in ends:
+            cut -= 1
+        return how, whole[:cut]
+    elif how == "huge_length":
+        at = draw(st.integers(1, len(packets) - 1))
+        size = draw(st.sampled_from([1 << 20 + 1, 1 << 31, 0xFFFFFFFF]))
+        packets.insert(at, struct.pack("!I", size) + b"B" + b"x" * 100)
+        packets = packets[: at + 1]
+    elif how == "zero_length":
+        packets.insert(draw(st.integers(1, len(packets) - 1)), b"\0\0\0\0")
+    elif how == "unknown_command":
+        command = draw(st.sampled_from([b"Z", b"\0", b"\xff", b"z", b"P"]))
+        packets.insert(draw(st.integers(1, len(packets) - 1)), mpacket(command, b"data"))
+    elif how == "after_quit":
+        packets.append(draw(st.binary(min_size=1, max_size=40)))
+    elif how == "bad_packet":  # a known command whose data does not fit it
+        command = draw(st.sampled_from([b"O", b"D", b"C", b"H", b"M", b"R", b"L", b"T", b"Q"]))
+        data = draw(st.sampled_from([b"", b"x", b"\0", b"no terminator", b"a\0b\0c\0"]))
+        packets.insert(draw(st.integers(1, len(packets) - 1)), mpacket(command, data))
+    elif how == "junk":
+        packets.insert(
+            draw(st.integers(1, len(packets) - 1)), draw(st.binary(min_size=5, max_size=50))
+        )
+    return how, b"".join(packets)
+
+
+MAY_BE_CLEAN = {"valid", "shuffled", "bad_packet", "junk"}
+
+
+@fuzz_settings(60)
+@given(case=milter_stream())
+def test_bad_milter_input_gets_a_clean_close_and_a_log_line(harness: Harness, case) -> None:
+    """Truncated packets, huge lengths, unknown commands, bytes after quit, events in
+    any order, hostile values: the connection is closed, every answer is a whole
+    response, nothing raises, and a violation is said in one log line."""
+    how, stream = case
+    warned = len(harness.milter_log.records)
+    with no_error_logged(harness):
+        transcript = run_milter(harness.milter_port, stream)
+        deadline = time.monotonic() + 3
+        while harness.sessions_open() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    check_milter_responses(transcript)
+    lines = [r for r in harness.milter_log.records[warned:] if "protocol violation" in r]
+    if how not in MAY_BE_CLEAN:
+        assert len(lines) == 1, (how, harness.milter_log.records[warned:])
+    assert harness.sessions_open() == 0
+    # nothing Postfix sends becomes a metrics label (the exposition stays valid)
+    text = prometheus_client.generate_latest(metrics.REGISTRY).decode()
+    versions = set(re.findall(r'spamgate_starttls_total\{result="([^"]*)"', text))
+    assert versions <= {"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3", "SSLv3", "unknown", "failure"}

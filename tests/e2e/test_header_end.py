@@ -193,10 +193,7 @@ def test_scan_header_resumes_at_the_undecided_line() -> None:
 
 
 async def send(gate, content: bytes, sender: str = "a@example.org") -> list:
-    c, _ = await gate.client(source="127.0.0.5")
-    replies = await c.mail(sender, ["u@example.test"], content, helo="mx.client.test")
-    await c.close()
-    return replies
+    return await gate.send(content, sender=sender, source="127.0.0.5", helo="mx.client.test")
 
 
 DMARC = """

@@ -165,7 +165,7 @@ ENDLESS = b"MAIL FROM:<" + b"A" * 70_000
 async def test_idle_timeout_covers_a_line_beyond_the_read_buffer(
     gate_factory: GateFactory, sink: Sink
 ) -> None:
-    """Skipping an over-long line is reading it: under the same deadline (issue 18)."""
+    """Skipping an over-long line is reading it: under the same deadline."""
     gate = await gate_factory(limits(idle_timeout=0.5))
     c, _ = await gate.client()
     assert (await c.cmd("EHLO c.test")).code == 250
@@ -196,7 +196,7 @@ async def test_idle_timeout_covers_a_line_beyond_the_read_buffer(
 
 async def test_over_long_lines_cannot_hold_every_session(gate_factory: GateFactory) -> None:
     """max_sessions clients that each send an endless line are cut at the idle
-    timeout, and a new client gets in (issue 18: 20 of them locked out all others)."""
+    timeout, and a new client gets in (before the fix, 20 of them locked out all others)."""
     gate = await gate_factory(limits(max_sessions=3, idle_timeout=0.5, stress_threshold=0))
     holders = [(await gate.client(source=f"127.0.0.{5 + i}"))[0] for i in range(3)]
     for c in holders:

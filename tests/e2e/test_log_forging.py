@@ -1,4 +1,4 @@
-"""Log lines a client cannot forge (issue 18): control characters a client put in
+"""Log lines a client cannot forge: control characters a client put in
 a value (the AUTH PLAIN authorization identity, a quoted local part with a line
 separator) are escaped where records become text, in a real `spamgate run`
 process writing to stderr, plain and for the journal.

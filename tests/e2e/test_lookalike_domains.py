@@ -15,14 +15,13 @@ import concurrent.futures
 
 import pytest
 
-from spamgate import metrics
 from spamgate.checks.engines.spfquery import SpfEngine
 from spamgate.resolver import Resolver, ascii_domain
 from tests.kit.dkimkeys import Signer, message
 from tests.kit.dnsserver import DnsServer
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
+from ..conftest import GateFactory, sample
 from .test_resolver import make_resolver
 
 BANK = Signer("bank.test", "sel")
@@ -75,8 +74,7 @@ def bank_queries(server: DnsServer) -> dict[tuple[str, str], int]:
 
 
 def listed() -> float:
-    labels = {"zone": "dbl.test", "result": "listed"}
-    return metrics.REGISTRY.get_sample_value("spamgate_dnsbl_results_total", labels) or 0.0
+    return sample("spamgate_dnsbl_results_total", zone="dbl.test", result="listed")
 
 
 async def send(gate, domain: str, content: bytes) -> list:

@@ -24,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spamgate import metrics
+from spamgate.app import build, loads
 from spamgate.ops import health
 from spamgate.ops.server import StartupError
 from tests.kit.sink import Sink
@@ -39,6 +40,7 @@ BODY = b"Subject: hello\r\nFrom: a@example.org\r\n\r\nHi\r\n"
 # Label names a metric may carry: closed sets only. Client addresses, mail
 # addresses, domains and HELO names must never become labels.
 CLOSED_LABELS = {
+    "frontend",  # proxy, milter
     "symbol",  # rspamd / SpamAssassin names listed in the config (count_symbols)
     "stage",
     "check",
@@ -195,10 +197,16 @@ def test_metrics_are_defined_in_one_module() -> None:
     assert offenders == []
 
 
-def test_known_series_exist_before_any_traffic() -> None:
-    text = metrics.REGISTRY and _render(metrics.REGISTRY)
+async def test_known_series_exist_before_any_traffic() -> None:
+    """Series known in advance exist at zero: the fixed ones from the start, the
+    core's decisions (relay control, limits, scores) once a configuration loads."""
+    app = build(loads('[server]\nhostname = "gate.test"\n'))
+    try:
+        text = _render(metrics.REGISTRY)
+    finally:
+        await app.aclose()
     for outcome in metrics.TRANSACTION_OUTCOMES:
-        assert f'spamgate_transactions_total{{outcome="{outcome}"}}' in text
+        assert f'spamgate_transactions_total{{frontend="proxy",outcome="{outcome}"}}' in text
     for method, results in metrics.AUTH_RESULT_SETS.items():
         for result in results:
             assert f'spamgate_auth_results_total{{method="{method}",result="{result}"}}' in text
@@ -348,8 +356,8 @@ async def test_relay_denial_is_a_rejection_at_rcpt(gate_factory: GateFactory) ->
     assert replies[2].code == 554
     assert counts.verdicts("rcpt", "relay") == 1
     assert counts.delta("spamgate_recipients_total", outcome="relay_denied") == 1
-    assert counts.delta("spamgate_transactions_total", outcome="rejected") == 1
-    assert counts.delta("spamgate_sessions_total") == 1
+    assert counts.delta("spamgate_transactions_total", frontend="proxy", outcome="rejected") == 1
+    assert counts.delta("spamgate_sessions_total", frontend="proxy") == 1
 
 
 async def test_size_limits_are_rejections(gate_factory: GateFactory) -> None:
@@ -366,7 +374,7 @@ async def test_size_limits_are_rejections(gate_factory: GateFactory) -> None:
     await c.close()
     assert counts.verdicts("mail", "limits") == 1
     assert counts.verdicts("eod", "limits") == 1
-    assert counts.delta("spamgate_transactions_total", outcome="rejected") == 1
+    assert counts.delta("spamgate_transactions_total", frontend="proxy", outcome="rejected") == 1
     assert counts.delta("spamgate_protocol_errors_total", kind="message_too_big") == 2
 
 
@@ -392,7 +400,8 @@ async def test_transaction_outcomes(gate_factory: GateFactory, sink: Sink, check
         ("aborted", 1),
         ("rejected", 0),
     ):
-        assert counts.delta("spamgate_transactions_total", outcome=outcome) == n, outcome
+        got = counts.delta("spamgate_transactions_total", frontend="proxy", outcome=outcome)
+        assert got == n, outcome
     assert counts.verdicts("rcpt", "recipient", "discard") == 1
     assert counts.verdicts("rcpt", "recipient", "defer") == 1
     assert counts.delta("spamgate_message_size_bytes_count") == 2
@@ -473,7 +482,7 @@ async def test_monitor_mode_counts_what_would_have_happened(
     assert counts.would("connect", "dnsbl") == 1
     assert counts.would("mail", "spf") == 1
     assert counts.verdicts("rcpt", "recipient") == 0
-    assert counts.delta("spamgate_transactions_total", outcome="accepted") == 1
+    assert counts.delta("spamgate_transactions_total", frontend="proxy", outcome="accepted") == 1
     # WARN in enforce mode is counted the same way, and relay control is never "would"
     gate2 = await gate_factory(checks, checks=scripted.CHECKS)
     counts = Counts()

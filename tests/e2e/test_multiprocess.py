@@ -80,11 +80,11 @@ async def test_scrape_sums_workers(sink: Sink, tmp_path) -> None:
                 open_sessions.append(c)
 
         s = await asyncio.to_thread(scrape, metrics_port)
-        assert get(s, "spamgate_sessions_total") == 3 + 4 + 3
-        assert get(s, "spamgate_transactions_total", outcome="accepted") == 7
+        assert get(s, "spamgate_sessions_total", frontend="proxy") == 3 + 4 + 3
+        assert get(s, "spamgate_transactions_total", frontend="proxy", outcome="accepted") == 7
         assert get(s, "spamgate_message_size_bytes_count") == 7
         assert get(s, "spamgate_message_size_bytes_bucket", le="1024.0") == 7
-        assert get(s, "spamgate_sessions_active") == 3
+        assert get(s, "spamgate_sessions_active", frontend="proxy") == 3
         assert get(s, "spamgate_config_last_reload_success") == 1
         assert get(s, "spamgate_upstream_up") == 1
         assert len(sink.messages) == 7
@@ -99,9 +99,10 @@ async def test_scrape_sums_workers(sink: Sink, tmp_path) -> None:
             while (await proc.stdout.readline()).decode().split() != ["exited", str(pid_b)]:
                 pass
         s = await asyncio.to_thread(scrape, metrics_port)
-        assert get(s, "spamgate_sessions_active") == 1  # the dead worker's sessions are gone
-        assert get(s, "spamgate_sessions_total") == 10  # its counts are not
-        assert get(s, "spamgate_transactions_total", outcome="accepted") == 7
+        # the dead worker's sessions are gone
+        assert get(s, "spamgate_sessions_active", frontend="proxy") == 1
+        assert get(s, "spamgate_sessions_total", frontend="proxy") == 10  # its counts are not
+        assert get(s, "spamgate_transactions_total", frontend="proxy", outcome="accepted") == 7
     finally:
         for c in open_sessions:
             await c.close()

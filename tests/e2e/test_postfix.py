@@ -49,17 +49,6 @@ async def log_line(postfix: PostfixInstance, pattern: str) -> str:
     return match.group(0)
 
 
-async def quit_and_rest(c: RawClient) -> list[int]:
-    """QUIT, then every reply code until the server closes."""
-    await c.send(b"QUIT\r\n")
-    codes = []
-    while True:
-        try:
-            codes.append((await c.reply(timeout=5)).code)
-        except ConnectionError:
-            return codes
-
-
 async def test_delivered_with_the_real_client_address(
     gate_factory: GateFactory, postfix: PostfixInstance
 ) -> None:
@@ -70,7 +59,7 @@ async def test_delivered_with_the_real_client_address(
     replies = await c.mail("a@example.org", ["u@example.test"], body, helo="client.example.test")
     assert [r.code for r in replies] == [250, 250, 250, 354, 250]
     qid = queue_id(replies[-1])  # Postfix's own words reach the client
-    assert await quit_and_rest(c) == [221]
+    assert await c.quit_and_drain() == [221]
 
     msg = await delivered(postfix, mark)
     received = " ".join(msg.get_all("Received")[0].split())
@@ -128,7 +117,7 @@ async def test_postfix_refusals_reach_the_client_verbatim(
     )
     assert "helo=<refused.example.test>" in line
     assert (await c.cmd("DATA")).code == 554  # no recipient was accepted
-    assert await quit_and_rest(c) == [221]
+    assert await c.quit_and_drain() == [221]
 
 
 async def test_postfix_refusal_after_the_dot_is_relayed(
@@ -195,7 +184,7 @@ async def test_smuggling_normalized_reaches_postfix_as_one_message(
     r = await c.reply()
     assert r.code == 250  # Postfix took it: no bare line end was left to refuse
     qid = queue_id(r)
-    assert await quit_and_rest(c) == [221]
+    assert await c.quit_and_drain() == [221]
     msg = await delivered(postfix, mark)
     assert msg["Subject"] == f"smuggling test {mark}"
     body = msg.get_payload()
@@ -224,7 +213,7 @@ async def test_smuggling_refused_never_reaches_postfix(
     await c.send(wire)
     r = await c.reply()
     assert (r.code, r.enhanced) == (550, "5.5.2")
-    assert await quit_and_rest(c) == [221]
+    assert await c.quit_and_drain() == [221]
     # Postfix's session summary: the transaction was reset, DATA never sent.
     line = await log_line(postfix, r"disconnect from unknown\[127\.0\.0\.10\].*")
     assert "rset=1" in line and "data=" not in line

@@ -2,21 +2,25 @@
 
 A fresh spamgate process (`python -m tests.e2e.scripted run`: the real CLI, with real
 rule tables, real DNS list, SPF, DKIM and DMARC checks against the test DNS server
-and messages signed by the test, plus the scripted check of tests/e2e/scripted.py for a
-failing check and a refusal at DATA) is scraped every second by a
-private Prometheus on loopback. The test drives a scripted mix
-of accepted, rejected (at connect, HELO, MAIL, RCPT, DATA and end of data),
-tempfailed, discarded and monitor-mode traffic, reloads into monitor mode and then
-into a broken configuration, and asks Prometheus's HTTP API:
+and messages signed by the test, the content checks against private clamd, spamd
+and rspamd, plus the scripted check of tests/e2e/scripted.py for a failing check, a
+refusal at DATA and a decision slower than the milter's deadline) is scraped every
+second by a private Prometheus on loopback. It is both front ends at once: an SMTP
+proxy, and the milter of a private Postfix. The test drives a scripted mix of
+accepted, rejected (at connect, HELO, MAIL, RCPT, DATA and end of data),
+tempfailed, discarded and monitor-mode traffic through the proxy, accepted and
+refused mail (rules, links, attachments, a virus, GTUBE) through Postfix and the
+milter, reloads into monitor mode and then into a broken configuration, and asks
+Prometheus's HTTP API:
 
 * every expression of grafana/dashboards/spamgate.json and every recording and
   alert rule returns data;
 * the counts are the traffic sent (7 relay refusals at RCPT show as 7, each rule
   table line as often as it matched, ...);
 * the alerts that a run can provoke fire: a refused reload, failing DNS, an
-  unreachable upstream, spamgate stopped. The refusal-rate alert, which compares
-  with a day of history, is exercised by `promtool test rules`; here every series
-  it reads must exist.
+  unreachable upstream, a milter decision past its deadline, spamgate stopped.
+  The refusal-rate alert, which compares with a day of history, is exercised by
+  `promtool test rules`; here every series it reads must exist.
 
 SPAMGATE_DASHBOARD_PNG=path redraws the picture of docs/monitoring.md from this
 run (SPAMGATE_DASHBOARD_ROUNDS=N repeats the traffic mix N times, a few seconds
@@ -33,7 +37,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,11 +50,14 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.kit.daemons import SIGNATURE, Clamd, Rspamd, Spamd
 from tests.kit.dnsserver import DnsServer
+from tests.kit.mimemaker import GTUBE, plain, with_attachment
+from tests.kit.postfix import PostfixInstance, free_port
 from tests.kit.sink import Sink
 from tests.kit.smtpclient import RawClient
 
-from ..conftest import config_text, need_binary
+from ..conftest import PostfixFactory, config_text, need_binary
 from . import scripted
 from .plotscript import DASHBOARD, panels, substitute
 from .scripted import LISTED, ZONES, write_rules
@@ -66,13 +72,20 @@ RULE_FILES = [
 RULE_TESTS = sorted((ROOT / "grafana" / "prometheus" / "tests").glob("*.yml"))
 JOB = "spamgate"
 # What Grafana would put in for its variables when the test evaluates a panel.
-VARIABLES = {"job": JOB, "instance": ".+", "__rate_interval": "1m", "__range": "10m"}
+VARIABLES = {
+    "job": JOB,
+    "instance": ".+",
+    "frontend": ".+",
+    "__rate_interval": "1m",
+    "__range": "10m",
+}
 # How each alert is shown to work in the live run (the rest by promtool unit tests).
 LIVE_ALERTS = {
     "SpamgateReloadFailed": "a broken configuration is reloaded",
     "SpamgateDNSFailing": "the DNS server answers SERVFAIL",
     "SpamgateNameserverDown": "the DNS server stops answering",
     "SpamgateUpstreamFailing": "the upstream MTA is stopped",
+    "SpamgateMilterFailing": "a check outlasts the milter's deadline",
     "SpamgateDown": "spamgate is stopped",
 }
 HISTORY_ALERTS = {
@@ -140,12 +153,6 @@ class Prometheus:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no data for {expr} after {timeout}s")
             await asyncio.sleep(0.25)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_prometheus(tmp: pathlib.Path, target: str) -> Prometheus:
@@ -251,6 +258,44 @@ class Tally:
 
 
 BODY = b"From: a@example.org\r\nSubject: hello\r\n\r\nHello\r\n"
+URIBL_ZONE = "uri.bl.test"
+
+
+def content_checks(clamd: Clamd, spamd: Spamd, rspamd: Rspamd) -> str:
+    """Every content check on; the scanners' scores weigh nothing, so the mail the
+    other tallies count is decided as before."""
+    return f"""
+[uribl]
+sites = ["{URIBL_ZONE}"]
+
+[attachments]
+enabled = true
+
+[clamav]
+address = "{clamd.address}"
+
+[rspamd]
+url = "http://{rspamd.address}"
+weight = 0
+count_symbols = ["GTUBE"]
+
+[spamassassin]
+address = "{spamd.address}"
+weight = 0
+count_symbols = ["GTUBE"]
+"""
+
+
+def milter_postfix(postfix_factory: PostfixFactory) -> tuple[PostfixInstance, int]:
+    """A private Postfix whose milter is spamgate (on the port returned)."""
+    port = free_port()
+    postfix = postfix_factory(
+        main_extra=[
+            f"smtpd_milters = inet:127.0.0.1:{port}",
+            "milter_default_action = tempfail",
+        ]
+    )
+    return postfix, port
 
 
 def body(subject: str = "hello", author: str = "a@example.org") -> bytes:
@@ -282,9 +327,10 @@ class Traffic:
     def hit(self, table: str, text: str) -> None:
         self.t.add("rule", *scripted.rule(table, text))
 
-    async def session(self, source: str = CLIENT, helo: str = HELO):
-        """Connect and EHLO; count the connect- and HELO-stage results."""
-        c, banner = await RawClient.connect(self.port, source=source)
+    async def session(self, source: str = CLIENT, helo: str = HELO, port: int = 0):
+        """Connect and EHLO (to spamgate, or to `port`: Postfix with spamgate as its
+        milter); count the connect- and HELO-stage results."""
+        c, banner = await RawClient.connect(port or self.port, source=source)
         assert banner is not None and banner.code == 220
         self.t.add("sessions")
         refused_at_connect = not self.monitor and (source == "127.0.0.9" or source in LISTED)
@@ -307,13 +353,14 @@ class Traffic:
         helo: str = HELO,
         spf: str | None = "none",
         auth: tuple[str, str] | None = ("none", "none"),
+        port: int = 0,
     ) -> list[int]:
         """One session, one transaction, QUIT; the reply codes after EHLO.
 
         `auth`: the DKIM and DMARC results of a message that reaches their checks
         at the end of data (unsigned mail from a domain without DMARC: none, none);
         None when a check before them ends the stage."""
-        c = await self.session(source, helo)
+        c = await self.session(source, helo, port)
         codes = [(await c.cmd(f"MAIL FROM:<{sender}>")).code]
         codes += [(await c.cmd(f"RCPT TO:<{r}>")).code for r in rcpts]
         r = await c.cmd("DATA")
@@ -463,6 +510,42 @@ class Traffic:
         t.add("auth", "spf", "none")
         t.add("outcome", "aborted")
 
+    async def milter_mix(self, port: int) -> None:
+        """Through Postfix, with spamgate as its milter: the same checks decide, and
+        the content checks have mail to judge."""
+        t = self.t
+        codes = await self.mail("a@example.org", ["u@example.test"], port=port)
+        assert codes == [250, 250, 354, 250]
+        t.add("outcome", "accepted")
+        t.add("eod")
+        # refused at RCPT in our words; Postfix refuses DATA without a recipient
+        codes = await self.mail("a@example.org", ["reject@example.test"], port=port)
+        assert codes == [250, 550, 554]
+        t.add("verdict", "rcpt", "recipient", "reject")
+        self.hit("recipient", "reject@")
+        t.add("outcome", "rejected")
+        # a decision past the milter's deadline: Postfix says 451, the session goes on
+        codes = await self.mail("a@example.org", ["slow@example.test", "u@example.test"], port=port)
+        assert codes == [250, 451, 250, 354, 250]
+        t.add("outcome", "accepted")
+        t.add("eod")
+        t.add("milter_error", "deadline")
+        # content checks: a link to a listed domain, an executable, a virus, GTUBE
+        for content, check, code in (
+            (plain("See http://listed-link.test/offer now", "link"), "uribl", 554),
+            (with_attachment("invoice.exe", b"MZ\x90\x00" * 64), "attachments", 554),
+            (plain(f"Sample {SIGNATURE} inside", "virus"), "clamav", 554),
+            (plain(f"This is the GTUBE\n{GTUBE}\n", "gtube"), None, 250),
+        ):
+            codes = await self.mail("a@example.org", ["u@example.test"], content, port=port)
+            assert codes == [250, 250, 354, code], (check, codes)
+            if check is not None:
+                t.add("verdict", "eod", check, "reject")
+            t.add("outcome", "rejected" if check else "accepted")
+            t.add("eod")
+            if check == "uribl":
+                t.add("dnsbl", URIBL_ZONE, "listed")
+
     async def monitor_mix(self) -> None:
         t = self.t
         self.monitor = True
@@ -571,15 +654,25 @@ async def sink_refusing_nobody(sink: Sink) -> AsyncIterator[Sink]:
 
 
 async def test_traffic_as_prometheus_sees_it(
-    sink_refusing_nobody: Sink, dns_server: DnsServer, tmp_path
+    sink_refusing_nobody: Sink,
+    dns_server: DnsServer,
+    tmp_path,
+    postfix_factory: PostfixFactory,
+    clamd: Clamd,
+    spamd: Spamd,
+    rspamd: Rspamd,
 ) -> None:
     need_binary(PROMETHEUS, "Prometheus (Debian package prometheus)")
     sink = sink_refusing_nobody
     rounds = int(os.environ.get("SPAMGATE_DASHBOARD_ROUNDS", "1"))
     png = os.environ.get("SPAMGATE_DASHBOARD_PNG")
     scripted.publish_dns(dns_server)
+    dns_server.zone(URIBL_ZONE, {"listed-link.test": {"A": "127.0.0.2"}}, ttl=5, negative_ttl=5)
+    postfix, milter_port = milter_postfix(postfix_factory)
     extra = '[limits]\nmessage_size = 20000\n\n[metrics]\nlisten = "127.0.0.1:0"\n\n'
-    extra += write_rules(tmp_path) + scripted.DNS_CHECKS
+    # a decision has 2 s less a margin: the scripted check's slow@ takes longer
+    extra += f'[milter]\nlisten = ["inet:127.0.0.1:{milter_port}"]\ncommand_timeout = 2\n\n'
+    extra += write_rules(tmp_path) + scripted.DNS_CHECKS + content_checks(clamd, spamd, rspamd)
     config = tmp_path / "spamgate.toml"
     # Reloads only on SIGHUP (not when the file changes), so the test counts them.
     server = {"reload_interval": "0"}
@@ -611,8 +704,10 @@ async def test_traffic_as_prometheus_sees_it(
 
         tally = Tally()
         traffic = Traffic(smtp_port, tally)
+        await gate.wait_log(r"milter listening on inet:127\.0\.0\.1")
         for i in range(rounds):
             await traffic.enforce_mix()
+            await traffic.milter_mix(postfix.port)
             if i + 1 < rounds:
                 await asyncio.sleep(5)
         await gate.reload(config_for(mode='"monitor"'), "reloaded configuration")
@@ -628,7 +723,7 @@ async def test_traffic_as_prometheus_sees_it(
 
         # Wait until a scrape holds the final counts; evaluate everything at that instant.
         sessions = tally.get("sessions")[()]
-        await prom.wait_for(f'spamgate_sessions_total{{job="{JOB}"}} == {sessions}')
+        await prom.wait_for(f'sum(spamgate_sessions_total{{job="{JOB}"}}) == {sessions}')
         await prom.wait_for(f'spamgate_config_reloads_total{{job="{JOB}",result="failure"}} == 1')
         await prom.wait_for('spamgate_config_last_reload_success{job="spamgate"} == 0')
         # A rule evaluation and another scrape after the one with the final counts:
@@ -646,6 +741,8 @@ async def test_traffic_as_prometheus_sees_it(
         assert prom.values(sent, at)[()] == dns_server.total > 0
         await asyncio.to_thread(check_dashboard, prom, at, tally)
         await asyncio.to_thread(check_rules, prom, at)
+        # the milter's deadline, passed above: spamgate told Postfix to try later
+        assert prom.query(alert_expr(prom, "SpamgateMilterFailing"), at)
 
         # DNS that fails: new clients whose lookups get SERVFAIL, until the share of
         # failed lookups over five minutes reaches SpamgateDNSFailing's threshold.
@@ -727,10 +824,15 @@ def check_counts(prom: Prometheus, at: float, t: Tally, rounds: int) -> None:
     same(by("spamgate_rule_hits_total", "table, rule"), t.get("rule"), "rule hits")
     same(by("spamgate_config_reloads_total", "result"), t.get("reload"), "reloads")
     same(by("spamgate_check_errors_total", "check, kind"), t.get("check_error"), "check errors")
+    same(by("spamgate_milter_errors_total", "kind"), t.get("milter_error"), "milter errors")
+    # both front ends counted their own sessions and transactions
+    for frontend in ("proxy", "milter"):
+        got = prom.values(f'sum(spamgate_sessions_total{{{sel}, frontend="{frontend}"}})', at)
+        assert got[()] > 0, frontend
     eod = t.get("eod")[()]
     assert prom.values(f"sum(spamgate_message_size_bytes_count{{{sel}}})", at)[()] == eod
     assert prom.values(f"sum(spamgate_score_count{{{sel}}})", at)[()] == eod
-    # the issue's example, spelled out: seven relay refusals at RCPT show as seven
+    # the example, spelled out: seven relay refusals at RCPT show as seven
     relay = by("spamgate_verdicts_total", "stage, check, action")[("rcpt", "relay", "reject")]
     assert relay == 7 * rounds
 
@@ -779,7 +881,11 @@ def check_dashboard(prom: Prometheus, at: float, t: Tally) -> None:
     got = {(dict(k)["table"], dict(k)["rule"]): v for k, v in panel("Top rules").items()}
     assert {k: v for k, v in got.items() if v} == dict(t.get("rule"))
     got = {dict(k)["zone"]: v for k, v in panel("Top DNS lists").items()}
-    assert got == {z: t.get("dnsbl")[(z, "listed")] for z in ZONES}
+    assert got == {z: t.get("dnsbl")[(z, "listed")] for z in (*ZONES, URIBL_ZONE)}
+    got = {dict(k)["frontend"] for k, v in panel("Sessions by front end").items() if v}
+    assert got == {"proxy", "milter"}
+    got = {dict(k)["symbol"]: v for k, v in panel("Top scanner symbols").items()}
+    assert got == {"GTUBE": 1}  # one per scanner, in both: the symbol is the same
     got = {dict(k)["result"]: v for k, v in panel("Reloads in the time range").items()}
     assert got == {"success": 1, "failure": 1}
     assert panel("Active sessions") == {(): 0}

@@ -219,7 +219,7 @@ async def test_subdomain_relay_domains(gate_factory: GateFactory, sink: Sink) ->
     assert (await c.cmd("RCPT TO:<u@x.example.test>")).code == 554
 
 
-# Sender-specified routing through a domain of ours (issue 18): refused from
+# Sender-specified routing through a domain of ours: refused from
 # clients that may not relay, as Postfix's allow_untrusted_routing = no does.
 ROUTED = [
     "user%other.test@example.test",
@@ -355,7 +355,7 @@ async def test_dsn_and_other_parameters_passed_verbatim(
     assert (r.code, r.enhanced) == (555, "5.5.4")
 
 
-# Parameters whose Unicode case mapping or digits look like valid ones (issue 18):
+# Parameters whose Unicode case mapping or digits look like valid ones:
 # each is a syntax error, never relayed, never a traceback.
 TRAPS = [
     ("MAIL FROM:<a@example.org> SIZE=\u0661\u0662", "5.5.4"),  # Arabic-Indic digits

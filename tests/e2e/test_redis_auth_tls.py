@@ -16,7 +16,8 @@ import pytest
 import trustme
 
 from spamgate.cli import main
-from tests.kit.redisserver import ClusterSet, RedisServer, Sentinel, free_port
+from tests.kit.ports import free_port
+from tests.kit.redisserver import ClusterSet, RedisServer, Sentinel
 from tests.kit.sink import Sink
 
 from ..conftest import REDIS_CLI, REDIS_SENTINEL, REDIS_SERVER, GateFactory, issue, need_binary
@@ -158,10 +159,14 @@ def test_check_warns_about_a_password_in_the_config(tmp_path) -> None:
     assert code == 0 and f"warning: [state] password_file: {secret} is readable by anyone" in out
 
 
-def test_check_refuses_bad_credential_settings(tmp_path) -> None:
+def test_check_refuses_bad_credential_settings(tmp_path, monkeypatch) -> None:
     code, out = check(tmp_path, '[state]\nredis = "redis://h:1/0"\npassword_file = "nope"\n')
     assert code == 1
-    assert f"spamgate.toml:3: [state] password_file: {tmp_path}/nope: No such file" in out
+    assert f"spamgate.toml:3: [state] password_file: {tmp_path}/nope: no such file" in out
+    # from the configuration's directory, named as the admin would open it
+    monkeypatch.chdir(tmp_path)
+    code, out = check(tmp_path, '[state]\nredis = "rediss://h:1/0"\ntls_ca_file = "ca.pem"\n')
+    assert code == 1 and "spamgate.toml:3: [state] tls_ca_file: ca.pem: no such file" in out
 
     secret = password_file(tmp_path, "s3cret")
     text = f'[state]\nredis = "redis://:x@h:1/0"\npassword_file = "{secret}"\n'
@@ -250,7 +255,7 @@ def test_tls_files_must_be_readable(tmp_path) -> None:
     code, out = check(
         tmp_path, '[state]\nredis = "rediss://h:1/0"\ntls_ca_file = "missing-ca.pem"\n'
     )
-    assert code == 1 and f"[state] tls_ca_file: {tmp_path}/missing-ca.pem: not readable" in out
+    assert code == 1 and f"[state] tls_ca_file: {tmp_path}/missing-ca.pem: no such file" in out
 
 
 def test_scaling_examples_are_valid_configurations() -> None:

@@ -17,12 +17,8 @@ from spamgate import metrics
 from tests.kit.redisserver import RedisServer, Sentinel, SentinelSet
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory, state_section
+from ..conftest import GateFactory, sample, state_section
 from .stateful import codes, send
-
-
-def sample(name: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name) or 0.0
 
 
 def hit_latency(le: str) -> float:

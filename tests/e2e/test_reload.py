@@ -7,21 +7,16 @@ import logging
 import os
 import pathlib
 import signal
-import socket
 import sys
 import time
 
-from spamgate import metrics
+from tests.kit.ports import free_port
 from tests.kit.smtpclient import RawClient
 
-from ..conftest import GateFactory
+from ..conftest import GateFactory, sample
 
 ROOT_DIR = pathlib.Path(__file__).resolve().parents[2]
 RULES = '[rules]\nrecipient = ["hash:recipient"]\n'
-
-
-def metric(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def rcpt_code(gate, address: str = "u@example.test") -> int:
@@ -64,16 +59,16 @@ async def test_reload_good_then_broken_while_a_session_is_open(
 
     table.write_text("u@example.test REJECT\n")
     assert await gate.server.reload(path)
-    assert metric("spamgate_config_last_reload_success") == 1
+    assert sample("spamgate_config_last_reload_success") == 1
     # ... finishes on them; new sessions get the new ones
     assert (await old.cmd("RCPT TO:<u@example.test>")).code == 250
     assert await rcpt_code(gate) == 554
 
-    failures = metric("spamgate_config_reloads_total", result="failure")
+    failures = sample("spamgate_config_reloads_total", result="failure")
     table.write_text("u@example.test REJECT\nv@example.test REJCT\n")
     assert not await gate.server.reload(path)
-    assert metric("spamgate_config_last_reload_success") == 0
-    assert metric("spamgate_config_reloads_total", result="failure") == failures + 1
+    assert sample("spamgate_config_last_reload_success") == 0
+    assert sample("spamgate_config_reloads_total", result="failure") == failures + 1
     problem = f"{table}:2: unknown action 'REJCT'"
     assert any(problem in p for p in gate.server.runtime.reload_problems)
     assert f"reload refused: {problem}" in caplog.text
@@ -84,7 +79,7 @@ async def test_reload_good_then_broken_while_a_session_is_open(
 
     table.write_text("v@example.test REJECT\n")
     assert await gate.server.reload(path)
-    assert metric("spamgate_config_last_reload_success") == 1
+    assert sample("spamgate_config_last_reload_success") == 1
     assert gate.server.runtime.reload_problems == []
     assert await rcpt_code(gate) == 250
     assert await rcpt_code(gate, "v@example.test") == 554
@@ -103,16 +98,16 @@ async def test_a_changed_rule_file_is_reloaded(gate_factory: GateFactory, tmp_pa
     assert "reloaded configuration" in caplog.text and "changed: " in caplog.text
 
     # a broken edit is refused once, and the rules in force stay
-    failures = metric("spamgate_config_reloads_total", result="failure")
+    failures = sample("spamgate_config_reloads_total", result="failure")
     table.write_text("u@example.test 250 fine\n")
     bump(table)
 
     async def refused() -> bool:
-        return metric("spamgate_config_last_reload_success") == 0
+        return sample("spamgate_config_last_reload_success") == 0
 
     assert await eventually(refused)
     await asyncio.sleep(0.3)  # several more polls: not retried while nothing changes
-    assert metric("spamgate_config_reloads_total", result="failure") == failures + 1
+    assert sample("spamgate_config_reloads_total", result="failure") == failures + 1
     assert "recipient:1: reply code 250 is not 4NN or 5NN" in caplog.text
     assert await rcpt_code(gate) == 550
 
@@ -129,7 +124,7 @@ async def test_a_table_named_before_it_exists_is_picked_up(
     bump(config)
 
     async def refused() -> bool:
-        return metric("spamgate_config_last_reload_success") == 0
+        return sample("spamgate_config_last_reload_success") == 0
 
     assert await eventually(refused)  # hash:new does not exist yet
     assert any(
@@ -142,12 +137,6 @@ async def test_a_table_named_before_it_exists_is_picked_up(
 
 async def _is(gate, code: int) -> bool:
     return await rcpt_code(gate) == code
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_sighup_reloads(tmp_path, sink) -> None:

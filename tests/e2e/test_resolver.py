@@ -9,23 +9,18 @@ import time
 
 import pytest
 
-from spamgate import metrics
 from spamgate import resolver as resolver_module
 from spamgate.config import DnsSettings
 from spamgate.resolver import TEMPUNAVAIL, UNAVAILABLE, DnsError, DnsResolver, Resolver
 from tests.kit.dnsserver import DnsServer
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
+from ..conftest import GateFactory, sample
 
 
 def make_resolver(server: DnsServer, **kw) -> Resolver:
     settings = {"timeout": 0.3, "lifetime": 0.6, **kw}
     return DnsResolver(DnsSettings(nameservers=[server.address], **settings))
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def test_answers_negative_answers_and_texts(dns_server: DnsServer) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from spamgate import metrics
 from tests.kit.dnsserver import DnsServer
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
+from ..conftest import GateFactory, sample
 
 BODY = b"Subject: rhsbl\r\n\r\nhello\r\n"
 
@@ -26,10 +25,6 @@ def publish_dbl(dns_server: DnsServer) -> None:
             "rewritten.test": {"A": "127.0.0.1"},  # outside the filter
         },
     )
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def transaction(gate, helo: str, sender: str) -> list:

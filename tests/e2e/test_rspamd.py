@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-from spamgate import metrics
 from tests.kit.daemons import Rspamd
-from tests.kit.mimemaker import GTUBE, plain
-from tests.kit.redisserver import free_port
+from tests.kit.mimemaker import HAM, gtube
+from tests.kit.ports import free_port
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-async def send(gate, body: bytes) -> list:
-    c, _ = await gate.client(source="127.0.0.2")
-    replies = await c.mail("a@example.org", ["u@example.test"], body)
-    await c.close()
-    return replies
-
-
-def gtube(subject: str = "gtube") -> bytes:
-    return plain(f"This is the GTUBE\n{GTUBE}\nGeneric Test for Unsolicited Bulk Email", subject)
-
-
-HAM = plain("Hello, the meeting is moved to Thursday at ten. Regards, Sam", "meeting")
+from ..conftest import GateFactory, sample
 
 
 async def test_gtube_scored_and_refused_at_threshold(
@@ -38,12 +19,12 @@ async def test_gtube_scored_and_refused_at_threshold(
     )
     hits = sample("spamgate_scanner_symbols_total", check="rspamd", symbol="GTUBE")
     rejects = sample("spamgate_content_scans_total", check="rspamd", result="reject")
-    replies = await send(gate, gtube())
+    replies = await gate.send(gtube())
     assert replies[-1].code == 550
     assert replies[-1].text == "5.7.1 Message refused as spam (score 15.0)"
     assert sample("spamgate_scanner_symbols_total", check="rspamd", symbol="GTUBE") == hits + 1
     assert sample("spamgate_content_scans_total", check="rspamd", result="reject") == rejects + 1
-    replies = await send(gate, HAM)
+    replies = await gate.send(HAM)
     assert replies[-1].code == 250 and len(sink.messages) == 1
 
 
@@ -51,13 +32,13 @@ async def test_action_mode_and_symbols(
     gate_factory: GateFactory, rspamd: Rspamd, sink: Sink
 ) -> None:
     gate = await gate_factory(f'[rspamd]\nurl = "http://{rspamd.address}"\nmode = "action"\n')
-    replies = await send(gate, gtube())
+    replies = await gate.send(gtube())
     assert replies[-1].code == 554
     assert replies[-1].text == "5.7.1 Message refused as spam (rspamd score 15)"
     gate = await gate_factory(
         f'[rspamd]\nurl = "http://{rspamd.address}"\nweight = 0.5\n[scoring]\ntag = 5\n'
     )
-    assert (await send(gate, gtube("half")))[-1].code == 250  # 7.5: tagged only
+    assert (await gate.send(gtube("half")))[-1].code == 250  # 7.5: tagged only
     content = sink.messages[0].content
     assert b"X-Spam-Score: 7.5" in content
     assert b"RSPAMD_GTUBE" in content
@@ -67,9 +48,9 @@ async def test_rspamd_down(gate_factory: GateFactory, sink: Sink) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     gate = await gate_factory(f'[rspamd]\nurl = "{dead}"\n')
     outages = sample("spamgate_backend_outages_total", check="rspamd")
-    assert (await send(gate, gtube()))[-1].code == 250
-    assert (await send(gate, gtube("again")))[-1].code == 250
+    assert (await gate.send(gtube()))[-1].code == 250
+    assert (await gate.send(gtube("again")))[-1].code == 250
     assert sample("spamgate_backend_outages_total", check="rspamd") == outages + 1
     gate = await gate_factory(f'[rspamd]\nurl = "{dead}"\non_error = "tempfail"\n')
-    assert (await send(gate, gtube("t")))[-1].code == 451
+    assert (await gate.send(gtube("t")))[-1].code == 451
     assert len(sink.messages) == 2

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kit.postfix import free_port
+from tests.kit.ports import free_port
 from tests.kit.sink import Sink
 from tests.kit.smtpclient import RawClient
 

@@ -33,17 +33,6 @@ async def open_data(c: RawClient) -> None:
     assert (await c.cmd("DATA")).code == 354
 
 
-async def replies_until_close(c: RawClient) -> list[int]:
-    """QUIT, then every reply code left: smuggled commands would show up here."""
-    await c.send(b"QUIT\r\n")
-    codes = []
-    while True:
-        try:
-            codes.append((await c.reply(timeout=5)).code)
-        except ConnectionError:
-            return codes
-
-
 def assert_no_smuggled_commands(sink: Sink) -> None:
     assert [cmd for cmd in sink.commands if cmd.startswith("MAIL")] == [f"MAIL FROM:<{SENDER}>"]
     assert [cmd for cmd in sink.commands if cmd.startswith("RCPT")] == ["RCPT TO:<u@example.test>"]
@@ -66,7 +55,7 @@ async def test_reject_mode(gate_factory: GateFactory, sink: Sink, name: str) -> 
     else:  # the NUL vector: no bare line end, so it is one ordinary message
         assert r.code == 250
         assert [m.original for m in sink.messages] == [normalized(content)]
-    assert await replies_until_close(c) == [221]
+    assert await c.quit_and_drain() == [221]
     assert_no_smuggled_commands(sink)
 
 
@@ -79,7 +68,7 @@ async def test_normalize_mode(gate_factory: GateFactory, sink: Sink, name: str) 
     await c.send(wire)
     r = await c.reply()
     assert r.code == 250
-    assert await replies_until_close(c) == [221]
+    assert await c.quit_and_drain() == [221]
     assert len(sink.messages) == 1
     relayed = sink.messages[0].original
     assert relayed == normalized(content)
@@ -105,7 +94,7 @@ async def test_the_aiosmtpd_vector(gate_factory: GateFactory, sink: Sink, mode: 
         # "Testing" is no header field: it goes on after an empty line (as Postfix
         # delivers such content), the rest unchanged.
         assert [m.original for m in sink.messages] == [b"\r\nTesting\r\n.\r\nNO SMUGGLING\r\n"]
-    assert await replies_until_close(c) == [221]
+    assert await c.quit_and_drain() == [221]
 
 
 @pytest.mark.parametrize("name", ["lf.crlf", "crlf.cr", "cr.crlf", "crlf.cr.crlf"])
@@ -124,7 +113,7 @@ async def test_vectors_split_across_segments(
         await c.send(wire[cut:])
         r = await c.reply()
         assert (r.code, r.enhanced) == (550, "5.5.2"), f"cut at {cut}"
-        assert await replies_until_close(c) == [221]
+        assert await c.quit_and_drain() == [221]
     assert sink.messages == []
     assert not any(SMUGGLER in cmd or VICTIM in cmd for cmd in sink.commands)
 

@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-from spamgate import metrics
 from tests.kit.daemons import Spamd
-from tests.kit.mimemaker import GTUBE, plain
-from tests.kit.redisserver import free_port
+from tests.kit.mimemaker import HAM, gtube
+from tests.kit.ports import free_port
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-async def send(gate, body: bytes) -> list:
-    c, _ = await gate.client(source="127.0.0.2")
-    replies = await c.mail("a@example.org", ["u@example.test"], body)
-    await c.close()
-    return replies
-
-
-def gtube(subject: str = "gtube") -> bytes:
-    return plain(f"This is the GTUBE\n{GTUBE}\nGeneric Test for Unsolicited Bulk Email", subject)
-
-
-HAM = plain("Hello, the meeting is moved to Thursday at ten. Regards, Sam", "meeting")
+from ..conftest import GateFactory, sample
 
 
 async def test_gtube_scored_and_refused_at_threshold(
@@ -37,14 +18,14 @@ async def test_gtube_scored_and_refused_at_threshold(
         "timeout = 60\n[scoring]\nreject = 15\ntag = 5\n"
     )
     hits = sample("spamgate_scanner_symbols_total", check="spamassassin", symbol="GTUBE")
-    replies = await send(gate, gtube())
+    replies = await gate.send(gtube())
     assert replies[-1].code == 550
     assert replies[-1].text == "5.7.1 Message refused as spam (score 1000.0)"
     assert (
         sample("spamgate_scanner_symbols_total", check="spamassassin", symbol="GTUBE") == hits + 1
     )
     assert sample("spamgate_verdicts_total", stage="eod", check="score", action="reject") >= 1
-    replies = await send(gate, HAM)
+    replies = await gate.send(HAM)
     assert replies[-1].code == 250
     assert len(sink.messages) == 1
     assert b"X-Spam-Flag" not in sink.messages[0].content
@@ -57,7 +38,7 @@ async def test_weight_and_symbols_in_headers(
         f'[spamassassin]\naddress = "{spamd.address}"\nweight = 0.01\ntimeout = 60\n'
         "[scoring]\nreject = 15\ntag = 5\n"
     )
-    replies = await send(gate, gtube())
+    replies = await gate.send(gtube())
     assert replies[-1].code == 250  # 1000 x 0.01 = 10: tagged, not refused
     content = sink.messages[0].content
     assert b"X-Spam-Score: 10.0" in content
@@ -69,7 +50,7 @@ async def test_action_mode_follows_spamd(gate_factory: GateFactory, spamd: Spamd
     gate = await gate_factory(
         f'[spamassassin]\naddress = "{spamd.address}"\nmode = "action"\ntimeout = 60\n'
     )
-    replies = await send(gate, gtube())
+    replies = await gate.send(gtube())
     assert replies[-1].code == 550
     assert replies[-1].text == "5.7.1 Message refused as spam (SpamAssassin score 1000)"
 
@@ -77,9 +58,9 @@ async def test_action_mode_follows_spamd(gate_factory: GateFactory, spamd: Spamd
 async def test_spamd_down(gate_factory: GateFactory, sink: Sink) -> None:
     dead = f"127.0.0.1:{free_port()}"
     gate = await gate_factory(f'[spamassassin]\naddress = "{dead}"\n')
-    assert (await send(gate, gtube()))[-1].code == 250  # on_error = continue
+    assert (await gate.send(gtube()))[-1].code == 250  # on_error = continue
     gate = await gate_factory(f'[spamassassin]\naddress = "{dead}"\non_error = "tempfail"\n')
-    replies = await send(gate, gtube())
+    replies = await gate.send(gtube())
     assert replies[-1].code == 451
     assert len(sink.messages) == 1
 
@@ -89,7 +70,7 @@ async def test_larger_than_max_size_not_sent(
 ) -> None:
     gate = await gate_factory(f'[spamassassin]\naddress = "{spamd.address}"\nmax_size = 1000\n')
     skipped = sample("spamgate_content_scans_total", check="spamassassin", result="skipped")
-    replies = await send(gate, gtube() + (b"x" * 78 + b"\r\n") * 20)
+    replies = await gate.send(gtube() + (b"x" * 78 + b"\r\n") * 20)
     assert replies[-1].code == 250
     assert sample("spamgate_content_scans_total", check="spamassassin", result="skipped") == (
         skipped + 1

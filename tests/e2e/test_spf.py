@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from spamgate import metrics
 from spamgate.app import build_policy, loads
 from spamgate.checks.engines.spfquery import SpfEngine
 from spamgate.checks.spf import SpfHeloResult, SpfResult
@@ -24,7 +23,7 @@ from spamgate.services import Services
 from tests.kit.dnsserver import DnsServer
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory, config_text
+from ..conftest import GateFactory, config_text, sample
 
 BODY = b"Subject: spf\r\n\r\nhello\r\n"
 
@@ -309,10 +308,6 @@ async def transaction(gate, sender: str, helo: str = "client.example.test", sour
     replies = await c.mail(sender, ["u@example.test"], BODY, helo=helo)
     await c.close()
     return replies
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def test_fail_is_refused_with_the_domains_explanation(

@@ -10,15 +10,12 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from spamgate import metrics
 from spamgate.state import MemoryStore, StateStore, StoreUnavailable, Window
 from spamgate.state.base import SLOTS
 from spamgate.state.redisstore import RedisStore
 from tests.kit.redisserver import ClusterSet, RedisServer, SentinelSet
 
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+from ..conftest import sample
 
 
 def redis_store(server: RedisServer | SentinelSet | ClusterSet, **kw: object) -> RedisStore:

@@ -28,7 +28,7 @@ from tests.kit.smtpclient import RawClient
 from tests.kit.syscallfilter import expand, load_groups, unit_directives, unit_filter
 
 from ..conftest import config_text
-from .test_daemon import Notifications, free_port
+from .test_daemon import Notifications, free_port, start
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "spamgate.service"
@@ -122,24 +122,8 @@ async def sandboxed(request: pytest.FixtureRequest, sink: Sink, dns_server: DnsS
     )
     notes = Notifications(tmp_path / "notify")
     stderr = tmp_path / "stderr"
-    with open(stderr, "wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tests.kit.syscallfilter",
-            str(UNIT),
-            "--",
-            sys.executable,
-            "-m",
-            "spamgate",
-            "run",
-            "-c",
-            str(config),
-            cwd=ROOT,
-            env={**os.environ, "NOTIFY_SOCKET": str(notes.path)},
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=err,
-        )
+    under = (sys.executable, "-m", "tests.kit.syscallfilter", str(UNIT), "--")
+    proc = await start(config, {"NOTIFY_SOCKET": str(notes.path)}, stderr, under)
     try:
         assert (await notes.next()).startswith("READY=1"), stderr.read_text()
         yield port, stderr

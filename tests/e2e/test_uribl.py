@@ -5,13 +5,12 @@ from __future__ import annotations
 import resource
 import time
 
-from spamgate import metrics
 from spamgate.checks.engines.links import Extractor, normal_host
 from tests.kit.dnsserver import DnsServer
 from tests.kit.mimemaker import b64, header, html_base64, plain
 from tests.kit.sink import Sink
 
-from ..conftest import GateFactory
+from ..conftest import GateFactory, sample
 
 LISTS = """
 [uribl]
@@ -43,17 +42,6 @@ def asked(dns_server: DnsServer, zone: str) -> int:
     )
 
 
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-async def send(gate, body: bytes) -> list:
-    c, _ = await gate.client(source="127.0.0.2")
-    replies = await c.mail("a@example.org", ["u@example.test"], body)
-    await c.close()
-    return replies
-
-
 async def test_listed_link_in_base64_html_refused(
     gate_factory: GateFactory, dns_server: DnsServer, sink: Sink
 ) -> None:
@@ -61,7 +49,7 @@ async def test_listed_link_in_base64_html_refused(
     gate = await gate_factory(LISTS)
     listed = sample("spamgate_content_scans_total", check="uribl", result="listed")
     html = '<html><body><p>Offer!</p><a href="http://www.listed.test/buy">buy</a></body></html>'
-    replies = await send(gate, html_base64(html))
+    replies = await gate.send(html_base64(html))
     assert replies[-1].code == 554
     assert replies[-1].text == (
         "5.7.1 Message refused: link to domain [listed.test] blocked using dbl.test; "
@@ -90,7 +78,7 @@ async def test_obfuscated_links_still_found(
         "<p>just type listed.test/offer in your browser</p>",
     ]
     for n, markup in enumerate(disguises):
-        replies = await send(gate, html_base64(f"<html><body>{markup}</body></html>", f"d{n}"))
+        replies = await gate.send(html_base64(f"<html><body>{markup}</body></html>", f"d{n}"))
         assert replies[-1].code == 554, markup
     # in a plain-text part, quoted-printable, too
     qp = (
@@ -99,7 +87,7 @@ async def test_obfuscated_links_still_found(
         + b"Content-Transfer-Encoding: quoted-printable\r\n"
         + b"\r\nGo to http://www.listed=2Etest/offer=\r\n now\r\n"
     )
-    assert (await send(gate, qp))[-1].code == 554
+    assert (await gate.send(qp))[-1].code == 554
     assert sink.messages == []
 
 
@@ -113,7 +101,7 @@ async def test_unlisted_and_allowlisted_links_accepted(
         '<img src="https://www.w3.org/logo.png"><a href="https://shop.example.test/">ours</a>'
         "</body></html>"
     )
-    replies = await send(gate, html_base64(html))
+    replies = await gate.send(html_base64(html))
     assert replies[-1].code == 250
     assert len(sink.messages) == 1
     assert dns_server.count("clean.test.dbl.test", "A") == 1
@@ -129,7 +117,7 @@ async def test_error_codes_are_not_listings_and_symbols_score(
     gate = await gate_factory(LISTS + "\n[scoring]\ntag = 1.0\n")
     errors = sample("spamgate_dnsbl_results_total", zone="dbl.test", result="error")
     body = plain("see http://refused.test/ and http://greyish.test/")
-    replies = await send(gate, body)
+    replies = await gate.send(body)
     assert replies[-1].code == 250
     assert sample("spamgate_dnsbl_results_total", zone="dbl.test", result="error") == errors + 1
     content = sink.messages[0].content
@@ -142,11 +130,11 @@ async def test_link_to_listed_address(
 ) -> None:
     publish(dns_server)
     gate = await gate_factory(LISTS)
-    replies = await send(gate, plain("login at http://192.0.2.1/bank now"))
+    replies = await gate.send(plain("login at http://192.0.2.1/bank now"))
     assert replies[-1].code == 554
     assert "link to address [192.0.2.1] blocked using ipbl.test" in replies[-1].text
     # the same address written as one number, as browsers accept it
-    replies = await send(gate, plain("login at http://3221225985/bank now"))
+    replies = await gate.send(plain("login at http://3221225985/bank now"))
     assert replies[-1].code == 554
 
 
@@ -156,7 +144,7 @@ async def test_monitor_mode_only_logs(
     publish(dns_server)
     gate = await gate_factory(LISTS, server={"mode": '"monitor"'})
     would = sample("spamgate_monitor_verdicts_total", stage="eod", check="uribl", action="reject")
-    replies = await send(gate, plain("http://listed.test/"))
+    replies = await gate.send(plain("http://listed.test/"))
     assert replies[-1].code == 250 and len(sink.messages) == 1
     assert (
         sample("spamgate_monitor_verdicts_total", stage="eod", check="uribl", action="reject")
@@ -174,13 +162,13 @@ async def test_ten_thousand_links_bounded(
     gate = await gate_factory(LISTS)
     links = "".join(f'<a href="http://d{n}.many.test/">{n}</a>\n' for n in range(10_000))
     started = time.monotonic()
-    replies = await send(gate, html_base64(f"<html><body>{links}</body></html>"))
+    replies = await gate.send(html_base64(f"<html><body>{links}</body></html>"))
     assert replies[-1].code == 250
     assert time.monotonic() - started < 10
     # d0.many.test ... d9999.many.test: one registered domain, one lookup
     assert asked(dns_server, "dbl.test") == 1
     other = "".join(f'<a href="http://x{n}.test/">{n}</a>\n' for n in range(10_000))
-    replies = await send(gate, html_base64(f"<html><body>{other}</body></html>", "other"))
+    replies = await gate.send(html_base64(f"<html><body>{other}</body></html>", "other"))
     assert replies[-1].code == 250
     assert asked(dns_server, "dbl.test") == 1 + 20  # max_domains
 
@@ -193,7 +181,7 @@ async def test_distinct_domains_capped(
     # the listed one comes last in the text, but first in an href: looked up first
     text = " ".join(f"http://spam{n}.test/" for n in range(30))
     html = f'<html><body><p>{text}</p><a href="http://listed.test/">x</a></body></html>'
-    replies = await send(gate, html_base64(html))
+    replies = await gate.send(html_base64(html))
     assert replies[-1].code == 554
     assert asked(dns_server, "dbl.test") == 5
 
@@ -205,7 +193,7 @@ async def test_html_nested_5000_deep(
     gate = await gate_factory(LISTS + "part_size = 200000\n")
     deep = "<div>" * 5000 + '<a href="http://listed.test/">deep</a>' + "</div>" * 5000
     started = time.monotonic()
-    replies = await send(gate, html_base64(f"<html><body>{deep}</body></html>"))
+    replies = await gate.send(html_base64(f"<html><body>{deep}</body></html>"))
     assert replies[-1].code == 554  # found, at the bottom
     assert time.monotonic() - started < 5
 
@@ -227,7 +215,7 @@ async def test_malformed_base64(
             + b"Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\n"
             + broken
         )
-        replies = await send(gate, body)
+        replies = await gate.send(body)
         # decoded as far as it goes: the link is still found
         assert replies[-1].code == 554, broken
     assert sink.messages == []
@@ -245,7 +233,7 @@ async def test_twenty_megabytes(
     body = plain("hello") + line * (20_000_000 // len(line))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.monotonic()
-    replies = await send(gate, body)
+    replies = await gate.send(body)
     assert replies[-1].code == 554  # the first MB holds the links
     assert time.monotonic() - started < 20
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024

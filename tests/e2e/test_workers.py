@@ -39,7 +39,8 @@ def children(pid: int) -> list[int]:
 
 
 class Running:
-    """`spamgate run` in the background, with its stderr in a file."""
+    """`spamgate run` in the background, with its stderr in a file (`module`: the
+    command's module, e.g. a test's own that adds checks)."""
 
     def __init__(
         self,
@@ -47,11 +48,13 @@ class Running:
         text: str,
         env: dict[str, str] | None = None,
         name: str = "spamgate",
+        module: str = "spamgate",
     ) -> None:
         self.config = directory / f"{name}.toml"
         self.config.write_text(text)
         self.stderr = directory / f"{name}.stderr"
         self.env = env or {}
+        self.module = module
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> asyncio.subprocess.Process:
@@ -59,7 +62,7 @@ class Running:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "spamgate",
+                self.module,
                 "run",
                 "-c",
                 str(self.config),
@@ -240,15 +243,15 @@ async def test_metrics_sum_over_workers(sink: Sink, running) -> None:
     served = set(await gate.wait_log(r"spamgate\.session\[(\d+)\]: sid=\w+ client=", 20))
     assert served == {str(p) for p in workers}  # both did some of it
     samples = await asyncio.to_thread(scrape, metrics_port)
-    assert get(samples, "spamgate_sessions_total") == 20
-    assert get(samples, "spamgate_transactions_total", outcome="accepted") == 20
+    assert get(samples, "spamgate_sessions_total", frontend="proxy") == 20
+    assert get(samples, "spamgate_transactions_total", frontend="proxy", outcome="accepted") == 20
     ready = await asyncio.to_thread(status, metrics_port, "/readyz")
     assert ready == (200, "ok\n2 workers serving\n")
     # a worker that dies takes its live gauges with it; its counts stay in the sum
     os.kill(workers[0], signal.SIGKILL)
     await gate.wait_log(r"worker \d started again")
     samples = await asyncio.to_thread(scrape, metrics_port)
-    assert get(samples, "spamgate_sessions_total") == 20
+    assert get(samples, "spamgate_sessions_total", frontend="proxy") == 20
     assert await gate.stop() == 0
     assert not list(pathlib.Path("/tmp").glob(f"spamgate-metrics-*/*_{workers[1]}.db"))
 

@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import time
 
-from .redisserver import free_port
+from .ports import free_port
 
 CLAMD = "/usr/sbin/clamd"
 SPAMD = "/usr/sbin/spamd"

@@ -56,6 +56,7 @@ class RecordingHandler(MilterHandler):
     delay: float = 0.0
     calls: list[tuple[str, object, dict[str, str]]] = field(default_factory=list)
     closed: bool = False
+    close_reason: str = ""
 
     async def _answer(self, name: str, arg: object, macros: Macros) -> Decision:
         self.calls.append((name, arg, dict(macros)))
@@ -95,8 +96,9 @@ class RecordingHandler(MilterHandler):
     async def abort(self) -> None:
         self.calls.append(("abort", None, {}))
 
-    async def close(self) -> None:
+    async def close(self, reason: str) -> None:
         self.closed = True
+        self.close_reason = reason
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]

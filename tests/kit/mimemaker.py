@@ -35,6 +35,15 @@ def plain(text: str, subject: str = "plain") -> bytes:
     )
 
 
+def gtube(subject: str = "gtube") -> bytes:
+    """A message with the GTUBE line, which rspamd and SpamAssassin score as spam."""
+    return plain(f"This is the GTUBE\n{GTUBE}\nGeneric Test for Unsolicited Bulk Email", subject)
+
+
+# A message neither scanner should find much in.
+HAM = plain("Hello, the meeting is moved to Thursday at ten. Regards, Sam", "meeting")
+
+
 def html_base64(html: str, subject: str = "html", text: str = "see the HTML part") -> bytes:
     """multipart/alternative: a text part and a base64 HTML part."""
     return (

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .ports import free_port
+
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
 DOMAIN = "example.test"
@@ -44,13 +46,6 @@ UNKNOWN_USER = "nobody"
 
 class PostfixError(Exception):
     """The instance would not start (bad config, port taken); carries the log tail."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the kernel's choice, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def parse_main_cf(text: Iterable[str] | str) -> dict[str, str]:

@@ -20,15 +20,11 @@ from pathlib import Path
 
 import redis
 
+from .ports import free_port
+
 REDIS_SERVER = "/usr/bin/redis-server"
 REDIS_SENTINEL = "/usr/bin/redis-sentinel"
 REDIS_CLI = "/usr/bin/redis-cli"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:

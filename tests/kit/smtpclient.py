@@ -111,6 +111,17 @@ class RawClient:
             out.append(await self.reply())
         return out
 
+    async def quit_and_drain(self) -> list[int]:
+        """QUIT, then every reply code until the server closes: a command smuggled
+        inside a message would show up here as a reply of its own."""
+        await self.send(b"QUIT\r\n")
+        codes = []
+        while True:
+            try:
+                codes.append((await self.reply(timeout=5)).code)
+            except ConnectionError:
+                return codes
+
     async def close(self) -> None:
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):

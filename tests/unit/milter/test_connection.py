@@ -129,3 +129,12 @@ def test_no_reply_events() -> None:
     assert conn.answer(header, Continue()) == b""
     with pytest.raises(BadDecision):
         conn.answer(header, codec.Reject())
+
+
+def test_bytes_after_quit_in_the_same_read_are_a_violation() -> None:
+    conn = opened()
+    (end,) = conn.receive(mta_packet(b"Q") + b"\x00junk")
+    assert isinstance(end, End) and end.violation is not None
+    assert end.violation.kind is Violation.AFTER_QUIT
+    (clean,) = opened().receive(mta_packet(b"Q"))
+    assert clean == End()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from spamgate import metrics
 from spamgate.app import loads
 from spamgate.model import Client, Recipient, Session, Stage, Transaction
 from spamgate.pipeline.check import Check, CheckContext
@@ -17,11 +16,9 @@ from spamgate.pipeline.ledger import Ledger
 from spamgate.pipeline.runner import CorePolicy, Pipeline
 from spamgate.pipeline.verdict import DUNNO, Action, CheckFailures, Symbol, Verdict, reject
 
+from ...conftest import sample
+
 BASE = '[server]\nrelay_domains = ["example.test"]\nmynetworks = ["127.0.0.1/32"]\n'
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def verdicts(stage: str, check: str, action: str) -> float:
