@@ -22,6 +22,7 @@ and `rsa_verify`.
 
 from __future__ import annotations
 
+import binascii
 import functools
 import logging
 import re
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import dkim
 import dkim.canonicalization
+import nacl.exceptions
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
@@ -53,15 +55,28 @@ def compress_whitespace(content: bytes) -> bytes:
 
 dkim.canonicalization.compress_whitespace = compress_whitespace
 
+# The largest field value, key record or key kept in the caches below. Real ones
+# are well under it (a 4096-bit key's b= is 684 characters, its p= 736), but a
+# DKIM-Signature field may be as large as [limits] header_size and a key record as
+# a DNS answer: larger ones are parsed each time, as dkimpy does, so that no
+# sender fills the caches with megabytes of its own fields.
+CACHED_SIZE = 4096
+
 _parse_public_key = dkim.parse_public_key
 
 
 @functools.lru_cache(maxsize=512)
+def _cached_public_key(data: bytes) -> dict:
+    return _parse_public_key(data)
+
+
 def parse_public_key(data: bytes) -> dict:
     """dkimpy's RSA key parser (ASN.1 in Python, the key's integers from bytes),
     once per key rather than once per message: a busy domain signs thousands of
     messages with one key. dkimpy only reads what it returns."""
-    return _parse_public_key(data)
+    if len(data) > CACHED_SIZE:
+        return _parse_public_key(data)
+    return _cached_public_key(data)
 
 
 dkim.parse_public_key = parse_public_key
@@ -74,13 +89,17 @@ _PKCS1V15 = padding.PKCS1v15()
 _PREHASHED_SHA256 = utils.Prehashed(hashes.SHA256())
 
 
-@functools.lru_cache(maxsize=512)
 def _openssl_key(modulus: int, exponent: int) -> rsa.RSAPublicKey | None:
     """The key as OpenSSL holds it, made once per key; None if OpenSSL will not
     take it (an even modulus, an exponent of 1; past its limits of 16,384 bits for
     a modulus and 64 for an exponent), which dkimpy then judges itself."""
     if modulus.bit_length() > 16384 or exponent.bit_length() > 64:
-        return None
+        return None  # (not cached: a key record may hold integers of any size)
+    return _cached_openssl_key(modulus, exponent)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_openssl_key(modulus: int, exponent: int) -> rsa.RSAPublicKey | None:
     try:
         return rsa.RSAPublicNumbers(exponent, modulus).public_key()
     except ValueError:
@@ -137,19 +156,27 @@ class SignatureResult:
     reason: str = ""
 
 
-@functools.lru_cache(maxsize=1024)
 def _tags(value: bytes) -> dict[bytes, bytes]:
     """dkimpy's tag=value parser, once per field or key record: the check, the
     result and the verification read a signature's tags, and a busy domain's key
     record is the same for thousands of messages. Read only (the cache shares it)."""
-    return parse_tag_value(value)
+    if len(value) > CACHED_SIZE:
+        return parse_tag_value(value)
+    return _cached_tags(value)
 
 
-@functools.lru_cache(maxsize=512)
+_cached_tags = functools.lru_cache(maxsize=1024)(parse_tag_value)
+
+
 def _evaluate_pk(name: str, record: bytes) -> tuple:
     """dkimpy's key record evaluation (its tags, the key, its size), once per
     record; a record it refuses raises each time, as dkimpy's own does."""
-    return dkim.evaluate_pk(name, record)
+    if len(record) > CACHED_SIZE:
+        return dkim.evaluate_pk(name, record)
+    return _cached_evaluate_pk(name, record)
+
+
+_cached_evaluate_pk = functools.lru_cache(maxsize=512)(dkim.evaluate_pk)
 
 
 def key_name(domain: str, selector: str) -> str:
@@ -268,6 +295,12 @@ def _one(d: dkim.DKIM, idx: int, value: bytes, answers: dict[str, KeyAnswer]) ->
         return result("permerror", _short(exc))
     except dkim.DKIMException as exc:
         return result("permerror", _short(exc))
+    except binascii.Error as exc:
+        # b= or bh= with padding dkimpy's syntax check lets through ("A===")
+        return result("neutral", f"bad base64: {_short(exc)}")
+    except nacl.exceptions.ValueError:
+        # an ed25519 key and a signature not of 64 bytes (an RSA signature, say)
+        return result("fail", "signature did not verify")
     return result("pass") if ok else result("fail", "signature did not verify")
 
 
