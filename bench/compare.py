@@ -4,6 +4,7 @@
     python -m bench.compare --quick         # a smoke run, under a minute
     python -m bench.compare --idle 5000     # and 5,000 idle sessions held meanwhile
     python -m bench.compare --workers 2     # spamgate with [server] workers = 2
+    python -m bench.compare --capture       # spamgate with [capture] on (its cost)
 
 Everything runs on loopback, from a mail lab: a directory (SPAMGATE_LAB) whose
 `lab.sh start|stop|status SERVICE` runs NSD with the test zones (`dns`, on
@@ -189,22 +190,32 @@ sites = ["bl.test"]
 enabled = true
 """
 
+# --capture: every transaction recorded, as a site tuning its rules would run it.
+CAPTURE_CONFIG = """
+[capture]
+enabled = true
+directory = "{workdir}/capture"
+"""
+
 
 class Spamgate:
-    def __init__(self, workdir: Path, workers: int, max_sessions: int) -> None:
+    def __init__(
+        self, workdir: Path, workers: int, max_sessions: int, capture: bool = False
+    ) -> None:
         self.port = free_port()
         self.workdir = workdir
         self.config = workdir / "spamgate.toml"
-        self.config.write_text(
-            SPAMGATE_CONFIG.format(
-                port=self.port,
-                workdir=workdir,
-                workers=workers,
-                sink=SINK_PORT,
-                dns=DNS,
-                max_sessions=max_sessions,
-            )
+        text = SPAMGATE_CONFIG.format(
+            port=self.port,
+            workdir=workdir,
+            workers=workers,
+            sink=SINK_PORT,
+            dns=DNS,
+            max_sessions=max_sessions,
         )
+        if capture:
+            text += CAPTURE_CONFIG.format(workdir=workdir)
+        self.config.write_text(text)
         self.log = workdir / "spamgate.log"
         self.proc: subprocess.Popen | None = None
 
@@ -379,7 +390,8 @@ def table(bench: Bench, haraka_setting: str, half_rate: float, loads: tuple) -> 
     out = [
         f"spamgate vs Haraka vs smtp-sink: {a.rounds} rounds x {a.messages} messages, "
         f"{a.clients} clients, {a.size}-byte messages, one message per session (EHLO), "
-        f"loopback, {len(a.sources)} client address(es); spamgate workers={a.workers}; "
+        f"loopback, {len(a.sources)} client address(es); spamgate workers={a.workers}"
+        f"{', [capture] on' if a.capture else ''}; "
         f"Haraka {haraka_setting}",
         f"machine: {os.cpu_count()} CPUs, load average {loads[0]:.2f} at start, "
         f"{loads[1]:.2f} at the end; load generator: bench/loadgen.py (uvloop)",
@@ -493,6 +505,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--no-haraka", action="store_true", help="direct and spamgate only")
     p.add_argument("--haraka-stock", action="store_true", help="Haraka without TCP_NODELAY")
     p.add_argument("--quick", action="store_true", help="2 rounds of 500: a smoke run")
+    p.add_argument("--capture", action="store_true", help="spamgate with [capture] on")
     a = p.parse_args()
     if a.quick:
         a.rounds, a.messages, a.latency_rounds, a.latency_seconds = 2, 500, 1, 3
@@ -538,7 +551,7 @@ def main() -> None:
     try:
         lab.ensure(["dns", "sink"] + ([] if a.no_haraka else ["haraka"]))
         with tempfile.TemporaryDirectory(prefix="sg-compare-") as tmp:
-            gate = Spamgate(Path(tmp), a.workers, max(1000, a.idle + 500))
+            gate = Spamgate(Path(tmp), a.workers, max(1000, a.idle + 500), a.capture)
             gate.start()
             try:
                 loop_factory = _uvloop()
@@ -548,11 +561,26 @@ def main() -> None:
                 gate.stop()
             log = gate.log.read_text()
             problems = re.findall(r".*(?:ERROR|Traceback).*", log)
+            if a.capture:
+                text += "\n" + capture_summary(Path(tmp) / "capture")
     finally:
         lab.stop()
     print(text)
     if problems:
         print(f"\nspamgate logged {len(problems)} errors, the first: {problems[0]}")
+
+
+def capture_summary(directory: Path) -> str:
+    """How many records the capture wrote (plain and compressed files)."""
+    import gzip
+
+    records, size, names = 0, 0, sorted(directory.glob("capture-*"))
+    for path in names:
+        size += path.stat().st_size
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as fh:
+            records += sum(1 for _ in fh)
+    return f"capture: {records} records in {len(names)} file(s), {size / 1e6:.1f} MB on disk"
 
 
 def _uvloop():

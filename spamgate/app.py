@@ -7,7 +7,9 @@ that all sessions of the process share. `spamgate run` (one process, or each
 worker), `spamgate check`, `spamgate explain` and the tests all ask it, each with
 the checks it wants (the registry's by default) and, where it must, its own parts
 in place of the configured ones: a dry upstream and a throwaway store (explain),
-recorded DNS answers (a replay).
+recorded DNS answers (a replay). With [capture] on, it wraps the resolver and the
+state store so that what they answer is recorded, and gives every session driver
+a recorder (`capture`): any front end's sessions are recorded alike.
 
 It is also where the configuration loader learns the checks' sections (`load`,
 `loads`), so that the loader needs to know nothing of the checks.
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 
 from . import metrics
 from .background import Background
+from .capture import Capture, CaptureSettings, RecordingResolver, RecordingStore
 from .checks.registry import CHECK_TYPES
 from .config import CORE_SECTIONS, Config, StateSettings
 from .config import load as load_file
@@ -33,7 +36,7 @@ from .flow.disposal import Disposal, Quarantine
 from .flow.driver import SessionDriver
 from .model import IPAddress, Session
 from .pipeline.check import Check
-from .pipeline.observer import Observer
+from .pipeline.observer import Observer, Observers
 from .pipeline.policy import Policy
 from .pipeline.runner import CorePolicy, Pipeline
 from .resolver import DnsResolver, Resolver
@@ -52,13 +55,17 @@ DEFAULT_CHECKS: tuple[type[Check], ...] = tuple(CHECK_TYPES)
 
 Checks = Sequence[type[Check]]
 
+# Sections of neither the core's configuration nor a check's.
+EXTRA_SECTIONS: dict[str, type] = {"capture": CaptureSettings}
+
 
 # -- the configuration ---------------------------------------------------------------
 
 
 def sections(checks: Checks = DEFAULT_CHECKS) -> dict[str, type]:
-    """Every section a configuration may have: the core's, then the checks' own."""
-    out = dict(CORE_SECTIONS)
+    """Every section a configuration may have: the core's, [capture], then the
+    checks' own."""
+    out = {**CORE_SECTIONS, **EXTRA_SECTIONS}
     for kind in checks:
         if kind.section is not None:
             name, settings = kind.section
@@ -165,6 +172,7 @@ class App:
         *,
         share: int = 1,
         observer: Observer | None = None,
+        capture: Capture | None = None,
     ) -> None:
         self.config = config
         self.checks = tuple(checks)
@@ -172,7 +180,8 @@ class App:
         self.upstream = upstream
         self.disposal = disposal
         self.background = Background()
-        self.observer = observer  # every session's, besides its own (a recorder)
+        self.observer = observer  # every session's, besides its own
+        self.capture = capture  # [capture]: a recorder for every session
         self.runtime = Runtime(policy, share=share)
 
     @property
@@ -209,6 +218,10 @@ class App:
         """
         policy = self.runtime.policy
         lookup = lookup_name and policy.config.dns.reverse_lookup
+        watching = [o for o in (observer, self.observer) if o is not None]
+        if self.capture is not None:
+            pipeline = policy.pipeline
+            watching.append(self.capture.recorder(session, policy.digest, pipeline.monitor))
         return SessionDriver(
             policy,
             session,
@@ -216,7 +229,9 @@ class App:
             disposal=disposal or self.disposal,
             background=self.background,
             names=self.services.resolver.verified_name if lookup else None,
-            observer=observer or self.observer,
+            observer=(watching[0] if len(watching) == 1 else Observers(*watching))
+            if watching
+            else None,
         )
 
     async def aclose(self) -> None:
@@ -224,6 +239,8 @@ class App:
         await self.background.drain()
         await self.services.aclose()
         await self.upstream.aclose()
+        if self.capture is not None:
+            await self.capture.aclose()
 
 
 def build(
@@ -236,13 +253,15 @@ def build(
     upstream: Upstream | None = None,
     disposal: Disposal | None = None,
     observer: Observer | None = None,
+    capture: bool = True,
 ) -> App:
     """The application for `config`, with `checks` (the registry's by default).
 
     `share`: how many worker processes share the limits (each takes its part of
     max_sessions). `resolver`, `state`, `upstream` and `disposal` replace the
     configured ones (explain's dry upstream, a replay's recorded DNS); `observer`
-    sees every session. ConfigError lists every problem at once: the upstream's
+    sees every session. `capture` False: never record, whatever [capture] says
+    (explain, replay). ConfigError lists every problem at once: the upstream's
     and the store's files, each rule table, the certificate, so that one
     `spamgate check` shows all there is to fix.
     """
@@ -254,7 +273,14 @@ def build(
             problems += exc.problems
             # Go on with the in-process store, whose files were the problem.
             state = build_store(dataclasses.replace(config, state=StateSettings()))
-    services = Services(resolver=resolver or DnsResolver(config.dns), state=state)
+    resolver = resolver or DnsResolver(config.dns)
+    recording: Capture | None = None
+    wanted: CaptureSettings | None = config.sections.get("capture")
+    if capture and wanted is not None and wanted.enabled:
+        recording = Capture(config)
+        problems += recording.problems(config)
+        resolver, state = RecordingResolver(resolver), RecordingStore(state)
+    services = Services(resolver=resolver, state=state)
     if upstream is None and not config.listeners:
         # Only the milter: Postfix has the mail, spamgate relays none.
         upstream = DryUpstream(keep=False)
@@ -276,7 +302,17 @@ def build(
         problems += [p for p in exc.problems if p not in problems]
     if problems or policy is None:
         raise ConfigError(problems)
-    return App(config, checks, services, upstream, disposal, policy, share=share, observer=observer)
+    return App(
+        config,
+        checks,
+        services,
+        upstream,
+        disposal,
+        policy,
+        share=share,
+        observer=observer,
+        capture=recording,
+    )
 
 
 # -- what the sessions of one process share ---------------------------------------------

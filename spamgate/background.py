@@ -4,11 +4,14 @@ A reputation update is a store write (a Redis round trip) that no client reply
 depends on, so the flow hands it here instead of delaying the reply. The tasks are
 tracked so that a failure is logged rather than lost, their number is bounded so a
 slow store cannot pile them up without limit, and shutdown waits for them (`drain`).
+Each runs in an empty `contextvars` context: it is no session's work any more, so
+nothing it asks is written into a session's capture record (`capture.recording`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -34,7 +37,9 @@ class Background:
             metrics.BACKGROUND_DROPPED.inc()
             log.warning("dropped %s: %d background tasks pending", what, len(self._tasks))
             return
-        task = asyncio.get_running_loop().create_task(coro, name=what)
+        task = asyncio.get_running_loop().create_task(
+            coro, name=what, context=contextvars.Context()
+        )
         self._tasks.add(task)
         task.add_done_callback(self._done)
 

@@ -1,4 +1,4 @@
-"""The `spamgate` command: run the proxy, check a configuration.
+"""The `spamgate` command: run the proxy, check a configuration, replay captures.
 
 User mistakes (a missing file, a bad value, a port in use) print one clear line per
 problem and exit with status 1; a traceback means a bug in spamgate.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -195,6 +196,69 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Replay captures through a candidate configuration: 0 nothing changed, 1 something
+    changed (or could not be decided, or was skipped), 2 a bad capture or configuration."""
+    from . import app
+    from .replay.command import replay
+    from .replay.output import FORMATS
+
+    _setup_logging("error")  # the replayed sessions' own lines would drown the report
+    try:
+        config = app.load(args.config, args.checks)
+        with asyncio.Runner(loop_factory=loop_factory(True)) as runner:
+            diff, error = runner.run(
+                replay(
+                    config,
+                    args.capture,
+                    checks=args.checks,
+                    live=args.live_dns,
+                    skip_bad=args.skip_bad,
+                    show=args.show,
+                    candidate=args.config,
+                )
+            )
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    if error is not None:
+        print(f"spamgate: {error}", file=sys.stderr)
+        print("spamgate: replay stopped (--skip-bad replays the other records)", file=sys.stderr)
+        return 2
+    return _write(args.output, lambda out: FORMATS[args.format](diff, out)) or diff.status
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Sum up captures: top rules and lists, WARN rules, refused authenticated mail."""
+    from .replay import report
+
+    found, error = report.build_report(args.capture, skip_bad=args.skip_bad)
+    if error is not None:
+        print(f"spamgate: {error}", file=sys.stderr)
+        return 2
+    show = report.as_json if args.format == "json" else report.text
+    return _write(args.output, lambda out: show(found, out, args.top))
+
+
+def _write(path: str | None, write: Callable) -> int:
+    """Write to `path` (or standard output); 2 with one line if it cannot be written."""
+    if path is None:
+        try:
+            write(sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader has seen enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    try:
+        with open(path, "w", encoding="utf-8") as out:
+            write(out)
+    except OSError as exc:
+        print(f"spamgate: {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def reference_markdown(checks=None) -> str:
     """The configuration reference as Markdown tables, one per section."""
     from . import app
@@ -313,6 +377,39 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--eml", help="message file to send as DATA (default: a tiny one)")
     exp.add_argument("-v", "--verbose", action="store_true", help="also print the session log")
     exp.set_defaults(func=cmd_explain)
+
+    rep = sub.add_parser(
+        "replay",
+        help="replay captured transactions through a candidate configuration, show what changes",
+    )
+    rep.add_argument("-c", "--config", required=True, help="the candidate configuration file")
+    rep.add_argument("capture", nargs="+", metavar="CAPTURE", help="capture files or directories")
+    rep.add_argument(
+        "--live-dns",
+        action="store_true",
+        help="ask DNS (the candidate's [dns]) for what the capture does not hold",
+    )
+    rep.add_argument("--format", choices=("text", "json", "html"), default="text")
+    rep.add_argument("-o", "--output", help="write the report to this file")
+    rep.add_argument(
+        "--show", type=int, default=1000, help="list at most this many transactions (1000)"
+    )
+    rep.add_argument(
+        "--skip-bad", action="store_true", help="go on past bad records (listed as skipped)"
+    )
+    rep.set_defaults(func=cmd_replay)
+
+    rpt = sub.add_parser(
+        "report", help="top rules and lists, WARN rules, refused authenticated mail, per day"
+    )
+    rpt.add_argument("capture", nargs="+", metavar="CAPTURE", help="capture files or directories")
+    rpt.add_argument("--format", choices=("text", "json"), default="text")
+    rpt.add_argument("--top", type=int, default=20, help="rules and lists to list (20)")
+    rpt.add_argument("-o", "--output", help="write the report to this file")
+    rpt.add_argument(
+        "--skip-bad", action="store_true", help="go on past bad records (listed as skipped)"
+    )
+    rpt.set_defaults(func=cmd_report)
 
     ref = sub.add_parser("config-reference", help="print every setting with its default")
     ref.add_argument("--update", metavar="FILE", help="rewrite the reference block in FILE")

@@ -97,7 +97,12 @@ async def explain(
     # A throwaway state store too: explaining must not use up, or greylist for, a
     # real client's quota in the store the running instances share.
     built = app.build(
-        config, checks=checks, upstream=dry, disposal=Quarantine(hold), state=MemoryStore()
+        config,
+        checks=checks,
+        upstream=dry,
+        disposal=Quarantine(hold),
+        state=MemoryStore(),
+        capture=False,  # a synthetic session is nothing to replay
     )
     client = Client(address=address, port=0, name=client_name or "[UNAVAILABLE]")
     printer = _Printer(out, config.scoring.symbols)

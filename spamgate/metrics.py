@@ -448,6 +448,35 @@ BACKGROUND_DROPPED = Counter(
     registry=REGISTRY,
 )
 
+# -- the capture ([capture]: records for spamgate replay) ----------------------------
+CAPTURE_RESULTS = ("written", "dropped")
+CAPTURE_STOP_REASONS = ("disk_full", "min_free", "error")
+CAPTURE_RECORDS = Counter(
+    "spamgate_capture_records_total",
+    "Capture records written, or dropped (the capture stopped, or its writer fell behind); "
+    "the mail is never affected.",
+    ["result"],
+    registry=REGISTRY,
+)
+CAPTURE_ACTIVE = Gauge(
+    "spamgate_capture_active",
+    "1 while [capture] writes records, 0 while it is stopped (disk full, below min_free, "
+    "a write error); NaN without a capture.",
+    registry=REGISTRY,
+    multiprocess_mode="livemin",
+)
+CAPTURE_STOPS = Counter(
+    "spamgate_capture_stops_total",
+    "Times the capture stopped writing, by reason (disk_full, min_free, error).",
+    ["reason"],
+    registry=REGISTRY,
+)
+CAPTURE_BYTES = Counter(
+    "spamgate_capture_written_bytes_total",
+    "Bytes of capture records written (before compression).",
+    registry=REGISTRY,
+)
+
 # -- configuration and build --------------------------------------------------------
 RELOADS = Counter(
     "spamgate_config_reloads_total",
@@ -612,6 +641,11 @@ def _precreate() -> None:
         STARTTLS.labels(result)
     for result in AUTH_PASSTHROUGH_RESULTS:
         AUTH_PASSTHROUGH.labels(result)
+    for result in CAPTURE_RESULTS:
+        CAPTURE_RECORDS.labels(result)
+    for reason in CAPTURE_STOP_REASONS:
+        CAPTURE_STOPS.labels(reason)
+    CAPTURE_ACTIVE.set(float("nan"))
     BUILD_INFO.labels(**_versions()).set(1)
     # Unknown until the first session or /readyz probe reaches (or misses) the MTA:
     # NaN, not 0, so "upstream down" alerts do not fire on an idle, fresh process.

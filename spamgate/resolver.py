@@ -38,6 +38,7 @@ import ipaddress
 import logging
 import re
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -147,6 +148,18 @@ class Resolver(abc.ABC):
     async def verified_name(self, address: IPAddress) -> str:
         """The forward-confirmed reverse name of `address`, or `[UNAVAILABLE]` /
         `[TEMPUNAVAIL]`."""
+
+    def current(self, answers: Sequence[tuple[tuple[str, str], DnsAnswer]], until: float) -> bool:
+        """Would a check asking again get these answers ((name, type) -> answer), the
+        first of which expires at `until`? What a check keeps that was computed from
+        answers (SPF's memo) holds only as long. From the network: until the TTL
+        runs out."""
+        return until > time.time()
+
+    def reused(self, answers: Iterable[tuple[tuple[str, str], DnsAnswer]]) -> None:  # noqa: B027
+        """A check decided from answers it kept itself ((name, type) -> answer: SPF's
+        remembered results) rather than asking again: a recording resolver writes
+        them down for the session, as if they had been asked for. No-op here."""
 
     async def aclose(self) -> None:  # noqa: B027 - a recording holds nothing to release
         """Stop what runs in the background."""
@@ -540,14 +553,15 @@ def _servers_said(exc: dns.resolver.NoNameservers) -> str:
     return "; ".join(dict.fromkeys(said)) or "no nameserver answered"
 
 
-_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$", re.IGNORECASE)
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_DOMAIN = re.compile(rf"(?:{_LABEL}\.)+{_LABEL}", re.IGNORECASE)
 
 
 def is_domain(name: str) -> bool:
     """A DNS name of two labels or more, of letters, digits, "-" and "_" (A-labels
-    for IDN): what can be looked up as a mail domain or a list key."""
-    labels = name.split(".")
-    return len(name) <= 253 and len(labels) >= 2 and all(_LABEL.match(x) for x in labels)
+    for IDN): what can be looked up as a mail domain or a list key. One match of
+    the whole name (every SPF check and list query asks)."""
+    return len(name) <= 253 and _DOMAIN.fullmatch(name) is not None
 
 
 def ascii_domain(name: str, *, lenient: bool = False) -> str | None:

@@ -79,6 +79,7 @@ class ClamavCheck(Check):
     section = ("clamav", ClamavSettings)
     name = "clamav"
     stages = frozenset({Stage.EOD})
+    replay_needs = "daemon"
     concurrent = True
 
     def __init__(self, settings: ClamavSettings) -> None:

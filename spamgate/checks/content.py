@@ -128,6 +128,7 @@ class ContentCheck(TableCheck):
 class HeaderRules(ContentCheck):
     name = "header_rules"
     key = "header"
+    replay_needs = "header"  # MIME part headers are in the body: none without parts
 
     def lines(self, view: ContentView) -> tuple[str, ...]:
         return view.headers

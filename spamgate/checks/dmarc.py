@@ -301,6 +301,7 @@ class DmarcCheck(Check):
     section = ("dmarc", DmarcSettings)
     name = "dmarc"
     stages = frozenset({Stage.EOD})
+    replay_needs = "header"  # the From field, and the SPF and DKIM results
 
     def __init__(self, settings: DmarcSettings, resolver: Resolver) -> None:
         self.settings = settings

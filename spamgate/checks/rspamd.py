@@ -113,6 +113,7 @@ class RspamdCheck(Check):
     section = ("rspamd", RspamdSettings)
     name = "rspamd"
     stages = frozenset({Stage.EOD})
+    replay_needs = "daemon"
     concurrent = True
 
     def __init__(self, settings: RspamdSettings) -> None:

@@ -103,6 +103,7 @@ class SpamassassinCheck(Check):
     section = ("spamassassin", SpamassassinSettings)
     name = "spamassassin"
     stages = frozenset({Stage.EOD})
+    replay_needs = "daemon"
     concurrent = True
 
     def __init__(self, settings: SpamassassinSettings) -> None:

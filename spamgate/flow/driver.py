@@ -131,6 +131,12 @@ class SessionDriver:
             ctx, self.ledger, self.log, authenticated=self.session.client.login is not None
         )
 
+    def _hear(self, event: str, *args: object) -> None:
+        """Tell the observer what the front end handed us (`Observer.command`)."""
+        observer = self.ledger.observer
+        if observer is not None:
+            observer.command(event, args)
+
     def _tell(self, event: str, reply: Reply | None) -> Reply | None:
         observer = self.ledger.observer
         if observer is not None:
@@ -141,6 +147,7 @@ class SessionDriver:
 
     async def connect(self) -> Reply | None:
         """None to greet; a Reply to refuse (421/521 close; 554 = no service here)."""
+        self._hear("connect")
         s = self.session
         s.relay_permitted = self.pipeline.relay.trusted(s.client.address)
         if self.names is not None:
@@ -158,6 +165,7 @@ class SessionDriver:
     async def client_talked_first(self, action: str) -> Reply | None:
         """The client talked before our greeting (pregreet): log, count, and apply
         [smtp] pregreet_action; a Reply closes the session."""
+        self._hear("client_talked_first", action)
         self.session.pregreet = True
         metrics.PROTOCOL_ERRORS.labels("pregreet").inc()
         self.log.info("pregreet: client talked before the greeting (action=%s)", action)
@@ -171,7 +179,8 @@ class SessionDriver:
 
     async def helo(self, name: str, esmtp: bool) -> Reply | None:
         """None for the normal HELO/EHLO reply; a Reply to refuse."""
-        await self.rset(reason="helo")
+        self._hear("helo", name, esmtp)
+        await self._end_transaction("helo")
         client = self.session.client
         if self.link.session is not None and (client.helo != name or client.esmtp != esmtp):
             await self.link.drop()  # the upstream must hear the new name via XCLIENT
@@ -192,12 +201,14 @@ class SessionDriver:
         The transaction and the HELO name go, and so does the upstream session,
         which was introduced with that name: the next one is introduced afresh.
         """
-        await self.rset(reason="starttls")
+        self._hear("starttls")
+        await self._end_transaction("starttls")
         await self.link.drop()
         client = self.session.client
         client.helo, client.esmtp, client.login = None, False, None
 
     def tls_started(self) -> None:
+        self._hear("tls_started")
         tls = self.session.client.tls
         if tls is not None:
             metrics.STARTTLS.labels(tls.version or "unknown").inc()
@@ -209,6 +220,7 @@ class SessionDriver:
         `respond` sends a 334 challenge to the client and returns its answer line
         (without CRLF), or None when the client went away or sent no proper line.
         """
+        self._hear("auth", mechanism)
         reply, login = await SaslRelay(self.link, self.log).exchange(mechanism, initial, respond)
         if login is not None:
             self.session.client.login = login
@@ -220,6 +232,7 @@ class SessionDriver:
     ) -> Reply:
         """MAIL FROM:<sender> with its parameters as sent (`keywords`: upper-cased
         keyword to value, as parsed)."""
+        self._hear("mail", sender, params, keywords)
         size = keywords.get("SIZE")
         txn = Transaction(
             mail_from=sender,
@@ -261,6 +274,7 @@ class SessionDriver:
 
     async def rcpt(self, recipient: str, params: tuple[str, ...]) -> Reply:
         """RCPT TO:<recipient> with its parameters as sent."""
+        self._hear("rcpt", recipient, params)
         txn = self.txn
         assert txn is not None
         rcpt = Recipient(recipient, params)
@@ -296,6 +310,7 @@ class SessionDriver:
 
     async def data(self) -> Reply | None:
         """The DATA command: None to send 354, or the refusal."""
+        self._hear("data")
         txn = self.txn
         assert txn is not None
         if self.link.broken or (
@@ -315,6 +330,7 @@ class SessionDriver:
     async def refuse_content(self, kind: str) -> Reply:
         """The front end could not take the content as it came (`kind`: message_too_big,
         header_too_big, line_too_long, bare_newline, bare_cr)."""
+        self._hear("refuse_content", kind)
         outcome = await self.pipeline.refuse_content(
             self._context(Stage.EOD, self.txn), self.ledger, kind, self.log
         )
@@ -328,6 +344,7 @@ class SessionDriver:
     async def message(self, msg: Message) -> EndOfMessage:
         """End of data: decide, then relay to the upstream (or take the message
         ourselves: DISCARD, HOLD); the client hears `.reply`."""
+        self._hear("message", msg)
         try:
             end = await self._message(msg)
         finally:
@@ -402,13 +419,18 @@ class SessionDriver:
     async def rset(self, reason: str = "rset") -> Reply:
         """RSET, or a transaction abandoned (`reason`); a no-op without one, so a
         front end may call it as often as its MTA says ABORT."""
+        self._hear("rset", reason)
+        await self._end_transaction(reason)
+        return OK
+
+    async def _end_transaction(self, reason: str) -> None:
         if self.txn is not None:
             await self.link.abort_transaction()
             self.txnlog.end(None, reason=reason)
-        return OK
 
     async def close(self, reason: str) -> None:
         """The session ends (QUIT, timeout, disconnect, shutdown)."""
+        self._hear("close", reason)
         if self.txn is not None:
             self.txnlog.end(None, reason=reason)
         await self.link.drop()

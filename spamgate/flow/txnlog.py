@@ -91,7 +91,24 @@ class TransactionLog:
         metrics.child(metrics.TRANSACTIONS, session.frontend, outcome).inc()
         score = self.ledger.scorer.total
         self._notify(txn, outcome, score)
-        c = session.client
+        if self.log.isEnabledFor(logging.INFO):
+            self._line(txn, outcome, score, reply, size, reason)
+        self.lines += 1
+        session.transaction = None
+        self.refused = []
+        self.upstream_refused = []
+        self.ledger.end_transaction()
+
+    def _line(
+        self,
+        txn: Transaction,
+        outcome: str,
+        score: float,
+        reply: Reply | None,
+        size: int | None,
+        reason: str | None,
+    ) -> None:
+        c = self.session.client
         to = ",".join(f"<{r.address}>" for r in txn.recipients) or "-"
         parts = [f"queue_id={txn.queue_id}"] if txn.queue_id else []
         parts += [
@@ -111,11 +128,6 @@ class TransactionLog:
         if reply is not None:
             parts.append(f'reply="{reply}"')
         self.log.info(" ".join(parts))
-        self.lines += 1
-        session.transaction = None
-        self.refused = []
-        self.upstream_refused = []
-        self.ledger.end_transaction()
 
     def _outcome(self, txn: Transaction, reply: Reply | None) -> str:
         if reply is not None and reply.code // 100 == 2:

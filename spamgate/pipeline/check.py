@@ -71,6 +71,13 @@ class Check(abc.ABC):
     # its verdict in registration order. Only for checks that read no finding of
     # another check of the same stage.
     concurrent: ClassVar[bool] = False
+    # What `spamgate replay` must have of a message to run this check again at end
+    # of data, rather than give back the verdict it recorded: "body" (the whole
+    # message: captures with store_messages), "header" (the header section, of a
+    # message without MIME parts), "daemon" (a scanner daemon, which a replay
+    # never asks: always the recorded verdict). At the other stages every check
+    # runs again, on the recorded DNS and state store answers.
+    replay_needs: ClassVar[str] = "body"
 
     @classmethod
     @abc.abstractmethod

@@ -1,5 +1,6 @@
 """One hook for whatever wants to watch a session's decisions: `spamgate explain`
-prints them, a recorder could keep them (replaying traffic against new rules).
+prints them, the capture keeps them (`spamgate replay` runs them again against
+new rules).
 
 An observer is a subclass with the methods it needs; a method misspelt is then
 simply not an override, and the base class's no-op documents what exists. Each is
@@ -23,6 +24,13 @@ if TYPE_CHECKING:
 class Observer:
     """No-op by default; override what you need."""
 
+    def command(self, event: str, args: tuple[object, ...]) -> None:
+        """The front end handed the driver an event, with its facts as given, before
+        the driver acts on it: connect (), client_talked_first (action,), helo
+        (name, esmtp), starttls (), tls_started (), auth (mechanism,), mail (sender,
+        params, keywords), rcpt (recipient, params), data (), message (Message,),
+        refuse_content (kind,), rset (reason,), close (reason,)."""
+
     def verdict(
         self, stage: Stage, entry: Check | CoreEntry, verdict: Verdict, seconds: float
     ) -> None:
@@ -34,3 +42,30 @@ class Observer:
 
     def transaction_end(self, event: TransactionEnd) -> None:
         """A transaction ended (the same snapshot checks that learn are given)."""
+
+
+class Observers(Observer):
+    """Several observers, told in turn (a front end's own and the capture's)."""
+
+    __slots__ = ("observers",)
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def command(self, event: str, args: tuple[object, ...]) -> None:
+        for o in self.observers:
+            o.command(event, args)
+
+    def verdict(
+        self, stage: Stage, entry: Check | CoreEntry, verdict: Verdict, seconds: float
+    ) -> None:
+        for o in self.observers:
+            o.verdict(stage, entry, verdict, seconds)
+
+    def reply(self, event: str, reply: Reply | None) -> None:
+        for o in self.observers:
+            o.reply(event, reply)
+
+    def transaction_end(self, event: TransactionEnd) -> None:
+        for o in self.observers:
+            o.transaction_end(event)

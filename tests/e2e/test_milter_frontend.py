@@ -468,3 +468,65 @@ async def test_milter_alone(gate_factory, dns_server, mp: MilterPostfix, tmp_pat
     assert gate.server.servers == [] and gate.server.milter is not None
     replies = await send(mp.postfix.port, message(marker()), rcpts=("reject@example.test",))
     assert replies[2].code == 550 and "No such user here" in replies[2].text
+
+
+# -- capture and replay --------------------------------------------------------------------
+
+
+async def test_milter_sessions_are_recorded_and_replayed(
+    milter_gate, mp: MilterPostfix, tmp_path
+) -> None:
+    """Sessions through Postfix and the milter are captured as the proxy's are: the
+    running configuration replays them unchanged, and a candidate's changes are
+    put down to the rules that made them."""
+    from .capturekit import capture_toml, changes, config_of, replay_dir, settled
+
+    directory = tmp_path / "capture"
+    # bodies kept: a candidate that lets a refused message on runs DKIM on it
+    await milter_gate(capture_toml(directory, store_messages="true"))
+    sent = [
+        ("127.0.0.41", message(marker()), ("u@example.test",)),
+        ("127.0.0.42", message(marker(), subject="spammy"), ("u@example.test",)),
+        ("127.0.0.43", message(marker(), subject="reject-me"), ("u@example.test",)),
+        ("127.0.0.44", message(marker()), ("reject@example.test", "u@example.test")),
+    ]
+    got = []
+    for source, body, rcpts in sent:
+        replies = await send(mp.postfix.port, body, source=source, rcpts=rcpts)
+        got.append([r.code for r in replies[1:]])
+    assert got == [
+        [250, 250, 354, 250],
+        [250, 250, 354, 250],
+        [250, 250, 354, 550],
+        [250, 550, 250, 354, 250],
+    ]
+    records = await settled(directory, len(sent))
+    assert len(records) == len(sent)
+    assert {r["client"]["address"] for r in records} == {s[0] for s in sent}
+
+    config = config_of(tmp_path / "spamgate-0.toml")
+    diff = await replay_dir(config, directory)
+    assert diff.total == len(sent) and dict(diff.counts) == {"kept": len(sent)}, diff.listed
+    assert diff.status == 0
+
+    (tmp_path / "header.regexp").write_text(
+        "/^Subject: .*spammy/    REJECT Spammy subjects refused\n"
+        "/^Subject: .*tempfail-me/  SCORE 9 VERY_SPAMMY\n"
+    )
+    (tmp_path / "recipient").write_text("hold@example.test     HOLD\n")
+    candidate = config_of(tmp_path / "spamgate-0.toml")
+    diff = await replay_dir(candidate, directory)
+    # the header rule's REJECT ended the stage: DMARC never asked for its record
+    # (answered with --live-dns below)
+    assert changes(diff) == {
+        "127.0.0.42": ("refused", "header.regexp:1"),
+        "127.0.0.43": ("unknown", None),
+        "127.0.0.44": ("changed", "recipient:1"),
+    }
+    assert diff.status == 1
+    diff = await replay_dir(candidate, directory, live=True)
+    assert changes(diff) == {
+        "127.0.0.42": ("refused", "header.regexp:1"),
+        "127.0.0.43": ("accepted", "header.regexp:3"),
+        "127.0.0.44": ("changed", "recipient:1"),
+    }

@@ -26,16 +26,25 @@ again within those TTLs has the same answer, so it is given without a thread hop
 or a pyspf run (half the CPU of a message with SPF on, for a sender that mails
 often). Only results reached with every answer in hand are kept (no DNS failure,
 no budget or round limit), and none whose records hold a macro: "%{l}" and its
-kind make the result depend on the local part, the time or the receiver.
+kind make the result depend on the local part, the time or the receiver. The
+answers are kept with it and handed to `Resolver.reused` when it is given again,
+so that a recording of the session (`spamgate replay`) holds them as if they had
+been asked for; whether they still hold is the resolver's to say
+(`Resolver.current`: the network's until their TTLs run out, a replay's while
+the record being replayed has the same answers).
+
+pyspf's worker thread runs in a copy of the asking session's context
+(`contextvars`), as `asyncio.to_thread` would: what the resolver's `cached()` is
+asked from there is known to be that session's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import math
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +95,8 @@ class _Evaluation:
         self.resolver = resolver
         self.known: dict[tuple[str, str], list | DnsError] = {}
         self.missing: list[tuple[str, str]] = []
+        # The answers received, for the memo (`Resolver.reused`).
+        self.used: list[tuple[tuple[str, str], DnsAnswer]] = []
         # Until when the result holds (the first answer to expire), and whether it
         # may be remembered at all (no DNS error, no macro in a record).
         self.expires = math.inf
@@ -99,6 +110,7 @@ class _Evaluation:
             return
         values = _values(answer)
         self.known[key] = values
+        self.used.append((key, answer))
         self.expires = min(self.expires, answer.expires)
         if answer.rdtype in ("TXT", "SPF") and any(b"%" in part for v in values for part in v):
             self.memorable = False
@@ -147,8 +159,8 @@ class SpfEngine:
         self.resolver = resolver
         self.threads = threads
         self.budget = budget
-        # (client, sender, HELO) -> (outcome, until); see the module doc.
-        self._memo: dict[tuple[str, str, str], tuple[SpfOutcome, float]] = {}
+        # (client, sender, HELO) -> (outcome, until, the answers); see the module doc.
+        self._memo: dict[tuple[str, str, str], tuple[SpfOutcome, float, tuple]] = {}
 
     async def check(self, ip: str, sender: str, helo: str) -> SpfOutcome:
         """check_host() for `sender` (empty: postmaster@`helo`, RFC 7208 §2.4)."""
@@ -165,7 +177,8 @@ class SpfEngine:
         key = (ip, name, helo)
         memo = self._memo.get(key)
         if memo is not None:
-            if memo[1] > time.time():
+            if self.resolver.current(memo[2], memo[1]):
+                self.resolver.reused(memo[2])
                 return memo[0]
             del self._memo[key]
         evaluation = _Evaluation(self.resolver)
@@ -175,7 +188,13 @@ class SpfEngine:
             async with asyncio.timeout(self.budget) as scope:
                 for rounds in range(1, MAX_ROUNDS + 1):
                     outcome = await loop.run_in_executor(
-                        self.threads, _run, evaluation, ip, sender, helo
+                        self.threads,
+                        contextvars.copy_context().run,
+                        _run,
+                        evaluation,
+                        ip,
+                        sender,
+                        helo,
                     )
                     if not evaluation.missing:
                         assert outcome is not None
@@ -191,12 +210,13 @@ class SpfEngine:
     def _remember(
         self, key: tuple[str, str, str], outcome: SpfOutcome, evaluation: _Evaluation
     ) -> None:
-        if not evaluation.memorable or evaluation.expires <= time.time():
+        used = tuple(evaluation.used)
+        if not evaluation.memorable or not self.resolver.current(used, evaluation.expires):
             return
         if len(self._memo) >= MEMO_SIZE:
             del self._memo[next(iter(self._memo))]
         remembered = SpfOutcome(outcome.result, outcome.explanation, rounds=0)
-        self._memo[key] = (remembered, evaluation.expires)
+        self._memo[key] = (remembered, evaluation.expires, used)
 
     async def _fetch(self, evaluation: _Evaluation, family: str, timeout: float) -> None:
         keys = list(dict.fromkeys(evaluation.missing))
