@@ -60,8 +60,9 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
 # the content only once the client has sent all of it, so the client hears a
 # refusal of the content at the same point either way; the end of the header was
 # answered only to spare Postfix sending the body of a message refused in its
-# header. Five round trips in seven go, and Postfix talks to the client while
-# spamgate's connect-time lookups run. Over TCP every event is answered.
+# header. Postfix then waits only on RCPT, DATA and the end of the message, and
+# talks to the client while spamgate's connect-time lookups run. Over TCP every
+# event is answered.
 UNIX_NEEDS = Needs(
     no_reply=frozenset(
         {
