@@ -23,9 +23,10 @@ thread (`writer.CaptureWriter`), which alone touches the disk. The records are
 made on the event loop, not in the writer thread, on purpose: a second thread
 working on the same objects costs more CPU than making the record does (their
 reference counts travel between cores); made in batches, back to back, they cost
-about half what each would cost alone between two sessions' events (the
+a third to a half of what each would cost alone between two sessions' events (the
 processor's caches still hold the code and the encoder); and the session's reply
-never waits for any of it. A session refused before any MAIL (at connect or HELO) is one record too.
+never waits for any of it. A session refused before any MAIL (at connect or
+HELO) is one record too.
 """
 
 from __future__ import annotations
