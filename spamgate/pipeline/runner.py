@@ -30,6 +30,7 @@ from ..config import Config, ScoringSettings
 from ..model import Stage
 from ..reply import Reply
 from .check import Check, CheckContext, CheckError, TransactionObserver
+from .deadline import within
 from .delayed import EARLY, HeldRefusal
 from .entry import CoreEntry
 from .ledger import Ledger
@@ -422,8 +423,7 @@ class Pipeline:
     ) -> Verdict:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(check.timeout):
-                verdict = await check.check(ctx)
+            verdict = await within(check.check(ctx), check.timeout)
         except TimeoutError:
             return self._failed(check, ctx, "timeout", f"timed out after {check.timeout:g}s", lg)
         except asyncio.CancelledError:
