@@ -18,6 +18,7 @@ the event loop sends are passed to the coroutine exactly as an `await` would.
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
@@ -27,12 +28,13 @@ T = TypeVar("T")
 
 async def within(coro: Coroutine[Any, Any, T], seconds: float) -> T:
     """`await coro` under a deadline of `seconds` (TimeoutError when it passes)."""
-    deadline = asyncio.get_running_loop().time() + seconds
+    started = time.monotonic()
     try:
         waiting = coro.send(None)
     except StopIteration as done:
         return done.value  # answered without waiting: nothing to time
-    async with asyncio.timeout_at(deadline):
+    left = seconds - (time.monotonic() - started)
+    async with asyncio.timeout(left):
         return await _resume(coro, waiting)
 
 
