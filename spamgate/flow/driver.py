@@ -106,8 +106,15 @@ class SessionDriver:
         self.disposal = disposal
         self.ledger = Ledger(self.pipeline.symbol_scores, observer)
         self.link = UpstreamLink(upstream, session.client, self.log)
+        # A pipeline that counts nothing (a replay's): nor do the sessions it decides.
+        self.counted = self.pipeline.counted
         self.txnlog = TransactionLog(
-            session, self.ledger, self.log, self.pipeline.observers, background
+            session,
+            self.ledger,
+            self.log,
+            self.pipeline.observers,
+            background,
+            counted=self.counted,
         )
         self.headers = HeaderBuilder(policy.config.hostname)
 
@@ -167,7 +174,8 @@ class SessionDriver:
         [smtp] pregreet_action; a Reply closes the session."""
         self._hear("client_talked_first", action)
         self.session.pregreet = True
-        metrics.PROTOCOL_ERRORS.labels("pregreet").inc()
+        if self.counted:
+            metrics.PROTOCOL_ERRORS.labels("pregreet").inc()
         self.log.info("pregreet: client talked before the greeting (action=%s)", action)
         if action == "ignore":
             return None
@@ -211,7 +219,8 @@ class SessionDriver:
         self._hear("tls_started")
         tls = self.session.client.tls
         if tls is not None:
-            metrics.STARTTLS.labels(tls.version or "unknown").inc()
+            if self.counted:
+                metrics.STARTTLS.labels(tls.version or "unknown").inc()
             self.log.info("STARTTLS: %s, cipher %s (%s bits)", tls.version, tls.cipher, tls.bits)
 
     async def auth(self, mechanism: str, initial: str | None, respond: Respond) -> Reply:
@@ -356,9 +365,11 @@ class SessionDriver:
         txn = self.txn
         assert txn is not None
         txn.message = msg
-        metrics.MESSAGE_SIZE.observe(msg.size)
+        if self.counted:
+            metrics.MESSAGE_SIZE.observe(msg.size)
         outcome = await self._run(self._context(Stage.EOD, txn, message=msg))
-        metrics.SCORE.observe(self.ledger.scorer.total)
+        if self.counted:
+            metrics.SCORE.observe(self.ledger.scorer.total)
         refusal = outcome.refusal
         if refusal is not None:
             assert refusal.reply is not None

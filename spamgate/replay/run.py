@@ -171,6 +171,9 @@ def build(
         upstream=ReplayUpstream(),
         disposal=Quarantine(DryUpstream()),
         capture=False,
+        # Nothing exports a replay's metrics, and its decisions are not the
+        # running filter's: counting them cost about a twentieth of its time.
+        counted=False,
     )
     built.services.threads.shutdown(wait=False)
     built.services.threads = InlineExecutor()  # type: ignore[assignment]
