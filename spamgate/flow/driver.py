@@ -159,7 +159,8 @@ class SessionDriver:
         s.relay_permitted = self.pipeline.relay.trusted(s.client.address)
         if self.names is not None:
             s.client.name = await self.names(s.client.address)
-        self.log.debug("connect from %s:%d", s.client.display, s.client.port)
+        if self.log.isEnabledFor(logging.DEBUG):  # its arguments cost more than the test
+            self.log.debug("connect from %s:%d", s.client.display, s.client.port)
         outcome = await self._run(self._context(Stage.CONNECT))
         self.ledger.mark_connect()
         refusal = outcome.refusal
@@ -449,8 +450,11 @@ class SessionDriver:
         # The transaction lines tell a session that ended normally; this one is
         # for the others (no transaction, errors, timeouts, lost connections).
         normal = self.txnlog.lines > 0 and reason == "quit" and s.errors == 0
+        level = logging.DEBUG if normal else logging.INFO
+        if not self.log.isEnabledFor(level):
+            return
         self.log.log(
-            logging.DEBUG if normal else logging.INFO,
+            level,
             "disconnect from %s: %s, messages=%d, errors=%d, %.3fs",
             s.client.display,
             reason,
