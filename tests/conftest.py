@@ -8,7 +8,10 @@ records it needs (`dns_server.zone(...)`) before it connects.
 from __future__ import annotations
 
 import os
+import pathlib
 import ssl
+import subprocess
+import sys
 import textwrap
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -48,6 +51,20 @@ if TEST_LOOP == "uvloop":
 
 elif TEST_LOOP != "asyncio":
     raise RuntimeError(f"SPAMGATE_TEST_LOOP={TEST_LOOP!r}: use asyncio or uvloop")
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def spamgate_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m spamgate ARGS` from the repository's root, its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "spamgate", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def need_binary(path: str, what: str) -> None:

@@ -231,20 +231,52 @@ class _Suffixes:
         return org_domain(domain) or domain
 
 
+# A From value of the plain shapes nearly all mail has, which both parsers below
+# provably read as this one address (tests/unit/checks/test_dmarc_from.py compares
+# them on generated values): `local@domain`, `<local@domain>`, or a display name of
+# plain words, MIME encoded words or one quoted string before `<local@domain>`.
+# Everything else (comments, groups, several addresses, routes, specials, escapes,
+# non-ASCII) is read by both parsers.
+_WORD = r"(?:[A-Za-z0-9_+-]+|=\?[A-Za-z0-9_-]+\?[BbQq]\?[A-Za-z0-9+/=_.-]*\?=)"
+_PHRASE = r"(?:" + _WORD + r"(?: " + _WORD + r")*|\"[A-Za-z0-9 _+.,'-]*\")"
+_ADDRESS = r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@(?P<domain>[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)"
+_PLAIN_FROM = (
+    re.compile(_ADDRESS),
+    re.compile(r"(?:" + _PHRASE + r" ?)?<" + _ADDRESS + r">"),
+)
+
+
 def author_domains(message: Message) -> tuple[list[str], str]:
     """The distinct From domains (A-labels, lower case), or a problem text.
 
     The field is read by two parsers, the lenient `getaddresses` and the strict
     `email.headerregistry` one, and every domain either finds counts: a From line
     they read differently (crafted to show one domain and be judged on another)
-    is then judged on all of them, the strictest result winning.
+    is then judged on all of them, the strictest result winning. A From of the
+    plain shapes both read alike (`_PLAIN_FROM`) is read once, by a regular
+    expression: the two parsers cost a tenth of a small message's CPU.
     """
     fields = message.get_all("From")
     if not fields:
         return [], "no From header field"
     if len(fields) > 1:
         return [], f"{len(fields)} From header fields"
-    value = fields[0].unfolded()
+    return from_domains(fields[0].unfolded())
+
+
+def from_domains(value: str) -> tuple[list[str], str]:
+    """`author_domains` of one From field's unfolded value."""
+    plain = _PLAIN_FROM[0].fullmatch(value) or _PLAIN_FROM[1].fullmatch(value)
+    if plain is not None:
+        name = ascii_domain(plain.group("domain"))
+        if name is None:
+            return [], "a From address whose domain is not a DNS domain name"
+        return [name], ""
+    return two_readers(value)
+
+
+def two_readers(value: str) -> tuple[list[str], str]:
+    """The domains of a From value as either of the two parsers reads it."""
     candidates = [a for _, a in email.utils.getaddresses([value]) if a]
     try:
         parsed = email.policy.default.header_factory("from", value)

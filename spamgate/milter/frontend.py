@@ -185,8 +185,8 @@ class MilterFrontEnd(MilterHandler):
         self.size = 0
         # Which events the MTA waits on (`negotiated`); a refusal found at one it
         # does not wait on is given at the next one it does: connect, HELO and MAIL
-        # at RCPT (as delayed rejection does), a header field or body chunk at the
-        # end of the header or of the message.
+        # at RCPT (as delayed rejection does), one in the content at the first of
+        # the end of the header and the end of the message that the MTA waits on.
         self.replies_to: Callable[[Command], bool] = _always
         self.refused_session: Decision | None = None  # at connect: every RCPT hears it
         self.early: dict[Command, Decision] = {}  # at HELO or MAIL, for the RCPTs
@@ -335,8 +335,9 @@ class MilterFrontEnd(MilterHandler):
         return Continue()
 
     async def _refuse_content(self, kind: str) -> Decision:
-        """Refuse the message now: Postfix stops sending it and gives the client
-        this reply at the end of DATA (its message_size_limit is its own)."""
+        """Refuse the message now: the client hears this reply at the end of DATA
+        (Postfix's message_size_limit is its own). If Postfix waits on this event
+        it stops sending the message; if not, it is held for the end."""
         assert self.driver is not None
         self._discard()  # counted by the pipeline, as for the proxy
         return answer(await self.driver.refuse_content(kind))

@@ -55,12 +55,25 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
 # Over a unix socket (no Nagle, no delayed ACKs: bench/milter_noreply.py) Postfix
 # need not wait on the events where spamgate's refusal can wait (SMFIP_NR_*):
 # connect, HELO and MAIL (their refusals are given at RCPT, as delayed rejection
-# gives them), each header field and body chunk (given at the end of the header or
-# of the message; milter/frontend.py). Two round trips in three go, and Postfix
+# gives them), each header field, the end of the header and each body chunk (given
+# at the end of the message; milter/frontend.py). Postfix's cleanup server sends
+# the content only once the client has sent all of it, so the client hears a
+# refusal of the content at the same point either way; the end of the header was
+# answered only to spare Postfix sending the body of a message refused in its
+# header. Postfix then waits only on RCPT, DATA and the end of the message, and
 # talks to the client while spamgate's connect-time lookups run. Over TCP every
 # event is answered.
 UNIX_NEEDS = Needs(
-    no_reply=frozenset({Command.CONNECT, Command.HELO, Command.MAIL, Command.HEADER, Command.BODY})
+    no_reply=frozenset(
+        {
+            Command.CONNECT,
+            Command.HELO,
+            Command.MAIL,
+            Command.HEADER,
+            Command.END_OF_HEADERS,
+            Command.BODY,
+        }
+    )
 )
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
-import subprocess
-import sys
 from dataclasses import dataclass
 
 from spamgate import app
@@ -22,7 +20,7 @@ from spamgate.replay.command import replay
 from spamgate.replay.diff import Diff
 from tests.e2e import scripted
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from ..conftest import spamgate_cli
 
 
 def body(subject: str = "hello", sender: str = "a@spf-pass.test") -> bytes:
@@ -144,11 +142,4 @@ def changes(diff: Diff) -> dict[str, tuple[str, str | None]]:
     return out
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "spamgate", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+cli = spamgate_cli

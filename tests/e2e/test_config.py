@@ -14,17 +14,13 @@ from spamgate.app import load, loads
 from spamgate.cli import END, START, reference_markdown
 from spamgate.config.settings import ConfigError
 
+from ..conftest import spamgate_cli
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "spamgate", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    return spamgate_cli(*args, timeout=timeout)
 
 
 def test_defaults_need_no_file() -> None:

@@ -81,8 +81,8 @@ def milter_address(kind: str) -> str:
 @pytest.fixture(scope="module", params=["inet", "unix"])
 def mp(request: pytest.FixtureRequest, postfix_factory: PostfixFactory) -> Iterator[MilterPostfix]:
     """Over TCP spamgate answers every event; over a unix socket Postfix does not
-    wait on connect, HELO, MAIL, header fields and body chunks (ops/server.py):
-    the decisions must come out the same."""
+    wait on connect, HELO, MAIL, header fields, the end of the header and body
+    chunks (ops/server.py): the decisions must come out the same."""
     address = milter_address(request.param)
     yield MilterPostfix(postfix_factory(main_extra=milter_lines(address)), address)
     if address.startswith("unix:"):
@@ -281,6 +281,43 @@ async def test_rule_refusals_reach_the_client_in_our_words(milter_gate, mp: Milt
     await asyncio.to_thread(
         mp.postfix.wait_log, r"milter-reject: RCPT from .*127\.0\.0\.40.*No such user here"
     )
+
+
+async def test_a_message_too_big_is_refused_at_its_end_and_none_is_lost(
+    milter_gate, mp: MilterPostfix
+) -> None:
+    """Too big in its header or its body: refused at the client's final dot (over a
+    unix socket Postfix does not wait on the end of the header or body chunks, so
+    that is where spamgate answers), nothing queued, and the next message on the
+    same connection goes through: no answer is left over to confuse the next one."""
+    await milter_gate("\n[limits]\nheader_size = 4000\nmessage_size = 30000\n")
+    big_header, big_body, good = marker(), marker(), marker()
+    pad = "".join(f"X-Pad-{i}: {'h' * 900}\r\n" for i in range(6))
+    c, _ = await RawClient.connect(mp.postfix.port, source=OUTSIDER)
+    first = await c.mail("a@spf-pass.test", ["u@example.test"], message(big_header, extra=pad))
+    assert first[-1].code == 552 and first[-1].enhanced == "5.3.4", first[-1]
+    body = message(big_body) + b"".join(b"%05d %s\r\n" % (i, b"b" * 900) for i in range(40))
+    assert len(body) > 30000
+    for command in ("MAIL FROM:<a@spf-pass.test>", "RCPT TO:<u@example.test>", "DATA"):
+        assert (await c.cmd(command)).code in (250, 354)
+    await c.send(body + b".\r\n")
+    second = await c.reply()
+    assert second.code == 552 and second.enhanced == "5.3.4", second
+    for command in ("MAIL FROM:<a@spf-pass.test>", "RCPT TO:<u@example.test>", "DATA"):
+        assert (await c.cmd(command)).code in (250, 354)
+    await c.send(message(good) + b".\r\n")
+    assert (await c.reply()).code == 250
+    assert (await c.cmd("QUIT")).code == 221
+    await c.close()
+    raw = await asyncio.to_thread(mp.postfix.wait_delivered, good.encode())
+    assert len(parsed(raw).get_all("Authentication-Results")) == 1
+    log = await asyncio.to_thread(
+        mp.postfix.wait_log, rf"milter-reject: END-OF-MESSAGE.*{OUTSIDER}"
+    )
+    assert log is not None
+    delivered = await asyncio.to_thread(mp.postfix.delivered)
+    assert not [m for m in delivered if big_header.encode() in m or big_body.encode() in m]
+    assert not [q for q in postqueue(mp.postfix) if q]
 
 
 async def test_connect_refusal_is_delayed_to_rcpt(milter_gate, mp: MilterPostfix) -> None:

@@ -243,9 +243,10 @@ async def test_over_a_unix_socket_refusals_wait_for_an_event_postfix_waits_on(
     dns_server: DnsServer, tmp_path
 ) -> None:
     """Over a unix socket Postfix does not wait on connect, HELO, MAIL, header
-    fields or body chunks (ops/server.UNIX_NEEDS): a client refused at connect
-    hears it at RCPT, a message too big hears it at the end, and nothing is sent
-    for the events Postfix does not wait on."""
+    fields, the end of the header or body chunks (ops/server.UNIX_NEEDS): a client
+    refused at connect hears it at RCPT, a message too big (in its header or its
+    body) hears it at the end, and nothing is sent for the events Postfix does not
+    wait on."""
     text = config_text(None, "[limits]\nmessage_size = 3000\n", server={"listen": "[]"})
     text += '[milter]\nlisten = ["inet:127.0.0.1:0"]\n'
     app = build(loads(text, str(tmp_path / "spamgate.toml")))
@@ -258,6 +259,7 @@ async def test_over_a_unix_socket_refusals_wait_for_an_event_postfix_waits_on(
         code, data = await mta.response()
         protocol = struct.unpack("!III", data[:12])[2]
         assert code == b"O" and protocol & 0x1000 and protocol & 0x80  # NR_CONN, NR_HDR
+        assert protocol & 0x40000 and protocol & 0x80000  # NR_EOH, NR_BODY
         # a stranger relaying: MAIL and HELO go unanswered, RCPT is refused
         await mta.send(
             connect("[127.0.0.40]", "127.0.0.40", 40000),
@@ -274,12 +276,46 @@ async def test_over_a_unix_socket_refusals_wait_for_an_event_postfix_waits_on(
         await mta.send(
             mta_packet(b"L", cstrings("Subject", " big")),
             mta_packet(b"N"),
+            mta_packet(b"B", b"x" * 2000),
+            mta_packet(b"B", b"y" * 2000),
+            mta_packet(b"E"),
         )
-        assert await mta.response() == (b"c", b"")  # the end of the header
-        await mta.send(mta_packet(b"B", b"x" * 2000), mta_packet(b"B", b"y" * 2000))
-        await mta.send(mta_packet(b"E"))
+        code, data = await mta.response()  # the first answer since RCPT's
+        assert code == b"y" and packet_text(data).startswith("552 5.3.4 "), data
+        # the next message is too big in its header: refused at its end too
+        await mta.send(mta_packet(b"A"), mail("a@example.org"), rcpt("u@example.test"))
+        assert await mta.response() == (b"c", b"")
+        await mta.send(mta_packet(b"T"))
+        assert await mta.response() == (b"c", b"")
+        await mta.send(
+            mta_packet(b"L", cstrings("Subject", " " + "h" * 3500)),
+            mta_packet(b"N"),
+            mta_packet(b"B", b"body\r\n"),
+            mta_packet(b"E"),
+        )
         code, data = await mta.response()
         assert code == b"y" and packet_text(data).startswith("552 5.3.4 "), data
+        # a header of exactly message_size: the end of the header crosses the limit,
+        # an event Postfix does not wait on either; refused at the end, and the
+        # message after it is answered at its own end (no answer left over)
+        for value in (" " + "h" * 2989, " fine"):
+            await mta.send(mta_packet(b"A"), mail("a@example.org"), rcpt("u@example.test"))
+            assert await mta.response() == (b"c", b"")
+            await mta.send(mta_packet(b"T"))
+            assert await mta.response() == (b"c", b"")
+            assert len(f"Subject:{value}\r\n") == 3000 or value == " fine"
+            await mta.send(
+                mta_packet(b"L", cstrings("Subject", value)),
+                mta_packet(b"N"),
+                mta_packet(b"E"),
+            )
+            code, data = await mta.response()
+            while code in b"hi":  # the fields spamgate adds to a message it accepts
+                code, data = await mta.response()
+            if value == " fine":
+                assert code in (b"c", b"a"), (code, data)
+            else:
+                assert code == b"y" and packet_text(data).startswith("552 5.3.4 "), data
         await mta.send(mta_packet(b"A"), mta_packet(b"Q"))
         assert await mta.closed()
     finally:
