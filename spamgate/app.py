@@ -114,9 +114,12 @@ def digest(config: Config, checks: Checks = DEFAULT_CHECKS) -> str:
     return h.hexdigest()[:16]
 
 
-def build_policy(config: Config, services: Services, checks: Checks = DEFAULT_CHECKS) -> Policy:
+def build_policy(
+    config: Config, services: Services, checks: Checks = DEFAULT_CHECKS, *, counted: bool = True
+) -> Policy:
     """Build every check of `checks` for `config`; ConfigError listing every bad
-    rule file line, the certificate's problems and unknown [auth] skip_checks."""
+    rule file line, the certificate's problems and unknown [auth] skip_checks.
+    `counted` False: its decisions count in no metric (`Pipeline`)."""
     built: list[Check] = []
     problems: list[str] = []
     for kind in checks:
@@ -143,6 +146,7 @@ def build_policy(config: Config, services: Services, checks: Checks = DEFAULT_CH
         CorePolicy.from_config(config),
         monitor=config.server.mode == "monitor",
         skip=frozenset(config.auth.skip_checks),
+        counted=counted,
     )
     return Policy(config=config, pipeline=pipeline, digest=digest(config, checks), tls=tls)
 
@@ -173,6 +177,7 @@ class App:
         share: int = 1,
         observer: Observer | None = None,
         capture: Capture | None = None,
+        counted: bool = True,
     ) -> None:
         self.config = config
         self.checks = tuple(checks)
@@ -182,6 +187,7 @@ class App:
         self.background = Background()
         self.observer = observer  # every session's, besides its own
         self.capture = capture  # [capture]: a recorder for every session
+        self.counted = counted  # False: sessions count in no metric (a replay)
         self.runtime = Runtime(policy, share=share)
 
     @property
@@ -194,7 +200,7 @@ class App:
 
     def build_policy(self, config: Config) -> Policy:
         """A new policy for `config` on the running services (a reload)."""
-        return build_policy(config, self.services, self.checks)
+        return build_policy(config, self.services, self.checks, counted=self.counted)
 
     def sources(self, config: Config) -> list[str]:
         return sources(config, self.checks)
@@ -254,6 +260,7 @@ def build(
     disposal: Disposal | None = None,
     observer: Observer | None = None,
     capture: bool = True,
+    counted: bool = True,
 ) -> App:
     """The application for `config`, with `checks` (the registry's by default).
 
@@ -261,7 +268,9 @@ def build(
     max_sessions). `resolver`, `state`, `upstream` and `disposal` replace the
     configured ones (explain's dry upstream, a replay's recorded DNS); `observer`
     sees every session. `capture` False: never record, whatever [capture] says
-    (explain, replay). ConfigError lists every problem at once: the upstream's
+    (explain, replay). `counted` False: decisions and sessions count in no metric
+    (a replay: its process exports none, and its decisions are not the running
+    filter's). ConfigError lists every problem at once: the upstream's
     and the store's files, each rule table, the certificate, so that one
     `spamgate check` shows all there is to fix.
     """
@@ -297,7 +306,7 @@ def build(
         disposal = Quarantine(MaildirUpstream(quarantine, config.hostname))
     policy: Policy | None = None
     try:
-        policy = build_policy(config, services, checks)
+        policy = build_policy(config, services, checks, counted=counted)
     except ConfigError as exc:
         problems += [p for p in exc.problems if p not in problems]
     if problems or policy is None:
@@ -312,6 +321,7 @@ def build(
         share=share,
         observer=observer,
         capture=recording,
+        counted=counted,
     )
 
 

@@ -106,8 +106,15 @@ class SessionDriver:
         self.disposal = disposal
         self.ledger = Ledger(self.pipeline.symbol_scores, observer)
         self.link = UpstreamLink(upstream, session.client, self.log)
+        # A pipeline that counts nothing (a replay's): nor do the sessions it decides.
+        self.counted = self.pipeline.counted
         self.txnlog = TransactionLog(
-            session, self.ledger, self.log, self.pipeline.observers, background
+            session,
+            self.ledger,
+            self.log,
+            self.pipeline.observers,
+            background,
+            counted=self.counted,
         )
         self.headers = HeaderBuilder(policy.config.hostname)
 
@@ -152,7 +159,8 @@ class SessionDriver:
         s.relay_permitted = self.pipeline.relay.trusted(s.client.address)
         if self.names is not None:
             s.client.name = await self.names(s.client.address)
-        self.log.debug("connect from %s:%d", s.client.display, s.client.port)
+        if self.log.isEnabledFor(logging.DEBUG):  # its arguments cost more than the test
+            self.log.debug("connect from %s:%d", s.client.display, s.client.port)
         outcome = await self._run(self._context(Stage.CONNECT))
         self.ledger.mark_connect()
         refusal = outcome.refusal
@@ -167,7 +175,8 @@ class SessionDriver:
         [smtp] pregreet_action; a Reply closes the session."""
         self._hear("client_talked_first", action)
         self.session.pregreet = True
-        metrics.PROTOCOL_ERRORS.labels("pregreet").inc()
+        if self.counted:
+            metrics.PROTOCOL_ERRORS.labels("pregreet").inc()
         self.log.info("pregreet: client talked before the greeting (action=%s)", action)
         if action == "ignore":
             return None
@@ -211,7 +220,8 @@ class SessionDriver:
         self._hear("tls_started")
         tls = self.session.client.tls
         if tls is not None:
-            metrics.STARTTLS.labels(tls.version or "unknown").inc()
+            if self.counted:
+                metrics.STARTTLS.labels(tls.version or "unknown").inc()
             self.log.info("STARTTLS: %s, cipher %s (%s bits)", tls.version, tls.cipher, tls.bits)
 
     async def auth(self, mechanism: str, initial: str | None, respond: Respond) -> Reply:
@@ -356,9 +366,11 @@ class SessionDriver:
         txn = self.txn
         assert txn is not None
         txn.message = msg
-        metrics.MESSAGE_SIZE.observe(msg.size)
+        if self.counted:
+            metrics.MESSAGE_SIZE.observe(msg.size)
         outcome = await self._run(self._context(Stage.EOD, txn, message=msg))
-        metrics.SCORE.observe(self.ledger.scorer.total)
+        if self.counted:
+            metrics.SCORE.observe(self.ledger.scorer.total)
         refusal = outcome.refusal
         if refusal is not None:
             assert refusal.reply is not None
@@ -438,8 +450,11 @@ class SessionDriver:
         # The transaction lines tell a session that ended normally; this one is
         # for the others (no transaction, errors, timeouts, lost connections).
         normal = self.txnlog.lines > 0 and reason == "quit" and s.errors == 0
+        level = logging.DEBUG if normal else logging.INFO
+        if not self.log.isEnabledFor(level):
+            return
         self.log.log(
-            logging.DEBUG if normal else logging.INFO,
+            level,
             "disconnect from %s: %s, messages=%d, errors=%d, %.3fs",
             s.client.display,
             reason,

@@ -20,6 +20,8 @@ from ..model import Session
 from ..pipeline.ledger import Ledger
 from . import authresults
 
+_NAME = authresults.NAME.lower().encode("ascii")
+
 
 class HeaderBuilder:
     """Renders what one session's messages gain; `hostname` is our authserv-id."""
@@ -45,7 +47,13 @@ class HeaderBuilder:
 
     def removed(self, message: Message) -> tuple[tuple[str, int], ...]:
         """The forged fields, as (name, occurrence): 1 for the first field of that
-        name in the message, 2 for the second, ..."""
+        name in the message, 2 for the second, ...
+
+        A message whose header section never spells the field's name has none:
+        that is seen without parsing the fields (which nothing else may need).
+        """
+        if _NAME not in message.header_bytes.lower():
+            return ()
         headers = message.headers
         if not any(self.forged(h) for h in headers):
             return ()

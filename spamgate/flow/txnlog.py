@@ -26,6 +26,7 @@ class TransactionLog:
 
     __slots__ = (
         "background",
+        "counted",
         "ledger",
         "lines",
         "log",
@@ -42,8 +43,11 @@ class TransactionLog:
         log: logging.LoggerAdapter,
         observers: list[TransactionObserver],
         background: Background,
+        *,
+        counted: bool = True,
     ) -> None:
         self.session = session
+        self.counted = counted  # False: outcomes count in no metric (a replay)
         self.ledger = ledger
         self.log = log
         self.observers = observers
@@ -69,7 +73,8 @@ class TransactionLog:
             outcome = "upstream_rejected"
         else:
             outcome = "tempfailed" if reply.code < 500 else "rejected"
-        metrics.child(metrics.RECIPIENTS, outcome).inc()
+        if self.counted:
+            metrics.child(metrics.RECIPIENTS, outcome).inc()
         if not rcpt.accepted:
             self.log.info("rcpt <%s> refused: %s", rcpt.address, reply)
 
@@ -88,7 +93,8 @@ class TransactionLog:
             return
         if outcome is None:
             outcome = self._outcome(txn, reply)
-        metrics.child(metrics.TRANSACTIONS, session.frontend, outcome).inc()
+        if self.counted:
+            metrics.child(metrics.TRANSACTIONS, session.frontend, outcome).inc()
         score = self.ledger.scorer.total
         self._notify(txn, outcome, score)
         if self.log.isEnabledFor(logging.INFO):

@@ -30,6 +30,7 @@ from ..config import Config, ScoringSettings
 from ..model import Stage
 from ..reply import Reply
 from .check import Check, CheckContext, CheckError, TransactionObserver
+from .deadline import within
 from .delayed import EARLY, HeldRefusal
 from .entry import CoreEntry
 from .ledger import Ledger
@@ -102,9 +103,14 @@ class Pipeline:
         *,
         monitor: bool = False,
         skip: frozenset[str] = frozenset(),
+        counted: bool = True,
     ) -> None:
         self.checks = list(checks)
         self.monitor = monitor
+        # False: its decisions count in no metric, nor do the sessions it decides
+        # (the driver asks here): a replay, whose process exports none, and whose
+        # decisions are not the running filter's.
+        self.counted = counted
         self.core = core
         # Check labels authenticated (AUTH passthrough) clients skip; "all": every one.
         self.auth_skip = skip
@@ -120,7 +126,9 @@ class Pipeline:
 
     def with_checks(self, checks: Sequence[Check]) -> Pipeline:
         """The same core and mode with other checks (tests, explain)."""
-        return Pipeline(checks, self.core, monitor=self.monitor, skip=self.auth_skip)
+        return Pipeline(
+            checks, self.core, monitor=self.monitor, skip=self.auth_skip, counted=self.counted
+        )
 
     def _plans(self) -> dict[Stage, tuple[Phase, ...]]:
         core = self.core
@@ -339,14 +347,17 @@ class Pipeline:
     ) -> None:
         """What every verdict leaves, taken or not: rule hits, monitor-only rules
         met on the way, its structured result, a warning."""
-        for table, line in verdict.hits:
-            metrics.RULE_HITS.labels(table, str(line)).inc()
+        counted = self.counted
+        if counted:
+            for table, line in verdict.hits:
+                metrics.RULE_HITS.labels(table, str(line)).inc()
         for would in verdict.would:
             self._would(entry, would, ctx.stage, lg)
         if verdict.result is not None:
             target = ctx.session.results if ctx.transaction is None else ctx.transaction.results
             target.put(verdict.result)
-            metrics.count_result(verdict.result)
+            if counted:
+                metrics.count_result(verdict.result)
         if verdict.warn:
             lg.info("warn: %s: %s%s", entry.label, verdict.warn, _rule(verdict))
 
@@ -372,7 +383,8 @@ class Pipeline:
         """A final verdict, enforced: counted, logged, held for the first RCPT if
         delayed rejection says so; the one place spamgate_verdicts_total counts."""
         action = verdict.action
-        metrics.child(metrics.VERDICTS, stage.value, entry.label, action.value).inc()
+        if self.counted:
+            metrics.child(metrics.VERDICTS, stage.value, entry.label, action.value).inc()
         outcome.final, outcome.decider = verdict, entry.label
         if action in (Action.DISCARD, Action.HOLD):
             ledger.held.dispose(stage, verdict)
@@ -407,7 +419,9 @@ class Pipeline:
         stage: Stage,
         lg: logging.LoggerAdapter | logging.Logger,
     ) -> None:
-        metrics.child(metrics.WOULD_VERDICTS, stage.value, entry.label, verdict.action.value).inc()
+        if self.counted:
+            label = verdict.action.value
+            metrics.child(metrics.WOULD_VERDICTS, stage.value, entry.label, label).inc()
         lg.info(
             "monitor: %s would %s at %s: %s%s",
             entry.label,
@@ -420,29 +434,30 @@ class Pipeline:
     async def _run_one(
         self, check: Check, ctx: CheckContext, lg: logging.LoggerAdapter | logging.Logger
     ) -> Verdict:
-        started = time.perf_counter()
+        counted = self.counted
+        started = time.perf_counter() if counted else 0.0
         try:
-            async with asyncio.timeout(check.timeout):
-                verdict = await check.check(ctx)
+            verdict = await within(check.check(ctx), check.timeout)
         except TimeoutError:
             return self._failed(check, ctx, "timeout", f"timed out after {check.timeout:g}s", lg)
         except asyncio.CancelledError:
             raise
         except CheckError as exc:
-            if exc.result is not None:
+            if exc.result is not None and counted:
                 metrics.count_result(exc.result)
             return self._failed(check, ctx, exc.kind, str(exc), lg, quiet=exc.quiet)
         except Exception as exc:
             lg.exception("check %s failed", check.label)
             return self._failed(check, ctx, "exception", f"{type(exc).__name__}: {exc}", lg)
         finally:
-            metrics.child(metrics.CHECK_DURATION, check.label).observe(
-                time.perf_counter() - started
-            )
+            if counted:
+                metrics.child(metrics.CHECK_DURATION, check.label).observe(
+                    time.perf_counter() - started
+                )
         return verdict
 
-    @staticmethod
     def _failed(
+        self,
         check: Check,
         ctx: CheckContext,
         kind: str,
@@ -451,10 +466,11 @@ class Pipeline:
         *,
         quiet: bool = False,
     ) -> Verdict:
-        metrics.CHECK_ERRORS.labels(check.label, kind).inc()
-        finding = check.failure(kind)
-        if finding is not None:
-            metrics.count_result(finding)
+        if self.counted:
+            metrics.CHECK_ERRORS.labels(check.label, kind).inc()
+            finding = check.failure(kind)
+            if finding is not None:
+                metrics.count_result(finding)
         results = ctx.session.results if ctx.transaction is None else ctx.transaction.results
         results.put((results.get(CheckFailures) or CheckFailures()).add(check.label, kind))
         level = logging.DEBUG if quiet else logging.WARNING

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..capture import FORMAT
 from ..capture.writer import NAME
-from ..model import Stage
+from ..model import IPAddress, Stage
 from ..pipeline.limits import CONTENT_REPLIES
 from ..pipeline.verdict import Action
 
@@ -54,6 +54,8 @@ class Item:
     line: int
     record: dict[str, Any] | None
     error: str | None = None
+    # The record's client address, parsed once: the check needs it, the replay too.
+    address: IPAddress | None = None
 
     @property
     def where(self) -> str:
@@ -136,17 +138,18 @@ def _parse(path: str, line: int, raw: bytes) -> Item:
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
         return _bad(path, line, f"not a JSON record ({detail})")
     try:
-        check(record)
+        address = check(record)
     except Problem as exc:
         return _bad(path, line, str(exc))
-    return Item(path, line, record)
+    return Item(path, line, record, address=address)
 
 
 # -- the shape of a record -------------------------------------------------------------
 
 
-def check(rec: Any) -> None:
-    """Raise Problem for a record this spamgate cannot read or replay."""
+def check(rec: Any) -> IPAddress:
+    """Raise Problem for a record this spamgate cannot read or replay; its client's
+    address, parsed."""
     if not isinstance(rec, dict) or "v" not in rec:
         raise Problem('not a spamgate capture record (no format version "v")')
     v = rec["v"]
@@ -163,7 +166,7 @@ def check(rec: Any) -> None:
     n = rec.get("n")
     if not _int(n) or n < 0:
         raise Problem('"n" is not a transaction number')
-    _client(_dict(rec, "client"))
+    address = _client(_dict(rec, "client"))
     _reply(rec, "connect", "connect", optional=True)
     mail = rec.get("mail")
     if mail is not None:
@@ -193,6 +196,7 @@ def check(rec: Any) -> None:
     failures = rec.get("failures", [])
     if not isinstance(failures, list) or not all(_strs(f, 2) for f in failures):
         raise Problem('"failures" is not a list of [check, kind]')
+    return address
 
 
 def _int(v: Any) -> bool:
@@ -254,10 +258,10 @@ def _by(d: dict, path: str) -> None:
         raise Problem(f'"{path}.by" is not one of us, upstream, link')
 
 
-def _client(c: dict) -> None:
+def _client(c: dict) -> IPAddress:
     address = c.get("address")
     try:
-        ipaddress.ip_address(address)  # type: ignore[arg-type]
+        parsed = ipaddress.ip_address(address)  # type: ignore[arg-type]
     except ValueError:
         raise Problem(f'"client.address": {address!r} is not an IP address') from None
     port = c.get("port")
@@ -285,6 +289,7 @@ def _client(c: dict) -> None:
     _str(c, "local", "client.local", optional=True)
     if not isinstance(c.get("pregreet", False), bool):
         raise Problem('"client.pregreet" is not true or false')
+    return parsed
 
 
 def _envelope(rec: dict, mail: Any) -> None:

@@ -180,3 +180,31 @@ async def test_no_opinion_leaves_the_stage_open() -> None:
     p = pipeline(Scripted({Stage.CONNECT}, DUNNO))
     outcome = await p.run(CheckContext(Stage.CONNECT, session()), Ledger({}))
     assert (outcome.final, outcome.decider, outcome.held) == (None, None, False)
+
+
+async def test_a_pipeline_that_counts_nothing_decides_the_same() -> None:
+    """A replay's pipeline (counted=False) decides as the running one does, and
+    leaves the metrics of the process alone."""
+    found = Verdict(result=Found(), hits=(("client", 3),))
+    for counted in (True, False):
+        p = pipeline(
+            Scripted({Stage.HELO}, found),
+            Scripted({Stage.RCPT}, reject("no", 550, rule="s:1")),
+        )
+        p = Pipeline(p.checks, p.core, counted=counted)
+        s, ledger = session(), Ledger({})
+        before = (
+            verdicts("rcpt", "scripted", "reject"),
+            sample("spamgate_auth_results_total", method="spf", result="neutral"),
+            sample("spamgate_rule_hits_total", table="client", rule="3"),
+        )
+        await p.run(CheckContext(Stage.HELO, s), ledger)
+        outcome = await p.run(rcpt_context(s), ledger)
+        assert (outcome.decider, str(outcome.refusal.reply)) == ("scripted", "550 5.7.1 no")
+        assert s.results.get(Found) is not None
+        after = (
+            verdicts("rcpt", "scripted", "reject"),
+            sample("spamgate_auth_results_total", method="spf", result="neutral"),
+            sample("spamgate_rule_hits_total", table="client", rule="3"),
+        )
+        assert after == tuple(b + (1 if counted else 0) for b in before)
