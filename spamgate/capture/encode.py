@@ -1,10 +1,10 @@
 """A finished transaction as a capture record: plain JSON values (docs/capture.md).
 
-Runs in the capture's writer thread, never on the event loop: the session hands
-over references to what it saw (verdicts, replies and DNS answers are immutable
-values; the client's facts were copied when MAIL came), and everything that
-costs (the record's shape, the keyed hashes, the message's digest, JSON) is done
-here.
+Runs after the transaction has ended, never while a session waits: the session
+hands over references to what it saw (verdicts, replies and DNS answers are
+immutable values; the client's facts were copied when MAIL came), and everything
+that costs (the record's shape, the keyed hashes, the message's digest, JSON) is
+done here, in batches (`recorder.Capture`).
 
 Format 1, one JSON object per line; every field is described in docs/capture.md.
 Nothing in a record is code or a reference to code: results are written as their

@@ -100,6 +100,16 @@ class CaptureWriter:
             return
         self.pending.append(line)
 
+    def submit_many(self, lines: list[bytes]) -> None:
+        """Queue several records' lines (the loop's side keeps within queue_size)."""
+        if self.thread is None:
+            self.submit(lines[0])
+            lines = lines[1:]
+        if not self.writing:
+            metrics.CAPTURE_RECORDS.labels("dropped").inc(len(lines))
+            return
+        self.pending.extend(lines)
+
     def wake(self) -> None:
         """Start the thread's next round now (tests; shutdown)."""
         self._wake.set()

@@ -259,6 +259,22 @@ async def test_below_min_free_the_capture_stops_and_the_mail_goes_on(
     assert lines(directory) == []
 
 
+async def test_records_made_in_one_batch_and_kept_at_shutdown(
+    gate_factory: GateFactory, sink: Sink, tmp_path
+) -> None:
+    directory = tmp_path / "capture"
+    gate = await gate_factory(capture_toml(directory))
+    sent = [Send(f"127.0.0.{70 + i}", f"s{i}@example.org") for i in range(5)]
+    results = await asyncio.gather(*(send(gate, s) for s in sent))
+    assert results == [(250, (250,), 250)] * 5
+    # Stopped at once, within the batch's wait: the waiting records are made and
+    # written before the capture closes, none lost.
+    await gate.stop()
+    found = lines(directory)
+    assert sorted(r["mail"]["from"] for r in found) == sorted(s.sender for s in sent)
+    assert len(sink.messages) == 5
+
+
 def test_capture_is_off_by_default(tmp_path) -> None:
     built = build(loads(config_text(None), str(tmp_path / "c.toml")))
     assert built.capture is None
