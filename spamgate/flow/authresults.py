@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import email.header
+import functools
 import re
 import unicodedata
 
@@ -40,26 +41,15 @@ _UNSAFE_COMMENT = re.compile(r"[^\x20-\x27\x2a-\x5b\x5d-\x7e]")  # no ( ) \ or c
 
 def build(authserv_id: str, session: Session, txn: Transaction | None) -> str:
     """The header field's value, folded: the authserv-id, then one result a line."""
+    lines: list[str] = []
     results: list[authres.core.BaseAuthenticationResult] = []
     found = txn.results if txn is not None else None
     spf = found.get(SpfResult) if found is not None else None
     if spf is not None:
-        results.append(
-            authres.SPFAuthenticationResult(
-                result=spf.result,
-                result_comment=_comment(spf.detail),
-                smtp_mailfrom=_address(spf.sender),
-            )
-        )
+        lines.append(_spf_line(spf.result, spf.detail, "mailfrom", spf.sender))
     helo = session.results.get(SpfHeloResult)
     if helo is not None:
-        results.append(
-            authres.SPFAuthenticationResult(
-                result=helo.result,
-                result_comment=_comment(helo.detail),
-                smtp_helo=_plain(helo.helo),
-            )
-        )
+        lines.append(_spf_line(helo.result, helo.detail, "helo", helo.helo))
     dkim = found.get(DkimResults) if found is not None else None
     if dkim is not None and not dkim.signatures:
         results.append(authres.DKIMAuthenticationResult(result="none"))
@@ -98,9 +88,26 @@ def build(authserv_id: str, session: Session, txn: Transaction | None) -> str:
                 result=r.result, result_comment=_comment(comment), header_from=r.domain
             )
         )
-    if not results:
+    lines += (_fold(str(r)) for r in results)
+    if not lines:
         return f"{authserv_id}; none"
-    return authserv_id + "".join(f";\r\n\t{_fold(str(r))}" for r in results)
+    return authserv_id + "".join(f";\r\n\t{line}" for line in lines)
+
+
+@functools.lru_cache(maxsize=4096)
+def _spf_line(result: str, detail: str, kind: str, identity: str) -> str:
+    """An SPF result rendered and folded. The same few (result, sender or HELO name)
+    come back message after message, and authres renders each through several
+    objects: kept, bounded, as the text it always gives."""
+    if kind == "mailfrom":
+        spf = authres.SPFAuthenticationResult(
+            result=result, result_comment=_comment(detail), smtp_mailfrom=_address(identity)
+        )
+    else:
+        spf = authres.SPFAuthenticationResult(
+            result=result, result_comment=_comment(detail), smtp_helo=_plain(identity)
+        )
+    return _fold(str(spf))
 
 
 def _fold(text: str, width: int = 76) -> str:
